@@ -1,0 +1,186 @@
+"""Mesh, logical-axis rules and multi-host initialisation.
+
+Model code names the axes of every parameter with logical names ("embed", "mlp", "heads", ...);
+this module turns those names into `PartitionSpec`s over a device mesh with axes
+("data", "fsdp", "tensor"). Nothing here knows about models, data or training, so every
+other module may import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). The first rule that
+# names a logical axis wins. "batch" shards the example axis of every input over data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over all devices; one axis may be -1 (= all remaining)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    n = len(devices)
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    for name, s in zip(MESH_AXES, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(
+                f"mesh: {n} devices are not divisible by the fixed axes {dict(zip(MESH_AXES, sizes))}"
+            )
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices "
+            f"({dict(zip(MESH_AXES, sizes))})"
+        )
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _mesh_axes_for(name: str | None, rules: Sequence[tuple[str, Any]]):
+    if name is None:
+        return None
+    for logical, mesh_axes in rules:
+        if logical == name:
+            return mesh_axes
+    raise KeyError(f"no sharding rule for logical axis {name!r}; rules cover {[r[0] for r in rules]}")
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry the logical names `axes`.
+
+    When `shape` and `mesh` are given, a dimension whose size is not divisible by its mesh axes
+    is replicated instead (e.g. 2 KV heads on a tensor axis of 4), and a mesh axis is never used
+    twice in one spec.
+    """
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        mesh_axes = _mesh_axes_for(name, rules)
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        group = tuple(a for a in group if a not in used)
+        if mesh is not None:
+            group = tuple(a for a in group if mesh.shape[a] > 1)
+            if shape is not None and group:
+                size = math.prod(mesh.shape[a] for a in group)
+                if shape[i] % size:
+                    log.debug("replicating dim %d (%s, size %d) not divisible by %s", i, name, shape[i], group)
+                    group = ()
+        used.update(group)
+        out.append(None if not group else group[0] if len(group) == 1 else group)
+    return PartitionSpec(*out)
+
+
+def logical_to_sharding(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a pytree of arrays given a matching pytree of logical-axis tuples."""
+    return jax.tree.map(
+        lambda axes, x: logical_to_sharding(axes, np.shape(x), mesh, rules),
+        axes_tree,
+        shapes_tree,
+        is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, (str, type(None))) for n in a),
+    )
+
+
+def rules_from_config(overrides: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """DEFAULT_RULES with per-logical-axis overrides (e.g. {"embed": None} turns FSDP off)."""
+    if not overrides:
+        return DEFAULT_RULES
+    known = {r[0] for r in DEFAULT_RULES}
+    for k in overrides:
+        if k not in known:
+            raise ValueError(f"sharding rule override for unknown logical axis {k!r}; known: {sorted(known)}")
+    return tuple((k, overrides.get(k, v)) for k, v in DEFAULT_RULES)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+) -> bool:
+    """`jax.distributed.initialize` when this is a multi-process launch; a no-op otherwise.
+
+    Arguments fall back to MCPO_COORDINATOR / MCPO_NUM_PROCESSES / MCPO_PROCESS_ID, then to
+    JAX's own cluster detection (SLURM, TPU pods, Open MPI) when none is given. Returns True when
+    the distributed runtime was started. CPU processes use gloo collectives.
+    """
+    coordinator_address = coordinator_address or os.environ.get("MCPO_COORDINATOR")
+    if num_processes is None and os.environ.get("MCPO_NUM_PROCESSES"):
+        num_processes = int(os.environ["MCPO_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("MCPO_PROCESS_ID"):
+        process_id = int(os.environ["MCPO_PROCESS_ID"])
+    explicit = coordinator_address is not None
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
+    if not explicit and not cluster:
+        return False
+    if explicit and (num_processes is None or process_id is None):
+        raise ValueError(
+            "multi-process launch: a coordinator address was given but num_processes / process_id "
+            "were not (flags or MCPO_NUM_PROCESSES / MCPO_PROCESS_ID)"
+        )
+    if explicit and num_processes == 1:
+        return False
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def is_primary() -> bool:
+    """True on the process that writes single files (logs, metrics, HF export)."""
+    return jax.process_index() == 0
