@@ -1,0 +1,14 @@
+"""Llama / Mistral in Flax NNX, with Hugging Face checkpoints in and out."""
+
+from .config import ModelConfig, UnsupportedConfigError, load_config
+from .decoder import KVCache, REMAT_POLICIES, Transformer, logical_axes
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "REMAT_POLICIES",
+    "Transformer",
+    "UnsupportedConfigError",
+    "load_config",
+    "logical_axes",
+]

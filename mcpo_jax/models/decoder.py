@@ -1,0 +1,401 @@
+"""Flax NNX Llama / Mistral decoder.
+
+The per-layer weights are stacked on a leading "layers" axis and the trunk is one
+`jax.lax.scan` over that axis: a 32-layer model compiles one layer body, not 32 copies. The
+layer body is a pure function of one layer's weight slice, which keeps `jax.checkpoint`
+(remat) and the scan free of NNX graph bookkeeping (no nnx.scan / split-merge per step).
+
+Weight layout (shapes without the leading layer axis L), chosen so that every einsum
+contracts named dimensions and heads stay a separate axis for tensor parallelism:
+
+    attn_norm, mlp_norm   [D]            ("norm",)
+    q_proj                [D, H, hd]     ("embed", "heads", "head_dim")
+    k_proj, v_proj        [D, K, hd]     ("embed", "kv_heads", "head_dim")
+    o_proj                [H, hd, D]     ("heads", "head_dim", "embed")
+    q_bias / k_bias / v_bias [H|K, hd], o_bias [D]   (attention_bias)
+    gate_proj, up_proj    [D, F]         ("embed", "mlp")
+    down_proj             [F, D]         ("mlp", "embed")
+    gate_bias, up_bias [F], down_bias [D]             (mlp_bias)
+    embed                 [V, D]         ("vocab", "embed")
+    lm_head               [D, V]         ("embed", "vocab")   (absent when tied)
+    final_norm            [D]            ("norm",)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Layer weight specification: name -> (shape, logical axes, initializer kind, condition)
+# ------------------------------------------------------------------------------------------
+
+
+def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Per-layer weights (without the leading layer axis): name -> (shape, axes, init kind)."""
+    D, H, K, hd, F = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ((D,), ("norm",), "ones"),
+        "q_proj": ((D, H, hd), ("embed", "heads", "head_dim"), "normal"),
+        "k_proj": ((D, K, hd), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v_proj": ((D, K, hd), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o_proj": ((H, hd, D), ("heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((D,), ("norm",), "ones"),
+        "gate_proj": ((D, F), ("embed", "mlp"), "normal"),
+        "up_proj": ((D, F), ("embed", "mlp"), "normal"),
+        "down_proj": ((F, D), ("mlp", "embed"), "normal"),
+    }
+    if c.attention_bias:
+        specs["q_bias"] = ((H, hd), ("heads", "head_dim"), "zeros")
+        specs["k_bias"] = ((K, hd), ("kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ((K, hd), ("kv_heads", "head_dim"), "zeros")
+        specs["o_bias"] = ((D,), ("norm",), "zeros")
+    if c.mlp_bias:
+        specs["gate_bias"] = ((F,), ("mlp",), "zeros")
+        specs["up_bias"] = ((F,), ("mlp",), "zeros")
+        specs["down_bias"] = ((D,), ("norm",), "zeros")
+    return specs
+
+
+def _make_param(key, shape, axes, kind, param_dtype, std=0.02) -> nnx.Param:
+    if kind == "ones":
+        value = jnp.ones(shape, param_dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, param_dtype)
+    else:
+        value = (std * jax.random.normal(key, shape, jnp.float32)).astype(param_dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading "layers" axis."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype: Dtype, rngs: nnx.Rngs):
+        L = config.num_hidden_layers
+        for name, (shape, axes, kind) in layer_param_specs(config).items():
+            setattr(self, name, _make_param(rngs.params(), (L, *shape), ("layers", *axes), kind, param_dtype))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Decoding cache: k, v [layers, B, S, kv_heads, head_dim]; pos [B, S] int32 (-1 = empty slot)."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+# ------------------------------------------------------------------------------------------
+# Pure building blocks
+# ------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(dtype) * weight.astype(dtype)
+
+
+def _base_inv_freq(theta: float, dim: int):
+    # float32 like transformers, so both sides rotate by the same angles
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def rope_inv_freq(c: ModelConfig, positions=None):
+    """Inverse frequencies [hd/2] (float32) for the config's rope_type.
+
+    "dynamic" NTK scaling depends on the longest position in the call (as transformers does for a
+    fresh forward): positions must then be given.
+    """
+    dim, theta, s = c.head_dim, c.rope_theta, c.rope_scaling
+    rope_type = c.rope_type
+    if rope_type == "default":
+        return jnp.asarray(_base_inv_freq(theta, dim))
+    if rope_type == "linear":
+        return jnp.asarray(_base_inv_freq(theta, dim) / np.float32(s["factor"]))
+    if rope_type == "llama3":
+        inv = _base_inv_freq(theta, dim)
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return jnp.asarray(np.where(medium, smoothed, scaled).astype(np.float32))
+    if rope_type == "dynamic":
+        if positions is None:
+            raise ValueError("dynamic RoPE needs the positions of the call")
+        max_pos = c.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        factor = s["factor"]
+        base = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        return 1.0 / (base**exponent)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rope_cos_sin(c: ModelConfig, positions_BT):
+    inv = rope_inv_freq(c, positions_BT)
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    x = x_BTNH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+    return out.astype(x_BTNH.dtype)
+
+
+def _attention_impl(dtype, head_dim) -> str:
+    """cuDNN flash attention on GPU in half precision, XLA otherwise (CPU/TPU, fp32)."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "xla"
+    if head_dim > 128 or head_dim % 8:
+        return "xla"
+    return "cudnn"
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+
+class Transformer(nnx.Module):
+    """Llama / Mistral causal LM.
+
+    Args:
+      config: the ModelConfig.
+      dtype: compute dtype (activations, matmul inputs); logits are always float32.
+      param_dtype: storage dtype of the weights.
+      remat: False, True (recompute each layer in the backward pass) or a policy name from
+        REMAT_POLICIES.
+      attention_impl: None (auto: cuDNN on GPU in bf16/fp16, XLA otherwise), "xla" or "cudnn".
+        The cuDNN path assumes right padding (`attention_mask` a prefix of ones per row).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        remat: bool | str = False,
+        attention_impl: str | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if remat not in (False, True) and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}")
+        if attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl={attention_impl!r}: use None, 'xla' or 'cudnn'")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.remat = remat
+        self.attention_impl = attention_impl
+        c = config
+        self.embed = _make_param(rngs.params(), (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal", param_dtype)
+        self.layers = DecoderLayers(c, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm = _make_param(None, (c.hidden_size,), ("norm",), "ones", param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _make_param(
+                rngs.params(), (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal", param_dtype
+            )
+
+    # -- public API ------------------------------------------------------------------------
+
+    def __call__(self, input_ids, attention_mask=None):
+        """Logits [B, T, V] (float32)."""
+        hidden_BTD = self.hidden_states(input_ids, attention_mask)
+        return jnp.einsum(
+            "btd,dv->btv", hidden_BTD, self.lm_head_kernel(), preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
+
+    def lm_head_kernel(self):
+        """The LM head [D, V] in compute dtype (the embedding transposed when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T.astype(self.dtype)
+        return self.lm_head[...].astype(self.dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """Final-norm output [B, T, D] in compute dtype (the trunk, without the LM head)."""
+        c = self.config
+        ids_BT = jnp.asarray(input_ids, jnp.int32)
+        B, T = ids_BT.shape
+        if attention_mask is None:
+            mask_BT = None
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        else:
+            mask_BT = jnp.asarray(attention_mask).astype(bool)
+            positions_BT = jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
+        cos, sin = rope_cos_sin(c, positions_BT)
+        attend = self._forward_attention(mask_BT, T)
+
+        def body(x_BTD, p):
+            q, k, v = self._qkv(p, x_BTD, cos, sin)
+            return self._out_and_mlp(p, x_BTD, attend(q, k, v)), None
+
+        x_BTD = self.embed[...].astype(self.dtype)[ids_BT]
+        x_BTD, _ = jax.lax.scan(self._maybe_remat(body), x_BTD, self.layers.stacked())
+        return rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps, self.dtype)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
+        """Empty KV cache with `max_length` slots per row."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.full((batch_size, max_length), -1, jnp.int32),
+        )
+
+    def decode(self, input_ids, positions, cache: KVCache, cache_index):
+        """Run t new tokens against the cache: returns (logits [B, t, V] float32, new cache).
+
+        The tokens' k/v are written at slots cache_index .. cache_index+t-1; a token whose
+        position is -1 is padding (stored as an empty slot, its logits are meaningless). Each
+        query attends to the filled slots whose position is <= its own (and, with a sliding
+        window, within the window).
+        """
+        c = self.config
+        ids_Bt = jnp.asarray(input_ids, jnp.int32)
+        pos_Bt = jnp.asarray(positions, jnp.int32)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        pos_BS = jax.lax.dynamic_update_slice(cache.pos, pos_Bt, (jnp.int32(0), cache_index))
+        q_pos = pos_Bt[:, :, None]
+        k_pos = pos_BS[:, None, :]
+        allowed_BtS = (k_pos >= 0) & (q_pos >= 0) & (k_pos <= q_pos)
+        if c.sliding_window is not None:
+            allowed_BtS &= q_pos - k_pos < c.sliding_window
+        mask = allowed_BtS[:, None, :, :]
+        cos, sin = rope_cos_sin(c, jnp.maximum(pos_Bt, 0))
+        zero = jnp.int32(0)
+
+        def body(x_BtD, xs):
+            p, k_cache, v_cache = xs
+            q, k, v = self._qkv(p, x_BtD, cos, sin)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
+            out = jax.nn.dot_product_attention(
+                q,
+                k_cache.astype(q.dtype),
+                v_cache.astype(q.dtype),
+                mask=mask,
+                scale=c.head_dim**-0.5,
+                implementation="xla",
+            )
+            return self._out_and_mlp(p, x_BtD, out), (k_cache, v_cache)
+
+        x = self.embed[...].astype(self.dtype)[ids_Bt]
+        x, (k_new, v_new) = jax.lax.scan(body, x, (self.layers.stacked(), cache.k, cache.v))
+        hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps, self.dtype)
+        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), KVCache(k=k_new, v=v_new, pos=pos_BS)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _maybe_remat(self, body: Callable) -> Callable:
+        if self.remat is False:
+            return body
+        policy = None if self.remat is True else REMAT_POLICIES[self.remat]
+        return jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    def _forward_attention(self, mask_BT, T):
+        c = self.config
+        impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
+        scale = c.head_dim**-0.5
+        window = c.sliding_window if c.sliding_window is not None and c.sliding_window < T else None
+        if impl == "cudnn":
+            lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
+            local = None if window is None else (window - 1, 0)
+
+            def attend(q, k, v):
+                return jax.nn.dot_product_attention(
+                    q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
+                    local_window_size=local, implementation="cudnn",
+                )
+
+            return attend
+        idx = jnp.arange(T)
+        allowed_TS = idx[None, :] <= idx[:, None]
+        if window is not None:
+            allowed_TS &= idx[:, None] - idx[None, :] < window
+        allowed = allowed_TS[None, None]
+        if mask_BT is not None:
+            allowed = allowed & mask_BT[:, None, None, :]
+
+        def attend(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
+
+        return attend
+
+    def _qkv(self, p, x_BTD, cos, sin):
+        c, dt = self.config, self.dtype
+        h = rms_norm(x_BTD, p["attn_norm"], c.rms_norm_eps, dt)
+        q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt))
+        if c.attention_bias:
+            q = q + p["q_bias"].astype(dt)
+            k = k + p["k_bias"].astype(dt)
+            v = v + p["v_bias"].astype(dt)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _out_and_mlp(self, p, x_BTD, attn_BTNH):
+        c, dt = self.config, self.dtype
+        o = jnp.einsum("btnh,nhd->btd", attn_BTNH.astype(dt), p["o_proj"].astype(dt))
+        if c.attention_bias:
+            o = o + p["o_bias"].astype(dt)
+        x_BTD = x_BTD + o
+        h = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps, dt)
+        gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt))
+        up = jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt))
+        if c.mlp_bias:
+            gate = gate + p["gate_bias"].astype(dt)
+            up = up + p["up_bias"].astype(dt)
+        down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+        if c.mlp_bias:
+            down = down + p["down_bias"].astype(dt)
+        return x_BTD + down
+
+
+def logical_axes(model: nnx.Module):
+    """Logical axis names of every parameter: same tree as `nnx.state(model, nnx.Param)`, leaves
+    are tuples of names ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")."""
+    state = nnx.state(model, nnx.Param)
+    return jax.tree.map(
+        lambda v: tuple(v.get_metadata()["out_sharding"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
