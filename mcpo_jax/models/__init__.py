@@ -12,3 +12,7 @@ __all__ = [
     "load_config",
     "logical_axes",
 ]
+
+from .hf_io import CheckpointError, from_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["CheckpointError", "from_pretrained", "save_pretrained"]
