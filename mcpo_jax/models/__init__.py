@@ -16,3 +16,6 @@ __all__ = [
 from .hf_io import CheckpointError, from_pretrained, save_pretrained  # noqa: E402
 
 __all__ += ["CheckpointError", "from_pretrained", "save_pretrained"]
+from .presets import PRESETS, init_random, preset_config  # noqa: E402
+
+__all__ += ["PRESETS", "init_random", "preset_config"]
