@@ -1,0 +1,428 @@
+"""Preference examples -> fixed-shape token arrays: C = 1 + L sequences per example, column 0 = y0.
+
+Every sequence is prompt + completion, right padded to T = max_length. With a chat template (the default) the
+prompt is ``apply_chat_template(messages, add_generation_prompt=True)`` and a completion is
+``apply_chat_template(messages + [assistant: completion])`` minus that prompt prefix (checked: a template whose
+full conversation does not start with the prompt is an error). A completion that already ends with the EOS
+token (as the template renders it) is cut right after it; otherwise EOS is appended. In plain-text mode
+(`use_chat_template=False`, for base models) the prompt is encoded with the tokenizer's special tokens (BOS
+added when the tokenizer has one and its post-processor did not) and EOS is appended to the completion.
+
+Truncation: a prompt longer than `max_prompt_length` keeps its end (and its leading BOS); a completion longer
+than `max_completion_length` keeps its start, and is cut further to fit `max_length` after its prompt. An
+example whose prompt leaves no room for a completion token is dropped; a candidate that becomes identical to y0
+after truncation is marked invalid, and an example left with no valid candidate is dropped. Nothing is dropped
+silently: `TokenizedDataset.stats` counts every case and a summary is logged.
+
+Columns for missing candidates (fewer than L) repeat y0's row with `valid = False`, so every computed
+log-prob stays finite; an example with more than L candidates is an error (select them in the reader with
+``num_candidates=L``).
+
+Speed: the template is rendered twice per example (the prompt, and the conversation with a placeholder
+completion, spliced for every candidate; the splice is verified against a full render on a sample, and the
+exact path is used for templates that change the content), then all texts are encoded in one batch by the
+fast (Rust) tokenizer. Results are cached on disk under `cache_dir`, keyed by a fingerprint of the examples,
+the tokenizer (vocabulary, template, special tokens) and the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from mcpo_jax.data.example import PreferenceExample
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+_SLOT = "\u2063MCPO_COMPLETION\u2063"  # placeholder completion; invisible separator, never in real text
+ARRAY_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "example_id")
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+    """Token arrays of N examples with C = 1 + L columns (column 0 = y0) of T tokens.
+
+    input_ids / attention_mask / loss_mask [N, C, T] int32 (loss_mask is 1 on completion tokens incl. EOS;
+    token t is predicted from position t - 1), valid [N, C] bool, ranks [N, C] int32 (-1 unknown),
+    fixed_index [N] int32 (column 1..L of the designated rejected), example_id [N] int64 (index into the
+    examples given to `tokenize_examples`), optional ref_logps [N, C] float32 (set by the trainer).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+    valid: np.ndarray
+    ranks: np.ndarray
+    fixed_index: np.ndarray
+    example_id: np.ndarray
+    stats: dict = dataclasses.field(default_factory=dict)
+    ref_logps: np.ndarray | None = None
+
+    def __post_init__(self):
+        n, c, t = self.input_ids.shape
+        for key in ("attention_mask", "loss_mask"):
+            if getattr(self, key).shape != (n, c, t):
+                raise ValueError(f"{key} has shape {getattr(self, key).shape}, expected {(n, c, t)}")
+        for key in ("valid", "ranks"):
+            if getattr(self, key).shape != (n, c):
+                raise ValueError(f"{key} has shape {getattr(self, key).shape}, expected {(n, c)}")
+        self.set_ref_logps(self.ref_logps)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_columns(self) -> int:
+        """C = 1 + L."""
+        return self.input_ids.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.input_ids.shape[2]
+
+    @property
+    def completion_lengths(self) -> np.ndarray:
+        """[N, C] number of completion tokens (incl. EOS) per sequence."""
+        return self.loss_mask.sum(-1)
+
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        """[N, C] number of prompt tokens per sequence."""
+        return self.attention_mask.sum(-1) - self.loss_mask.sum(-1)
+
+    def set_ref_logps(self, ref_logps) -> None:
+        """Attach precomputed reference log-probs [N, C] (None removes them)."""
+        if ref_logps is not None:
+            ref_logps = np.asarray(ref_logps, dtype=np.float32)
+            if ref_logps.shape != self.valid.shape:
+                raise ValueError(f"ref_logps has shape {ref_logps.shape}, expected {self.valid.shape}")
+        self.ref_logps = ref_logps
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {key: getattr(self, key) for key in ARRAY_KEYS}
+        if self.ref_logps is not None:
+            out["ref_logps"] = self.ref_logps
+        return out
+
+    def take(self, indices) -> dict[str, np.ndarray]:
+        """The rows `indices` as a batch dict (numpy fancy indexing)."""
+        return {key: value[indices] for key, value in self.arrays().items()}
+
+    def save(self, path: str) -> None:
+        """Atomically writes an uncompressed .npz (arrays + stats)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **self.arrays(), stats=np.asarray(json.dumps(self.stats)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> TokenizedDataset:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files if key != "stats"}
+            stats = json.loads(str(data["stats"]))
+        return cls(**arrays, stats=stats)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+class _ChatRenderer:
+    """Renders prompt and completion texts with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template; pass use_chat_template=False for plain-text prompts "
+                "or set tokenizer.chat_template"
+            )
+        probe = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": f" {_SLOT} "}])
+        # How the template inserts assistant content: verbatim, trimmed, or otherwise (no splicing).
+        self.mode = "verbatim" if f" {_SLOT} " in probe else "strip" if _SLOT in probe else "exact"
+
+    def _render(self, messages, add_generation_prompt=False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def prompt(self, messages) -> str:
+        return self._render(messages, add_generation_prompt=True)
+
+    def _strip_prompt(self, full: str, prompt_text: str, where: str) -> str:
+        if not full.startswith(prompt_text):
+            raise ValueError(
+                f"{where}: the chat template rendering of prompt + completion does not start with the rendering "
+                f"of the prompt with add_generation_prompt=True, so completion tokens cannot be separated; "
+                f"prompt renders as {prompt_text[-80:]!r}, conversation as {full[:len(prompt_text) + 40][-120:]!r}"
+            )
+        return full[len(prompt_text):]
+
+    def exact(self, messages, prompt_text: str, completion: str, where: str) -> str:
+        full = self._render(messages + [{"role": "assistant", "content": completion}])
+        return self._strip_prompt(full, prompt_text, where)
+
+    def splicer(self, messages, prompt_text: str, where: str):
+        """A function completion -> completion text, or None when the template cannot be spliced."""
+        if self.mode == "exact":
+            return None
+        suffix = self.exact(messages, prompt_text, _SLOT, where)
+        if suffix.count(_SLOT) != 1:
+            return None
+        before, after = suffix.split(_SLOT)
+        if self.mode == "strip":
+            return lambda completion: before + completion.strip() + after
+        return lambda completion: before + completion + after
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    parts = [
+        tokenizer.backend_tokenizer.to_str(),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(tokenizer.bos_token_id),
+        str(tokenizer.eos_token_id),
+        str(tokenizer.pad_token_id),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def fingerprint(examples: Sequence[PreferenceExample], tokenizer, options: dict) -> str:
+    """Hash of the examples' content, the tokenizer and the options: the cache key."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": _CACHE_VERSION, "options": options}, sort_keys=True).encode())
+    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    for ex in examples:
+        h.update(
+            json.dumps(
+                [ex.prompt, ex.preferred, ex.candidates, ex.candidate_ranks, ex.preferred_rank, ex.fixed_index],
+                ensure_ascii=False,
+            ).encode()
+        )
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+
+
+def _where(ex: PreferenceExample, i: int) -> str:
+    meta = ex.meta or {}
+    if "source" in meta:
+        loc = f"line {meta['line']}" if "line" in meta else f"row {meta.get('row', '?')}"
+        return f"{meta['source']}, {loc}"
+    return f"example {i}"
+
+
+def tokenize_examples(
+    examples: Sequence[PreferenceExample],
+    tokenizer,
+    *,
+    num_candidates: int,
+    max_prompt_length: int,
+    max_completion_length: int,
+    max_length: int,
+    use_chat_template: bool = True,
+    cache_dir: str | None = None,
+) -> TokenizedDataset:
+    """Tokenizes `examples` into a `TokenizedDataset` with C = 1 + num_candidates columns of max_length tokens.
+
+    See the module docstring for the template, truncation and dropping rules. With `cache_dir`, the result
+    is read from / written to ``cache_dir/tokenized-<fingerprint>.npz``.
+    """
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    if not 1 <= max_prompt_length < max_length or max_completion_length < 1:
+        raise ValueError(
+            f"need 1 <= max_prompt_length < max_length and max_completion_length >= 1, got "
+            f"max_prompt_length={max_prompt_length}, max_completion_length={max_completion_length}, "
+            f"max_length={max_length}"
+        )
+    options = dict(
+        num_candidates=num_candidates,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        max_length=max_length,
+        use_chat_template=use_chat_template,
+    )
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, f"tokenized-{fingerprint(examples, tokenizer, options)[:24]}.npz")
+        if os.path.exists(path):
+            dataset = TokenizedDataset.load(path)
+            logger.info("tokenized data read from cache %s (%d examples)", path, len(dataset))
+            return dataset
+    for i, ex in enumerate(examples):
+        if len(ex.candidates) > num_candidates:
+            raise ValueError(
+                f"{_where(ex, i)}: {len(ex.candidates)} candidates but num_candidates={num_candidates}; "
+                f"select candidates in the reader (load_examples(..., num_candidates={num_candidates}))"
+            )
+    prompt_texts, completion_texts = _render_texts(examples, tokenizer, use_chat_template)
+    dataset = _assemble(examples, tokenizer, prompt_texts, completion_texts, **options)
+    _log_stats(dataset.stats)
+    if path is not None:
+        dataset.save(path)
+        logger.info("tokenized data cached at %s", path)
+    return dataset
+
+
+def _render_texts(examples, tokenizer, use_chat_template):
+    """(prompt text per example, [completion texts (y0 first)] per example)."""
+    prompt_texts: list[str] = []
+    completion_texts: list[list[str]] = []
+    if not use_chat_template:
+        for i, ex in enumerate(examples):
+            if not isinstance(ex.prompt, str):
+                raise ValueError(
+                    f"{_where(ex, i)}: the prompt is a list of chat messages but use_chat_template=False; "
+                    f"load the data with parse_turns=False (Nectar) or use a chat template"
+                )
+            prompt_texts.append(ex.prompt)
+            completion_texts.append([ex.preferred, *ex.candidates])
+        return prompt_texts, completion_texts
+
+    renderer = _ChatRenderer(tokenizer)
+    spliced = renderer.mode != "exact"
+    for i, ex in enumerate(examples):
+        where = _where(ex, i)
+        messages = _as_messages(ex.prompt)
+        prompt_text = renderer.prompt(messages)
+        texts = [ex.preferred, *ex.candidates]
+        splice = renderer.splicer(messages, prompt_text, where) if spliced else None
+        if splice is None:
+            rendered = [renderer.exact(messages, prompt_text, text, where) for text in texts]
+        else:
+            rendered = [splice(text) for text in texts]
+            # Verify the splice against the full rendering on a sample (first examples, then every 509th).
+            if (i < 4 or i % 509 == 0) and rendered[0] != renderer.exact(messages, prompt_text, texts[0], where):
+                logger.warning("chat template changes completion content; rendering every completion in full")
+                renderer.mode = "exact"
+                return _render_texts(examples, tokenizer, use_chat_template)
+        prompt_texts.append(prompt_text)
+        completion_texts.append(rendered)
+    return prompt_texts, completion_texts
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [enc.ids for enc in encode(texts, add_special_tokens=add_special_tokens)]
+
+
+def _assemble(examples, tokenizer, prompt_texts, completion_texts, *, num_candidates, max_prompt_length,
+              max_completion_length, max_length, use_chat_template):
+    eos_id, bos_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if isinstance(eos_id, (list, tuple)):
+        eos_id = eos_id[0]
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one (completions must end with EOS)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    eos_text = tokenizer.eos_token
+
+    flat, owners = [], []
+    for texts in completion_texts:
+        owners.append((len(flat), len(texts)))
+        for text in texts:
+            if use_chat_template and eos_text and eos_text in text:  # template ends the turn with EOS
+                text = text[: text.rindex(eos_text) + len(eos_text)]
+                flat.append((text, False))
+            else:
+                flat.append((text, True))
+    prompt_ids = _encode(tokenizer, prompt_texts, add_special_tokens=not use_chat_template)
+    completion_ids = _encode(tokenizer, [text for text, _ in flat], add_special_tokens=False)
+    completion_ids = [ids + [eos_id] if add_eos else ids for ids, (_, add_eos) in zip(completion_ids, flat)]
+
+    n, c, t = len(examples), 1 + num_candidates, max_length
+    input_ids = np.full((n, c, t), pad_id, np.int32)
+    attention_mask = np.zeros((n, c, t), np.int32)
+    loss_mask = np.zeros((n, c, t), np.int32)
+    valid = np.zeros((n, c), bool)
+    ranks = np.full((n, c), -1, np.int32)
+    fixed_index = np.ones((n,), np.int32)
+    example_id = np.zeros((n,), np.int64)
+    dropped: Counter = Counter()
+    counts: Counter = Counter()
+
+    kept = 0
+    for i, ex in enumerate(examples):
+        p = prompt_ids[i]
+        if not use_chat_template and bos_id is not None and (not p or p[0] != bos_id):
+            p = [bos_id] + p
+        if len(p) > max_prompt_length:
+            counts["prompt_truncated"] += 1
+            p = ([p[0]] + p[len(p) - max_prompt_length + 1:]) if p[0] == bos_id else p[len(p) - max_prompt_length:]
+        room = min(max_completion_length, max_length - len(p))
+        if room < 1:
+            dropped["prompt_too_long"] += 1
+            continue
+        start, count = owners[i]
+        if count < 2:
+            dropped["no_candidates"] += 1
+            continue
+        seqs = []
+        for ids in completion_ids[start:start + count]:
+            if len(ids) > room:
+                counts["completion_truncated"] += 1
+                ids = ids[:room]
+            seqs.append(ids)
+        col_valid = [True] + [s != seqs[0] for s in seqs[1:]]
+        counts["candidate_equal_to_preferred_after_truncation"] += col_valid.count(False)
+        if not any(col_valid[1:]):
+            dropped["no_distinct_candidate_after_truncation"] += 1
+            continue
+        if count < c:
+            counts["examples_with_padded_columns"] += 1
+        row_ranks = [ex.preferred_rank] + list(ex.candidate_ranks or [None] * (count - 1))
+        for col in range(c):
+            real = col < count and col_valid[col]
+            ids = seqs[col] if real else seqs[0]
+            L = len(p) + len(ids)
+            input_ids[kept, col, :L] = p + ids
+            attention_mask[kept, col, :L] = 1
+            loss_mask[kept, col, len(p):L] = 1
+            valid[kept, col] = real
+            if col < count and row_ranks[col] is not None:
+                ranks[kept, col] = row_ranks[col]
+        fixed = 1 + ex.fixed_index
+        if not (1 <= fixed < count and col_valid[fixed]):
+            counts["fixed_index_moved"] += 1
+            fixed = 1 + col_valid[1:].index(True)
+        fixed_index[kept] = fixed
+        example_id[kept] = i
+        kept += 1
+
+    stats = {"examples": n, "kept": kept, "dropped": dict(dropped), **{k: v for k, v in counts.items() if v}}
+    return TokenizedDataset(
+        input_ids=input_ids[:kept],
+        attention_mask=attention_mask[:kept],
+        loss_mask=loss_mask[:kept],
+        valid=valid[:kept],
+        ranks=ranks[:kept],
+        fixed_index=fixed_index[:kept],
+        example_id=example_id[:kept],
+        stats=stats,
+    )
+
+
+def _log_stats(stats: dict) -> None:
+    logger.info("tokenized %d examples, kept %d: %s", stats["examples"], stats["kept"], stats)
+    if stats["dropped"]:
+        logger.warning(
+            "dropped %d of %d examples while tokenizing: %s",
+            sum(stats["dropped"].values()), stats["examples"], stats["dropped"],
+        )
