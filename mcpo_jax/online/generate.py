@@ -2,9 +2,10 @@
 
 ``generate(model, input_ids, attention_mask, ...)`` runs the prompt as one ``model.decode`` call (prefill),
 then one token per step inside a ``lax.while_loop`` that stops when every row has produced EOS or
-``max_new_tokens`` tokens. Prompts may be left- or right-padded: positions come from the mask
-(``cumsum(mask) - 1``) and padding tokens are stored as empty cache slots, so the generated tokens continue
-each row at its own position. The parameters are passed to the jitted function as they are (sharded on a
+``max_new_tokens`` tokens. Prompts may be left- or right-padded: rows are first rolled
+so that every prompt ends in the last column, positions come from the mask (``cumsum(mask) - 1``) and padding
+tokens are stored as empty cache slots, so each row continues at its own position. The prefill's logits are
+only taken for the last column, so no [B, T, V] logits tensor is ever materialized. The parameters are passed to the jitted function as they are (sharded on a
 mesh or not); nothing is copied.
 
 Sampling: ``temperature`` 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus: the
@@ -50,6 +51,19 @@ def filter_logits(logits_BV, *, top_k_B, top_p_B):
     return jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
 
 
+def _align_left(ids_BT, mask_BT):
+    """Roll each row so that its last real token sits in the last column (left padding).
+
+    Right-padded (or any) prompts become left-padded; positions still follow the mask, so the model sees the
+    same sequence. Every row's next token then goes to the same cache slot.
+    """
+    prompt_len = ids_BT.shape[1]
+    last_B = prompt_len - 1 - jnp.argmax(mask_BT[:, ::-1], axis=-1)
+    shift_B = prompt_len - 1 - last_B
+    src_BT = (jnp.arange(prompt_len)[None, :] - shift_B[:, None]) % prompt_len
+    return jnp.take_along_axis(ids_BT, src_BT, axis=1), jnp.take_along_axis(mask_BT, src_BT, axis=1)
+
+
 def _sample(logits_BV, key, temperature_B, top_k_B, top_p_B, use_filter: bool):
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -60,29 +74,32 @@ def _sample(logits_BV, key, temperature_B, top_k_B, top_p_B, use_filter: bool):
     return jnp.where(temperature_B > 0, sampled_B, greedy_B)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "use_filter"))
-def _generate_jit(graphdef, state, ids_BT, mask_BT, key, temperature_B, top_k_B, top_p_B, *,
-                  max_new_tokens: int, eos_ids: tuple[int, ...], use_filter: bool):
+MAX_EOS_IDS = 8  # EOS ids travel as a fixed-size traced array (-1 = unused), so changing them does not recompile
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_filter"))
+def _generate_jit(graphdef, state, ids_BT, mask_BT, key, temperature_B, top_k_B, top_p_B, eos_E, *,
+                  max_new_tokens: int, use_filter: bool):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids_BT.shape
-    mask_BT = mask_BT.astype(jnp.int32)
+    ids_BT, mask_BT = _align_left(ids_BT.astype(jnp.int32), mask_BT.astype(jnp.int32))
     positions_BT = jnp.where(mask_BT > 0, jnp.cumsum(mask_BT, axis=-1) - 1, -1).astype(jnp.int32)
     lengths_B = mask_BT.sum(-1).astype(jnp.int32)
-    # the last real prompt token of each row (left padding: column T-1; right padding: length-1)
-    last_B = (prompt_len - 1 - jnp.argmax(mask_BT[:, ::-1], axis=-1)).astype(jnp.int32)
 
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits_BTV, cache = model.decode(ids_BT.astype(jnp.int32), positions_BT, cache, 0)
-    logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+    if prompt_len > 1:
+        # Prefill all but the last column; its logits are unused, so XLA drops the [B, T-1, V] LM head.
+        _, cache = model.decode(ids_BT[:, :-1], positions_BT[:, :-1], cache, 0)
+    logits_B1V, cache = model.decode(ids_BT[:, -1:], positions_BT[:, -1:], cache, prompt_len - 1)
+    logits_BV = logits_B1V[:, 0]
 
-    eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    fill = eos_ids[0] if eos_ids else 0
+    fill = jnp.maximum(eos_E[0], 0)  # the first EOS id, or 0 when there is none (no row ever stops then)
     out_BN = jnp.full((batch, max_new_tokens), fill, jnp.int32)
 
     def pick(step, logits_BV, done_B):
         token_B = _sample(logits_BV, jax.random.fold_in(key, step), temperature_B, top_k_B, top_p_B, use_filter)
         token_B = jnp.where(done_B, fill, token_B)
-        now_done_B = done_B | jnp.isin(token_B, eos_arr) if eos_ids else done_B
+        now_done_B = done_B | jnp.any((token_B[:, None] == eos_E[None, :]) & (eos_E[None, :] >= 0), axis=-1)
         return token_B, now_done_B
 
     token_B, done_B = pick(0, logits_BV, jnp.zeros((batch,), bool))
@@ -154,11 +171,16 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
             raise ValueError("sampling (temperature > 0) needs a jax.random key for reproducibility")
         key = jax.random.key(0)
     use_filter = bool(np.any(top_p_B < 1) or np.any(top_k_B > 0))
+    eos = _eos_tuple(eos_id)
+    if len(eos) > MAX_EOS_IDS:
+        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
+    eos_E = np.full((MAX_EOS_IDS,), -1, np.int32)
+    eos_E[:len(eos)] = eos
     graphdef, state = nnx.split(model)
-    arrays = _place_like_params(state, input_ids, attention_mask, temperature_B, top_k_B, top_p_B)
-    ids, mask, temperature_B, top_k_B, top_p_B = arrays
-    return _generate_jit(graphdef, state, ids, mask, key, temperature_B, top_k_B, top_p_B,
-                         max_new_tokens=int(max_new_tokens), eos_ids=_eos_tuple(eos_id), use_filter=use_filter)
+    ids, mask, temperature_B, top_k_B, top_p_B, eos_E = _place_like_params(
+        state, input_ids, attention_mask, temperature_B, top_k_B, top_p_B, eos_E)
+    return _generate_jit(graphdef, state, ids, mask, key, temperature_B, top_k_B, top_p_B, eos_E,
+                         max_new_tokens=int(max_new_tokens), use_filter=use_filter)
 
 
 def generation_throughput(model, *, batch_size: int, prompt_length: int, new_tokens: int, repeats: int = 3,

@@ -1,0 +1,141 @@
+"""KV-cache generation: exact against full forwards and PyTorch transformers, sampling law, top-k/p, EOS."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcpo_jax.online import generate
+from mcpo_jax.online.generate import filter_logits
+from tests._online_fixtures import tiny_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+
+
+def pad(rows, side, width=None, pad_id=0):
+    width = width or max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, sl], mask[i, sl] = r, 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+N_NEW = 12  # one max_new_tokens for all batch tests, so they share compiled programs
+
+
+def test_greedy_equals_argmax_of_full_forward_at_every_step(model):
+    right = np.asarray(generate(model, *pad(PROMPTS, "right", width=7), max_new_tokens=N_NEW))
+    left = np.asarray(generate(model, *pad(PROMPTS, "left"), max_new_tokens=N_NEW))
+    np.testing.assert_array_equal(right, left)
+    # one full forward of prompt + generated tokens (right padded); the argmax at each position predicts
+    # the next generated token
+    full_ids, full_mask = pad([p + list(new) for p, new in zip(PROMPTS, right)], "right")
+    logits = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    for i, (prompt, new) in enumerate(zip(PROMPTS, right)):
+        np.testing.assert_array_equal(new, logits[i, len(prompt) - 1:len(prompt) - 1 + N_NEW].argmax(-1))
+    assert len({tuple(r) for r in right}) == 3  # the rows really differ
+
+
+def test_sampling_frequencies_match_softmax(model):
+    n = 3000
+    prompt = np.array([[5, 6, 7]], np.int32)
+    logits = np.asarray(model(jnp.asarray(prompt)))[0, -1].astype(np.float64)
+    ids = np.repeat(prompt, n, axis=0)
+    for temperature in (1.0, 0.7):
+        probs = np.exp((logits - logits.max()) / temperature)
+        probs /= probs.sum()
+        out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=temperature,
+                                  key=jax.random.key(1)))[:, 0]
+        freq = np.bincount(out, minlength=probs.size) / n
+        tol = 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-3
+        assert np.all(np.abs(freq - probs) <= tol), (temperature, np.abs(freq - probs).max())
+        # total variation small but the law is not the greedy one
+        assert 0.5 * np.abs(freq - probs).sum() < 0.05 and freq.max() < 0.9
+
+
+def test_top_k_and_top_p(model):
+    n = 2000
+    prompt = np.array([[5, 6, 7]], np.int32)
+    logits = np.asarray(model(jnp.asarray(prompt)))[0, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    ids = np.repeat(prompt, n, axis=0)
+    out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=1.0, top_k=2,
+                              key=jax.random.key(2)))[:, 0]
+    assert set(out) == set(order[:2])
+    p0 = probs[order[0]] / probs[order[:2]].sum()
+    assert abs(np.mean(out == order[0]) - p0) < 4.5 * np.sqrt(p0 * (1 - p0) / n)
+    # nucleus: the smallest prefix of the sorted probabilities whose mass reaches top_p
+    cum = np.cumsum(probs[order])
+    top_p = float((cum[2] + cum[3]) / 2)  # needs exactly 4 tokens
+    out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=1.0, top_p=top_p,
+                              key=jax.random.key(3)))[:, 0]
+    assert set(out) == set(order[:4])
+    # filter_logits on hand-made logits: probs .5 .25 .125 .125
+    lg = jnp.log(jnp.array([[0.125, 0.5, 0.125, 0.25]]))
+    keep = lambda k, p: np.isfinite(np.asarray(filter_logits(lg, top_k_B=jnp.array([k]),  # noqa: E731
+                                                             top_p_B=jnp.array([p]))))[0].tolist()
+    assert keep(0, 0.5) == [False, True, False, False]
+    assert keep(0, 0.75) == [False, True, False, True]
+    assert keep(0, 0.76) == [True, True, True, True]  # tied 3rd/4th both kept
+    assert keep(1, 1.0) == [False, True, False, False]
+    assert keep(3, 1.0) == [True, True, True, True]  # ties at the k-th value are kept
+
+
+def test_eos_stops_each_row_and_pads_with_eos(model):
+    n = N_NEW
+    ids, mask = pad(PROMPTS, "left")
+    free = np.asarray(generate(model, ids, mask, max_new_tokens=n))
+    eos = int(free[0, 3])  # row 0 emits this token at step 3 (maybe earlier too)
+    out = np.asarray(generate(model, ids, mask, max_new_tokens=n, eos_id=eos))
+    for f, o in zip(free, out):
+        hits = np.flatnonzero(f == eos)
+        stop = hits[0] if hits.size else n
+        np.testing.assert_array_equal(o[:stop + 1], f[:stop + 1])
+        assert np.all(o[stop:] == eos)
+    # several EOS ids: stop at the first of any, pad with the first id
+    other = int(free[1, 2])
+    out2 = np.asarray(generate(model, ids, mask, max_new_tokens=n, eos_id=(eos, other)))
+    stop1 = min(np.flatnonzero(np.isin(free[1], [eos, other])))
+    assert stop1 <= 2 and np.all(out2[1, stop1 + 1:] == eos)
+
+
+def test_seeded_reproducible_and_per_row_temperature(model):
+    ids, mask = pad(PROMPTS, "right", width=7)
+    kw = dict(max_new_tokens=N_NEW, temperature=1.0, key=jax.random.key(7))
+    a = np.asarray(generate(model, ids, mask, **kw))
+    b = np.asarray(generate(model, ids, mask, **kw))
+    c = np.asarray(generate(model, ids, mask, **{**kw, "key": jax.random.key(8)}))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = np.asarray(generate(model, ids, mask, max_new_tokens=N_NEW))
+    mixed = np.asarray(generate(model, ids, mask, max_new_tokens=N_NEW, temperature=np.array([0.0, 1.0, 0.0]),
+                                key=jax.random.key(7)))
+    np.testing.assert_array_equal(mixed[[0, 2]], greedy[[0, 2]])
+    with pytest.raises(ValueError, match="needs a jax.random key"):
+        generate(model, ids, mask, max_new_tokens=2, temperature=0.5)
+    with pytest.raises(ValueError, match="expected a scalar or"):
+        generate(model, ids, mask, max_new_tokens=2, temperature=[0.1, 0.2])
+
+
+def test_sharded_params_on_a_mesh(model):
+    from flax import nnx
+
+    from mcpo_jax import sharding as S
+    from mcpo_jax.models import logical_axes
+
+    mesh = S.make_mesh(1, -1, 1)
+    state = nnx.state(model, nnx.Param)
+    placed = jax.device_put(state, S.param_shardings(logical_axes(model), state, mesh))
+    sharded = nnx.merge(nnx.graphdef(model), placed)
+    ids, mask = pad(PROMPTS, "right", width=7)
+    np.testing.assert_array_equal(np.asarray(generate(sharded, ids, mask, max_new_tokens=N_NEW)),
+                                  np.asarray(generate(model, ids, mask, max_new_tokens=N_NEW)))
