@@ -371,6 +371,13 @@ _PARSERS = {
     "pairs": _parse_pairs,
     "ranked": _parse_ranked,
 }
+_CANDIDATES_FIELD = {
+    "nectar": "answers",
+    "ultrafeedback": "completions",
+    "ultrafeedback_binarized": "rejected",
+    "pairs": "rejected",
+    "ranked": "completions",
+}
 _OPTIONS = {
     "nectar": {"drop_ranks", "parse_turns", "inject_noise", "noise_seed"},
     "ultrafeedback": {"score_field"},
@@ -532,7 +539,7 @@ def load_examples(
             if not isinstance(record, dict):
                 raise _Bad("wrong_type", None, f"expected a JSON object per row, got {type(record).__name__}")
             ex, fields = parse(record, loc["row"], num_candidates=num_candidates, **options)
-            _validate(ex, fields, min_candidates)
+            _validate(ex, fields, min_candidates, _CANDIDATES_FIELD[format])
         except _Bad as e:
             if on_bad_example == "error":
                 field = f", field {e.field!r}" if e.field else ""
@@ -553,13 +560,13 @@ def load_examples(
     return out
 
 
-def _validate(ex: PreferenceExample, fields: list[str], min_candidates: int) -> None:
+def _validate(ex: PreferenceExample, fields: list[str], min_candidates: int, candidates_field: str) -> None:
     if not ex.candidates:
-        raise _Bad("no_candidates", fields[0] if fields else None, "no candidates left after selection")
+        raise _Bad("no_candidates", candidates_field, "no candidates left after selection")
     if len(ex.candidates) < min_candidates:
         raise _Bad(
             "too_few_candidates",
-            None,
+            candidates_field,
             f"{len(ex.candidates)} candidates, fewer than {min_candidates} (num_candidates / min_candidates)",
         )
     for text, field in zip(ex.candidates, fields):

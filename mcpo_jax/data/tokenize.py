@@ -43,7 +43,6 @@ from mcpo_jax.data.example import PreferenceExample
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-_SLOT = "\u2063MCPO_COMPLETION\u2063"  # placeholder completion; invisible separator, never in real text
 ARRAY_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "example_id")
 
 
@@ -143,8 +142,18 @@ def _as_messages(prompt) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
+def _slot(i: int) -> str:
+    return f"\u2063MCPO_SLOT_{i}\u2063"  # invisible separators: never in real text
+
+
 class _ChatRenderer:
-    """Renders prompt and completion texts with the tokenizer's chat template."""
+    """Renders prompt and completion texts with the tokenizer's chat template.
+
+    Rendering jinja per text dominates tokenization time, so for each sequence of roles the template is rendered
+    once with placeholder contents and split into literal pieces; a conversation is then the pieces joined with
+    its contents (trimmed where the template trims). The splice is checked against a full render for the first
+    examples of each role sequence and every 509th example; any mismatch switches to full rendering.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -153,19 +162,17 @@ class _ChatRenderer:
                 "the tokenizer has no chat template; pass use_chat_template=False for plain-text prompts "
                 "or set tokenizer.chat_template"
             )
-        probe = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": f" {_SLOT} "}])
-        # How the template inserts assistant content: verbatim, trimmed, or otherwise (no splicing).
-        self.mode = "verbatim" if f" {_SLOT} " in probe else "strip" if _SLOT in probe else "exact"
+        self.splice = True
+        self._plans: dict[tuple, object] = {}
+        self._checked: Counter = Counter()
 
     def _render(self, messages, add_generation_prompt=False) -> str:
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False
         )
 
-    def prompt(self, messages) -> str:
-        return self._render(messages, add_generation_prompt=True)
-
-    def _strip_prompt(self, full: str, prompt_text: str, where: str) -> str:
+    @staticmethod
+    def _strip_prompt(full: str, prompt_text: str, where: str) -> str:
         if not full.startswith(prompt_text):
             raise ValueError(
                 f"{where}: the chat template rendering of prompt + completion does not start with the rendering "
@@ -174,21 +181,67 @@ class _ChatRenderer:
             )
         return full[len(prompt_text):]
 
-    def exact(self, messages, prompt_text: str, completion: str, where: str) -> str:
-        full = self._render(messages + [{"role": "assistant", "content": completion}])
-        return self._strip_prompt(full, prompt_text, where)
+    def exact(self, messages, completions, where: str) -> tuple[str, list[str]]:
+        prompt_text = self._render(messages, add_generation_prompt=True)
+        texts = [
+            self._strip_prompt(self._render(messages + [{"role": "assistant", "content": c}]), prompt_text, where)
+            for c in completions
+        ]
+        return prompt_text, texts
 
-    def splicer(self, messages, prompt_text: str, where: str):
-        """A function completion -> completion text, or None when the template cannot be spliced."""
-        if self.mode == "exact":
-            return None
-        suffix = self.exact(messages, prompt_text, _SLOT, where)
-        if suffix.count(_SLOT) != 1:
-            return None
-        before, after = suffix.split(_SLOT)
-        if self.mode == "strip":
-            return lambda completion: before + completion.strip() + after
-        return lambda completion: before + completion + after
+    @staticmethod
+    def _pieces(text: str, slots: range):
+        """Literal pieces around the slots of `text` and, per slot, whether the template trims it."""
+        pieces, strip = [], []
+        for i in slots:
+            padded, bare = f" {_slot(i)} ", _slot(i)
+            if text.count(bare) != 1:
+                return None
+            token = padded if padded in text else bare
+            head, text = text.split(token)
+            pieces.append(head)
+            strip.append(token == bare)
+        return pieces + [text], strip
+
+    def _plan(self, roles: tuple):
+        if roles not in self._plans:
+            n = len(roles)
+            messages = [{"role": r, "content": f" {_slot(i)} "} for i, r in enumerate(roles)]
+            prompt = self._render(messages, add_generation_prompt=True)
+            full = self._render(messages + [{"role": "assistant", "content": f" {_slot(n)} "}])
+            plan = None
+            if full.startswith(prompt):
+                head, tail = self._pieces(prompt, range(n)), self._pieces(full[len(prompt):], range(n, n + 1))
+                if head is not None and tail is not None:
+                    plan = (head, tail)
+            self._plans[roles] = plan
+        return self._plans[roles]
+
+    @staticmethod
+    def _join(pieces, strip, contents):
+        out = [pieces[0]]
+        for piece, trim, content in zip(pieces[1:], strip, contents):
+            out += [content.strip() if trim else content, piece]
+        return "".join(out)
+
+    def __call__(self, index: int, messages, completions, where: str) -> tuple[str, list[str]]:
+        roles = tuple(m["role"] for m in messages)
+        plan = self._plan(roles) if self.splice else None
+        if plan is None:
+            return self.exact(messages, completions, where)
+        (p_pieces, p_strip), (c_pieces, c_strip) = plan
+        prompt_text = self._join(p_pieces, p_strip, [m["content"] for m in messages])
+        texts = [self._join(c_pieces, c_strip, [c]) for c in completions]
+        self._checked[roles] += 1
+        if self._checked[roles] <= 2 or index % 509 == 0:
+            exact_prompt, exact_texts = self.exact(messages, completions[:1], where)
+            if (exact_prompt, exact_texts[0]) != (prompt_text, texts[0]):
+                raise _SpliceMismatch
+        return prompt_text, texts
+
+
+class _SpliceMismatch(Exception):
+    pass
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -297,25 +350,18 @@ def _render_texts(examples, tokenizer, use_chat_template):
         return prompt_texts, completion_texts
 
     renderer = _ChatRenderer(tokenizer)
-    spliced = renderer.mode != "exact"
-    for i, ex in enumerate(examples):
-        where = _where(ex, i)
-        messages = _as_messages(ex.prompt)
-        prompt_text = renderer.prompt(messages)
-        texts = [ex.preferred, *ex.candidates]
-        splice = renderer.splicer(messages, prompt_text, where) if spliced else None
-        if splice is None:
-            rendered = [renderer.exact(messages, prompt_text, text, where) for text in texts]
-        else:
-            rendered = [splice(text) for text in texts]
-            # Verify the splice against the full rendering on a sample (first examples, then every 509th).
-            if (i < 4 or i % 509 == 0) and rendered[0] != renderer.exact(messages, prompt_text, texts[0], where):
-                logger.warning("chat template changes completion content; rendering every completion in full")
-                renderer.mode = "exact"
-                return _render_texts(examples, tokenizer, use_chat_template)
-        prompt_texts.append(prompt_text)
-        completion_texts.append(rendered)
-    return prompt_texts, completion_texts
+    for attempt in ("splice", "exact"):
+        renderer.splice = attempt == "splice"
+        try:
+            for i, ex in enumerate(examples):
+                prompt_text, texts = renderer(i, _as_messages(ex.prompt), [ex.preferred, *ex.candidates], _where(ex, i))
+                prompt_texts.append(prompt_text)
+                completion_texts.append(texts)
+            return prompt_texts, completion_texts
+        except _SpliceMismatch:
+            logger.warning("the chat template changes message contents; rendering every conversation in full")
+            prompt_texts, completion_texts = [], []
+    raise AssertionError("unreachable")
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
