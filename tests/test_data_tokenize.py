@@ -1,0 +1,196 @@
+"""Tokenization: chat template and plain text, masks, truncation, dropping, padding columns, cache, speed."""
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from _data_fixtures import CHAT_TEMPLATE, train_tokenizer
+from mcpo_jax.data import PreferenceExample, TokenizedDataset, load_examples, tokenize_examples
+from mcpo_jax.data import tokenize as tokenize_mod
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer()
+
+
+def _ids(tok, text):
+    return tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _seq(ds, i, c):
+    return ds.input_ids[i, c, : ds.attention_mask[i, c].sum()].tolist()
+
+
+def _completion(ds, i, c):
+    return ds.input_ids[i, c][ds.loss_mask[i, c] == 1].tolist()
+
+
+EXAMPLES = [
+    PreferenceExample(
+        prompt=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is the capital of france?"},
+        ],
+        preferred=" paris.",
+        candidates=["the sea", "hello there"],
+        candidate_ranks=[3, 4],
+        preferred_rank=1,
+        fixed_index=1,
+    ),
+    PreferenceExample(prompt="write a poem", preferred="the sea is blue", candidates=["no", "the dog", "fox"]),
+]
+
+
+def test_chat_template_columns_masks_and_eos(tok):
+    ds = tokenize_examples(EXAMPLES, tok, num_candidates=3, max_prompt_length=32, max_completion_length=16,
+                           max_length=48)
+    assert ds.input_ids.shape == (2, 4, 48) and ds.input_ids.dtype == np.int32
+    msgs = EXAMPLES[0].prompt
+    prompt_text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    prompt_ids = _ids(tok, prompt_text)
+    for c, text in enumerate([" paris.", "the sea", "hello there"]):
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=False)
+        completion_text = full[len(prompt_text):]
+        # the template ends the turn with "</s>\n": cut after the EOS
+        expected = _ids(tok, completion_text[: completion_text.rindex("</s>") + 4])
+        assert expected[-1] == tok.eos_token_id
+        assert _seq(ds, 0, c) == prompt_ids + expected
+        assert _completion(ds, 0, c) == expected
+        assert ds.prompt_lengths[0, c] == len(prompt_ids) and ds.completion_lengths[0, c] == len(expected)
+    # padding is right padding with pad id, masks zero there
+    assert (ds.input_ids[0, 0, ds.attention_mask[0, 0].sum():] == tok.pad_token_id).all()
+    assert ds.valid[0].tolist() == [True, True, True, False]  # 2 candidates, L = 3
+    assert _seq(ds, 0, 3) == _seq(ds, 0, 0) and _completion(ds, 0, 3) == _completion(ds, 0, 0)  # y0 repeated
+    assert ds.ranks[0].tolist() == [1, 3, 4, -1] and ds.ranks[1].tolist() == [-1] * 4
+    assert ds.fixed_index.tolist() == [2, 1] and ds.example_id.tolist() == [0, 1]
+    assert ds.valid[1].all()
+    # a string prompt is one user turn
+    assert _seq(ds, 1, 0)[: ds.prompt_lengths[1, 0]] == _ids(
+        tok, tok.apply_chat_template([{"role": "user", "content": "write a poem"}], add_generation_prompt=True,
+                                     tokenize=False))
+    assert ds.stats == {"examples": 2, "kept": 2, "dropped": {}, "examples_with_padded_columns": 1}
+
+
+def test_plain_text_mode_adds_bos_and_eos(tok):
+    ds = tokenize_examples([EXAMPLES[1]], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                           max_length=32, use_chat_template=False)
+    prompt = [tok.bos_token_id] + _ids(tok, "write a poem")
+    assert _seq(ds, 0, 0) == prompt + _ids(tok, "the sea is blue") + [tok.eos_token_id]
+    assert _completion(ds, 0, 2) == _ids(tok, "the dog") + [tok.eos_token_id]
+    with pytest.raises(ValueError, match="use_chat_template=False"):
+        tokenize_examples([EXAMPLES[0]], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                          max_length=32, use_chat_template=False)
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tok):
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 3
+    ex = PreferenceExample(prompt=long_prompt, preferred="the sea is blue and deep and wide", candidates=["hello"])
+    full_prompt = [tok.bos_token_id] + _ids(tok, long_prompt)
+    full_y0 = _ids(tok, ex.preferred) + [tok.eos_token_id]
+    ds = tokenize_examples([ex], tok, num_candidates=1, max_prompt_length=6, max_completion_length=4,
+                           max_length=16, use_chat_template=False)
+    p = ds.prompt_lengths[0, 0]
+    assert p == 6 and _seq(ds, 0, 0)[:p] == [tok.bos_token_id] + full_prompt[-5:]  # BOS kept, end kept
+    assert _completion(ds, 0, 0) == full_y0[:4]  # start kept, EOS lost
+    assert ds.stats["prompt_truncated"] == 1 and ds.stats["completion_truncated"] == 1
+    # max_length binds before max_completion_length: the completion is cut to fit after the prompt
+    ds = tokenize_examples([ex], tok, num_candidates=1, max_prompt_length=6, max_completion_length=10,
+                           max_length=9, use_chat_template=False)
+    assert ds.completion_lengths[0, 0] == 3 and ds.attention_mask[0, 0].sum() == 9
+
+
+def test_candidates_identical_after_truncation_are_invalid_or_dropped(tok, caplog):
+    same_start = PreferenceExample(prompt="p", preferred="the sea is blue", candidates=["the sea is red", "fox"])
+    all_same = PreferenceExample(prompt="p", preferred="the sea is blue", candidates=["the sea is red"])
+    with caplog.at_level(logging.WARNING, logger="mcpo_jax.data.tokenize"):
+        ds = tokenize_examples([same_start, all_same], tok, num_candidates=2, max_prompt_length=4,
+                               max_completion_length=3, max_length=8, use_chat_template=False)
+    assert len(ds) == 1 and ds.example_id.tolist() == [0]
+    assert ds.valid[0].tolist() == [True, False, True]
+    assert ds.fixed_index.tolist() == [2]  # the designated column (1) became invalid: moved to the first valid
+    assert ds.stats["dropped"] == {"no_distinct_candidate_after_truncation": 1}
+    assert ds.stats["candidate_equal_to_preferred_after_truncation"] == 2
+    assert ds.stats["fixed_index_moved"] == 1
+    assert "dropped 1 of 2 examples" in caplog.text
+
+
+def test_more_candidates_than_L_and_bad_options(tok):
+    with pytest.raises(ValueError, match=r"example 1: 3 candidates but num_candidates=2.*num_candidates=2"):
+        tokenize_examples(EXAMPLES, tok, num_candidates=2, max_prompt_length=8, max_completion_length=8,
+                          max_length=16)
+    with pytest.raises(ValueError, match="max_prompt_length < max_length"):
+        tokenize_examples(EXAMPLES, tok, num_candidates=3, max_prompt_length=16, max_completion_length=8,
+                          max_length=16)
+
+
+def test_template_that_does_not_extend_the_prompt_is_an_error():
+    tok = train_tokenizer(
+        "{% for m in messages %}{{ m['role'] + ':' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT>' }}{% endif %}"
+    )
+    with pytest.raises(ValueError, match="does not start with the rendering of the prompt"):
+        tokenize_examples(EXAMPLES[1:], tok, num_candidates=3, max_prompt_length=16, max_completion_length=8,
+                          max_length=32)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["m['content'] | trim", "m['content'] | upper", "(m['content'] if m['role'] != 'assistant' else m['content'][::-1])"],
+)
+def test_splice_matches_full_rendering_for_templates_that_change_content(content):
+    """Trimming is spliced, other changes fall back to full rendering: the texts equal the exact path."""
+    tok = train_tokenizer(CHAT_TEMPLATE.replace("m['content']", content))
+    examples = [
+        PreferenceExample(prompt=f"  question {i} ", preferred=f" answer {i}  ", candidates=["no", f" x{i}"])
+        for i in range(6)
+    ]
+    prompts, completions = tokenize_mod._render_texts(examples, tok, True)
+    renderer = tokenize_mod._ChatRenderer(tok)
+    for i, ex in enumerate(examples):
+        exact = renderer.exact(tokenize_mod._as_messages(ex.prompt), [ex.preferred, *ex.candidates], "")
+        assert (prompts[i], completions[i]) == exact
+
+
+def test_cache_roundtrip_and_fingerprint(tok, tmp_path, monkeypatch):
+    kwargs = dict(num_candidates=3, max_prompt_length=32, max_completion_length=16, max_length=48,
+                  cache_dir=str(tmp_path))
+    first = tokenize_examples(EXAMPLES, tok, **kwargs)
+    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 1
+    monkeypatch.setattr(tokenize_mod, "_render_texts", lambda *a: pytest.fail("cache not used"))
+    again = tokenize_examples(EXAMPLES, tok, **kwargs)
+    for key, value in first.arrays().items():
+        np.testing.assert_array_equal(getattr(again, key), value)
+    assert again.stats == first.stats
+    monkeypatch.undo()
+    edited = [EXAMPLES[0], PreferenceExample(prompt="write a poem", preferred="other", candidates=["no"])]
+    tokenize_examples(edited, tok, **kwargs)
+    tokenize_examples(EXAMPLES, tok, **{**kwargs, "max_length": 40})
+    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 3
+
+
+def test_ref_logps_shape_checked(tok):
+    ds = tokenize_examples(EXAMPLES, tok, num_candidates=3, max_prompt_length=32, max_completion_length=16,
+                           max_length=48)
+    ds.set_ref_logps(np.zeros((2, 4)))
+    assert ds.ref_logps.dtype == np.float32 and "ref_logps" in ds.take([1, 0])
+    with pytest.raises(ValueError, match="ref_logps has shape"):
+        ds.set_ref_logps(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="valid has shape"):
+        TokenizedDataset(**{**ds.arrays(), "valid": ds.valid[:, :2]})
+
+
+def test_throughput_on_short_texts():
+    """Synthetic Nectar rows (1 prompt + 6 completions each) with the synthetic chat tokenizer."""
+    from mcpo_jax.data import synthetic
+
+    tok = synthetic.make_tokenizer()
+    examples = load_examples(synthetic.generate_rows(4000, seed=0), format="nectar")
+    start = time.perf_counter()
+    ds = tokenize_examples(examples, tok, num_candidates=5, **synthetic.TOKEN_LIMITS)
+    rate = len(examples) / (time.perf_counter() - start)
+    print(f"\ntokenization: {rate:.0f} examples/s (7 sequences each)")
+    assert len(ds) == 4000 and ds.valid.all()
+    assert rate > 500  # loose: the CI machine is shared; ~4k/s measured on a busy 2-core box
