@@ -179,3 +179,25 @@ def test_make_judge_specs():
 
 def _len_score(prompt, completion):
     return len(completion)
+
+
+def test_iterative_ranking_against_the_synthetic_oracle():
+    from mcpo_jax.data import synthetic
+
+    rows = synthetic.generate_rows(30, seed=3, num_candidates=5)
+    prompts = [r["prompt"] for r in rows]
+    comps = [[a["answer"] for a in r["answers"]] for r in rows]
+    judge = J.oracle_judge()
+    log = []
+    winners = [o[0] for o in J.iterative_pairwise_ranking(judge, prompts, comps, log=log)]
+    assert len(log) == 30 * 5  # L - 1 comparisons for L = 6
+    for p, c, w in zip(prompts, comps, winners):
+        assert synthetic.oracle_score(p, c[w]) == max(synthetic.oracle_score(p, x) for x in c)
+        assert c[w] == synthetic.answer(p)  # the correct answer is always among them
+    # full ranking (round robin) orders by oracle score like the data's own OracleJudge
+    full = judge.rank_many(prompts[:5], comps[:5], mode="full")
+    ref = synthetic.OracleJudge()
+    for p, c, order in zip(prompts, comps, full):
+        scores = [synthetic.oracle_score(p, c[i]) for i in order]
+        assert scores == sorted(scores, reverse=True) and c[order[0]] == c[ref.rank(p, c)[0]]
+    assert judge.compare(prompts[0], synthetic.answer(prompts[0]), "x") == "A"
