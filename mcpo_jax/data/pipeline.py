@@ -39,6 +39,14 @@ def num_batches(num_examples: int, *, batch_size: int, num_epochs: int, process_
     return num_examples * num_epochs // (batch_size * process_count)
 
 
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags; outside `absl.app.run` mark them parsed (defaults)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 class _BatchFn:
     """Global batch number -> this process's batch dict (a picklable callable for grain workers)."""
 
@@ -123,5 +131,6 @@ def make_batch_iterator(
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     it_ds = ds.to_iter_dataset(read)
     if worker_count > 0:
+        _absl_flags_ready()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
