@@ -127,8 +127,12 @@ def encode_prompts(tokenizer, instructions: Sequence[Any], *, use_chat_template:
     return rows
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None,
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded [B, W] ids and mask; W = ``width`` or the longest row, rounded up to ``multiple``
+    (fewer distinct shapes, fewer compilations)."""
+    width = max(width or 0, max(len(r) for r in rows))
+    width = -(-width // multiple) * multiple
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -166,7 +170,7 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
     key = jax.random.key(seed)
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
-        ids, mask = left_pad([rows[i] for i in idx], pad)
+        ids, mask = left_pad([rows[i] for i in idx], pad, multiple=32)
         new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, key=jax.random.fold_in(key, b), eos_id=eos_ids))
         for i, row in zip(idx, new):

@@ -1,0 +1,190 @@
+"""OnMC-PO: batched online preference optimization (paper Sec. 3.2, Appendix B.1 "Batched online setup").
+
+The total training steps are split into S equal segments (paper: 3). At the start of each segment the current
+policy samples K completions per prompt (paper: 6, at temperatures 0.6, 0.6, 0.8, 0.8, 1.0, 1.0), a judge ranks
+them (paper: iterative pairwise ranking with an LLM judge), the winner becomes y0 and the others the candidates,
+and the trainer runs the segment's steps on that data: MC-PO picks the negatives with its kernel, online DPO
+(the paper's comparison) a random one. Proposition 3.3 is why y0 should come from the policy itself.
+
+Everything a segment produces is written under ``workdir/online/segment_<s>/``:
+
+* ``samples.jsonl``: one row per prompt, all K completions with their temperatures, the judge's winner/order
+  and each judgment (raw judge text included for LLM judges);
+* ``data.jsonl``: the training rows in the ``pairs`` format (prompt, chosen = y0, rejected = the candidates);
+* ``stats.json``: counts (kept, skipped and why), mean oracle/judge scores where the judge has them, timings.
+
+A segment whose ``data.jsonl`` exists is never regenerated: a run resumes mid-run from the trainer's checkpoint
+with the same data (files are written to a temporary name and renamed, so a crash leaves no half file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mcpo_jax.online.judges import Judge, iterative_pairwise_ranking, round_robin_ranking
+
+log = logging.getLogger(__name__)
+
+PAPER_TEMPERATURES = (0.6, 0.6, 0.8, 0.8, 1.0, 1.0)  # Appendix B.1: two completions at each of 0.6, 0.8, 1.0
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures: Sequence[float] = PAPER_TEMPERATURES,
+                       max_new_tokens: int, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
+                       use_chat_template: bool = True, max_prompt_tokens: int | None = None) -> list[list[str]]:
+    """K = len(temperatures) completions per prompt from ``model``; completion k uses ``temperatures[k]``.
+
+    The K copies of a prompt go into the same batches with per-row temperatures, so one compiled program
+    serves all temperatures. Batches hold ``batch_size`` rows (prompt x temperature), prompts sorted by length.
+    """
+    import jax
+
+    from mcpo_jax.evaluate import decode_completion, encode_prompts, left_pad
+    from mcpo_jax.online.generate import generate
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    encoded = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
+                             max_prompt_tokens=max_prompt_tokens)
+    k = len(temperatures)
+    jobs = [(i, j) for i in sorted(range(len(prompts)), key=lambda i: len(encoded[i])) for j in range(k)]
+    out = [[""] * k for _ in prompts]
+    width = max(len(r) for r in encoded)  # one prompt width for the segment: one compiled program
+    key = jax.random.key(seed)
+    for b, start in enumerate(range(0, len(jobs), batch_size)):
+        chunk = jobs[start:start + batch_size]
+        # fixed batch shape (last batch padded by repeating rows) so every call reuses one compiled program
+        rows = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
+        ids, mask = left_pad([encoded[i] for i, _ in rows], pad, width=width)
+        temps = np.array([temperatures[j] for _, j in rows], np.float32)
+        new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temps, top_p=top_p,
+                                  key=jax.random.fold_in(key, b), eos_id=eos_ids))
+        for (i, j), row in zip(chunk, new):
+            out[i][j] = decode_completion(tokenizer, row, eos_ids)
+    return out
+
+
+# -- judging -----------------------------------------------------------------------------------------------------
+def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequence[Sequence[str]], *,
+                      ranking: str = "winner") -> list[dict]:
+    """Per prompt: {"winner": index, "order": indices best first (None when only the winner is known),
+    "judgments": [...]} with the paper's iterative pairwise ranking ("winner") or a full ranking ("full")."""
+    judgments: list[dict] = []
+    if ranking == "winner":
+        orders = iterative_pairwise_ranking(judge, prompts, completions, log=judgments)
+    elif ranking == "full":
+        if hasattr(judge, "scores"):  # a score-based judge ranks exactly by sorting, no pairwise round robin
+            orders = judge.rank_many(prompts, completions)
+        else:
+            orders = round_robin_ranking(judge, prompts, completions, log=judgments)
+    else:
+        raise ValueError(f"online.ranking={ranking!r}: expected 'winner' (iterative pairwise) or 'full'")
+    per_prompt = [[] for _ in prompts]
+    for j in judgments:
+        per_prompt[j.pop("prompt_index")].append(j)
+    return [{"winner": int(o[0]), "order": [int(x) for x in o] if ranking == "full" else None, "judgments": js}
+            for o, js in zip(orders, per_prompt)]
+
+
+def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict | None, str | None]:
+    """The ``pairs``-format row (chosen = y0 = the winner, rejected = the rest) or (None, reason skipped).
+
+    Candidates identical to y0 (after stripping) or empty are dropped: the readers reject such rows, and a copy of
+    y0 is no negative. With a full ranking the candidates are listed best first.
+    """
+    winner = result["winner"]
+    chosen = completions[winner]
+    if not chosen.strip():
+        return None, "empty_winner"
+    others = result["order"][1:] if result.get("order") else [i for i in range(len(completions)) if i != winner]
+    rejected = [completions[i] for i in others if completions[i].strip() and completions[i].strip() != chosen.strip()]
+    if not rejected:
+        return None, "no_distinct_candidates"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+# -- files -------------------------------------------------------------------------------------------------------
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def segment_bounds(total_steps: int, num_segments: int) -> list[tuple[int, int]]:
+    """[start, end) step ranges of S equal segments (the first ones take the remainder)."""
+    if num_segments < 1 or total_steps < num_segments:
+        raise ValueError(f"cannot split {total_steps} steps into {num_segments} segments")
+    base, extra = divmod(total_steps, num_segments)
+    bounds, start = [], 0
+    for s in range(num_segments):
+        end = start + base + (s < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def segment_dir(workdir: str, segment: int) -> str:
+    return os.path.join(workdir, "online", f"segment_{segment}")
+
+
+def make_segment_data(model, tokenizer, judge: Judge, prompts: Sequence[Any], out_dir: str, *,
+                      temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
+                      batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
+                      max_prompt_tokens: int | None = None,
+                      score_fn: Callable[[Any, str], float] | None = None) -> dict:
+    """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists."""
+    data_path = os.path.join(out_dir, "data.jsonl")
+    stats_path = os.path.join(out_dir, "stats.json")
+    if os.path.exists(data_path):
+        log.info("online: %s exists, not regenerating", data_path)
+        with open(stats_path, encoding="utf-8") as f:
+            return json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    completions = sample_completions(model, tokenizer, prompts, temperatures=temperatures,
+                                     max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, seed=seed,
+                                     use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens)
+    t1 = time.perf_counter()
+    before = dict(getattr(judge, "stats", {}))
+    results = judge_completions(judge, prompts, completions, ranking=ranking)
+    t2 = time.perf_counter()
+    samples, data, skipped = [], [], {}
+    for p, c, r in zip(prompts, completions, results):
+        row, reason = training_row(p, c, r)
+        samples.append({"prompt": p, "completions": list(c), "temperatures": list(temperatures), **r,
+                        "skipped": reason})
+        if row is None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            data.append(row)
+    stats = {"prompts": len(prompts), "rows": len(data), "skipped": skipped,
+             "completions": sum(len(c) for c in completions),
+             "distinct_per_prompt": float(np.mean([len(set(c)) for c in completions])) if completions else 0.0,
+             "mean_completion_chars": float(np.mean([len(x) for c in completions for x in c])) if completions else 0.0,
+             "sample_seconds": t1 - t0, "judge_seconds": t2 - t1,
+             "judge_stats": {k: v - before.get(k, 0) for k, v in getattr(judge, "stats", {}).items()}}
+    if score_fn is not None and completions:
+        all_scores = [[score_fn(p, x) for x in c] for p, c in zip(prompts, completions)]
+        stats["mean_score"] = float(np.mean(all_scores))
+        stats["mean_winner_score"] = float(np.mean([s[r["winner"]] for s, r in zip(all_scores, results)]))
+        stats["best_possible_winner_score"] = float(np.mean([max(s) for s in all_scores]))
+    write_jsonl(os.path.join(out_dir, "samples.jsonl"), samples)
+    with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(stats_path + ".tmp", stats_path)
+    write_jsonl(data_path, data)  # last: its existence marks the segment's data as complete
+    return stats
