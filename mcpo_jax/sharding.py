@@ -184,3 +184,82 @@ def initialize_distributed(
 def is_primary() -> bool:
     """True on the process that writes single files (logs, metrics, HF export)."""
     return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer-side helpers: mesh from config, parameter/batch shardings, global input arrays.
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+    """Mesh from a config with `data`, `fsdp`, `tensor` (one may be -1 = all remaining devices)."""
+    get = mesh_config.get if hasattr(mesh_config, "get") else lambda k, d: getattr(mesh_config, k, d)
+    return make_mesh(int(get("data", 1)), int(get("fsdp", -1)), int(get("tensor", 1)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the example axis is split (data x fsdp)."""
+    return int(math.prod(mesh.shape[a] for a in BATCH_AXES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Shard dimension `batch_axis` of an input over (data, fsdp); the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _is_axes(a) -> bool:
+    return isinstance(a, tuple) and all(isinstance(n, (str, type(None))) for n in a)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name not in ("value", "raw_value"):
+                names.append(k.name)
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def param_shardings(axes_tree, params, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings with the structure of `params` (an nnx.State or nested dict).
+
+    `axes_tree` holds a tuple of logical names per parameter (e.g. `models.logical_axes(model)`);
+    leaves are matched by path, so wrappers such as nnx.Param on either side do not matter.
+    """
+    axes_by_path = {
+        _path_names(path): axes
+        for path, axes in jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+    }
+
+    def one(path, x):
+        key = _path_names(path)
+        if key not in axes_by_path:
+            raise KeyError(f"no logical axes for parameter {'/'.join(key)}")
+        return logical_to_sharding(axes_by_path[key], np.shape(x), mesh, rules)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axis: int = 0):
+    """Global jax.Arrays from this process's slice of the batch (multi-host safe)."""
+    out = {}
+    for k, x in local_batch.items():
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, batch_axis)
+        global_shape = list(x.shape)
+        global_shape[batch_axis] *= jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+    return out

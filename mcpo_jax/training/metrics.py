@@ -1,0 +1,111 @@
+"""Metric sinks: JSONL + TensorBoard event files in the workdir, a tqdm bar, a PNG of the curves.
+
+Only the primary process writes; the others get a writer whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PLOT_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "kernel/entropy", "grad_norm", "lr")
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.ndim == 0:
+            out[k] = bool(a) if a.dtype == bool else float(a)
+        else:
+            out[k] = a.tolist()
+    return out
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except Exception as e:  # TensorBoard is a convenience, never a reason to stop training
+                log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train"):
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+                elif isinstance(v, list) and k.endswith("rank_hist"):
+                    counts = np.asarray(v, np.float64)
+                    if counts.sum() > 0:
+                        values = np.repeat(np.arange(len(counts)), counts.astype(np.int64))
+                        self._tb.add_histogram(f"{split}/{k}", values, step, bins=np.arange(len(counts) + 1) - 0.5)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str, split: str | None = "train") -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
+    """PNG of the main training (and eval) curves; the last record of each step wins (resumes)."""
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"), split=None)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOT_KEYS if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            by_step = {r["step"]: r[key] for r in rows if r.get("split") == split and key in r}
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [by_step[s] for s in steps], style, label=split, markersize=3)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key == "loss":
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(workdir, out_name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

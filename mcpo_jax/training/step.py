@@ -1,0 +1,326 @@
+"""The jitted train step: all-candidate log-probs, MC kernel, gradient through y0 + M negatives.
+
+    batch (micro-batches [A, b, ...])
+      for each micro-batch (lax.scan, gradient accumulation):
+        1. log-probs of all C = 1 + L rows under the policy and the reference, no gradient
+           (or the reference column `ref_logps` precomputed by the trainer)
+        2. kernel.select_negatives(fold_in(fold_in(base_key, step), micro), ...) -> [b, M]
+        3. gather y0 + the M selected rows; value_and_grad of the objective on those rows only
+      4. optax update with the exact global mean gradient; metrics as (sum, count) -> means
+
+Everything is one `jax.jit` with explicit shardings (see `compile_train_step`); no host round
+trips. The step knows nothing of configs files or data readers: it takes a `StepConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mcpo_jax import kernel, logprobs, losses
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("mc", "max", "min", "random", "fixed")
+RANK_BINS = 16  # histogram of the dataset rank of each selected negative: ranks 0..15 (-1 -> bin 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    objective: str = "mcpo"
+    sampler: str = "mc"
+    num_negatives: int = 1
+    beta: float = 0.01
+    include_preferred: bool = False  # the kernel may pick y0 itself (Algorithm 1 samples over 0..L)
+    reference: str = "online"  # "online" | "precomputed" | "none" (reference-free objectives)
+    loss_hparams: tuple[tuple[str, Any], ...] = ()
+    logprob_chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference != "none"
+
+    @property
+    def is_sft(self) -> bool:
+        return self.objective == "sft"
+
+
+def negatives_key(rng, step, micro):
+    """The key the kernel uses for micro-batch `micro` of step `step` (host recomputations use it too)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), micro)
+
+
+def forward_logps(graphdef, params, rest, ids_NT, mask_NT, loss_mask_NT, *, chunk_size):
+    model = nnx.merge(graphdef, params, rest)
+    hidden_NTD = model.hidden_states(ids_NT, mask_NT)
+    return logprobs.sequence_logps(
+        hidden_NTD, model.lm_head_kernel(), ids_NT, loss_mask_NT, chunk_size=chunk_size
+    )
+
+
+def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size):
+    b, k, t = ids_BKT.shape
+    flat = lambda x: x.reshape(b * k, t)
+    logps_N = forward_logps(
+        graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size
+    )
+    return logps_N.reshape(b, k)
+
+
+def _gather_cols(x_BC, cols_BK):
+    idx = cols_BK.reshape(cols_BK.shape + (1,) * (x_BC.ndim - 2))
+    return jnp.take_along_axis(x_BC, idx, axis=1)
+
+
+def select_columns(cfg: StepConfig, key, policy_BC, ref_BC, valid_BC, fixed_index_B):
+    """Columns [b, 1 + M] fed to the objective: y0 first, then the M selected negatives."""
+    b = valid_BC.shape[0]
+    zero_B1 = jnp.zeros((b, 1), jnp.int32)
+    if cfg.is_sft:
+        return zero_B1, None
+    if cfg.sampler == "fixed":
+        neg_BM = fixed_index_B.astype(jnp.int32)[:, None]
+    else:
+        neg_BM = kernel.select_negatives(
+            key,
+            policy_BC,
+            ref_BC,
+            beta=cfg.beta,
+            num_negatives=cfg.num_negatives,
+            strategy=cfg.sampler,
+            include_preferred=cfg.include_preferred,
+            valid=valid_BC,
+        ).astype(jnp.int32)
+    return jnp.concatenate([zero_B1, neg_BM], axis=1), neg_BM
+
+
+def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True):
+    """Gradient sum and metric (sum, count) pairs of one micro-batch."""
+    ids_BCT, mask_BCT, loss_mask_BCT = mb["input_ids"], mb["attention_mask"], mb["loss_mask"]
+    valid_BC = mb["valid"].astype(bool)
+    b, c, _ = ids_BCT.shape
+    chunk = cfg.logprob_chunk_size
+    sums: dict[str, jax.Array] = {}
+
+    def add(name, total, count):
+        sums[name] = (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
+
+    # 1. No-gradient log-probs of every candidate (SFT only needs y0).
+    if cfg.is_sft:
+        policy_BC = ref_BC = None
+    else:
+        policy_BC = jax.lax.stop_gradient(
+            _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
+        )
+        if cfg.reference == "online":
+            ref_BC = jax.lax.stop_gradient(
+                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
+            )
+        elif cfg.reference == "precomputed":
+            ref_BC = mb["ref_logps"].astype(jnp.float32)
+        else:
+            ref_BC = None
+
+    # 2. The MC kernel (or max/min/random/fixed) picks the negatives.
+    cols_BK, neg_BM = select_columns(cfg, key, policy_BC, ref_BC, valid_BC, mb.get("fixed_index"))
+    take = lambda x: _gather_cols(x, cols_BK)
+    sel_ids, sel_mask, sel_loss_mask = take(ids_BCT), take(mask_BCT), take(loss_mask_BCT)
+    sel_valid_BK = take(valid_BC)
+    lengths_BK = jnp.sum(sel_loss_mask[..., 1:], axis=-1).astype(jnp.float32)
+    sel_ref_BK = None if ref_BC is None else take(ref_BC)
+    objective = losses.get(cfg.objective)
+    hparams = dict(cfg.loss_hparams)
+
+    # 3. Gradient through the selected rows only.
+    def loss_fn(p):
+        sel_policy_BK = _rows_logps(graphdef, p, rest, sel_ids, sel_mask, sel_loss_mask, chunk)
+        per_example_B, aux = objective(
+            sel_policy_BK, sel_ref_BK, beta=cfg.beta, lengths=lengths_BK, valid=sel_valid_BK, **hparams
+        )
+        return jnp.sum(per_example_B), (per_example_B, aux, sel_policy_BK)
+
+    if with_grad:
+        (loss_sum, (_, aux, sel_policy_BK)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+        loss_sum, (_, aux, sel_policy_BK) = loss_fn(params)
+        grads = None
+    add("loss", loss_sum, b)
+    # The objective's own metrics (TRL names: rewards/chosen, rewards/rejected, rewards/margins,
+    # rewards/accuracies, nll, ...) are per-example [B] arrays: summed here, averaged over all examples.
+    for name, value_B in aux.items():
+        value_B = jnp.asarray(value_B, jnp.float32)
+        if value_B.ndim == 1:
+            add(name, jnp.sum(value_B), b)
+    tokens = jnp.sum(loss_mask_BCT[:, 0, 1:] if cfg.is_sft else loss_mask_BCT[..., 1:])
+    if cfg.is_sft:
+        add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
+        return grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32)
+
+    neg_valid_BM = _gather_cols(valid_BC, neg_BM)
+    weights_BC = kernel.weights(
+        policy_BC, ref_BC, beta=cfg.beta, valid=valid_BC, include_preferred=cfg.include_preferred
+    )
+    entropy_B = -jnp.sum(jnp.where(weights_BC > 0, weights_BC * jnp.log(jnp.maximum(weights_BC, 1e-30)), 0.0), 1)
+    add("kernel/entropy", jnp.sum(entropy_B), b)
+    add("kernel/selected_is_y0", jnp.sum((neg_BM == 0).astype(jnp.float32)), neg_BM.size)
+    ranks_BM = _gather_cols(mb["ranks"], neg_BM) if "ranks" in mb else jnp.full_like(neg_BM, -1)
+    bins_BM = jnp.clip(ranks_BM, 0, RANK_BINS - 1)
+    hist = jnp.sum(jax.nn.one_hot(bins_BM, RANK_BINS) * neg_valid_BM[..., None], axis=(0, 1))
+    return grads, sums, hist, tokens, neg_BM
+
+
+def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransformation, schedule=None):
+    """The pure step function `(state, ref_params, batch) -> (state, metrics)`.
+
+    `state` = {"params", "opt_state", "step", "rng"}; batch arrays are [A, b, ...] with A the
+    number of accumulated micro-batches; metrics are exact global means over all A * b examples.
+    """
+
+    def train_step(state, ref_params, batch):
+        params = state["params"]
+        step = state["step"]
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
+
+        def body(carry, xs):
+            grad_acc, sums_acc, hist_acc, tok_acc = carry
+            micro, mb = xs
+            grads, sums, hist, tokens, selected_BM = _micro_step(
+                cfg, graphdef, rest, params, ref_params, mb, negatives_key(state["rng"], step, micro)
+            )
+            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+            sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
+            return (grad_acc, sums_acc, hist_acc + hist, tok_acc + tokens), selected_BM
+
+        first_mb = jax.tree.map(lambda x: x[0], batch)
+        sums_shape = jax.eval_shape(
+            lambda: _micro_step(cfg, graphdef, rest, params, ref_params, first_mb, state["rng"], False)[1]
+        )
+        init = (
+            jax.tree.map(jnp.zeros_like, params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+            jnp.zeros((RANK_BINS,), jnp.float32),
+            jnp.zeros((), jnp.int32),
+        )
+        (grad_sum, sums, hist, tokens), selected_ABM = jax.lax.scan(
+            body, init, (jnp.arange(num_micro, dtype=jnp.int32), batch)
+        )
+        num_examples = sums["loss"][1]
+        grads = jax.tree.map(lambda g: (g / num_examples).astype(g.dtype), grad_sum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {name: total / jnp.maximum(count, 1.0) for name, (total, count) in sums.items()}
+        metrics["grad_norm"] = grad_norm
+        metrics["examples"] = num_examples
+        metrics["tokens"] = tokens.astype(jnp.float32)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        if not cfg.is_sft:
+            metrics["kernel/rank_hist"] = hist
+            metrics["selected"] = selected_ABM  # [A, b, M] column indices of the negatives
+        new_state = dict(state, params=new_params, opt_state=opt_state, step=step + 1)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: StepConfig, graphdef, rest):
+    """Loss and reward accuracy without an update (held-out split); same kernel key as step 0."""
+
+    def eval_step(params, ref_params, rng, batch):
+        _, sums, _, _, _ = _micro_step(cfg, graphdef, rest, params, ref_params, batch, rng, with_grad=False)
+        return sums
+
+    return eval_step
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    decay: str = "linear",
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+):
+    """AdamW with linear warmup then linear / cosine / constant decay, after global-norm clipping."""
+    total_steps = max(int(total_steps), 1)
+    warmup = int(round(warmup_ratio * total_steps))
+    decay_steps = max(total_steps - warmup, 1)
+    if decay == "linear":
+        after = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    elif decay == "constant":
+        after = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"optimizer.decay must be linear, cosine or constant, got {decay!r}")
+    if warmup:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup), after], [warmup])
+    else:
+        schedule = after
+    parts = []
+    if max_grad_norm:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def compile_train_step(step_fn, state, ref_params, batch, *, state_shardings, ref_shardings, batch_shardings,
+                       metric_shardings=None, donate=True):
+    """jax.jit with explicit shardings, lowered and compiled once; logs compile time and memory."""
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, ref_shardings, batch_shardings),
+        out_shardings=(state_shardings, metric_shardings),
+        donate_argnums=(0,) if donate else (),
+    )
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, ref_params, batch)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    info: dict[str, Any] = {"compile_seconds": seconds}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                          "generated_code_size_in_bytes", "alias_size_in_bytes"):
+                if hasattr(mem, field):
+                    info[field] = int(getattr(mem, field))
+    except Exception as e:  # some backends do not implement it
+        log.debug("memory_analysis unavailable: %s", e)
+    log.info("compiled train step in %.1fs; memory %s", seconds,
+             {k: v for k, v in info.items() if k != "compile_seconds"})
+    return compiled, info
+
+
+def step_config_from(config: Mapping[str, Any] | Any) -> StepConfig:
+    """StepConfig from the trainer ConfigDict (`config.objective`, `config.sampler`, ...)."""
+    hp = config.get("loss_hparams", {}) or {}
+    hp = dict(hp.to_dict() if hasattr(hp, "to_dict") else hp)
+    objective = config.objective
+    reference = config.get("reference", "online")
+    if objective in getattr(losses, "REFERENCE_FREE", ()):
+        reference = "none"
+    return StepConfig(
+        objective=objective,
+        sampler=config.get("sampler", "mc"),
+        num_negatives=int(config.get("num_negatives", 1)),
+        beta=float(config.get("beta", 0.01)),
+        include_preferred=bool(config.get("include_preferred", False)),
+        reference=reference,
+        loss_hparams=tuple(sorted(hp.items())),
+        logprob_chunk_size=int(config.get("logprob_chunk_size", logprobs.DEFAULT_CHUNK_SIZE)),
+    )
