@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from local_multiprocess import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local_multiprocess.py"
@@ -46,7 +50,16 @@ def run_worker(tmp_path, name, *, num_processes, devices, env=None, grace=0.0, t
     return code, output, wall, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_two_processes_match_one_process_on_four_devices(tmp_path):
+@pytest.fixture(scope="module")
+def single_worker_result(tmp_path_factory):
+    """The reference: the same computation in one process on 4 CPU devices."""
+    code, output, _, single = run_worker(tmp_path_factory.mktemp("single"), "single", num_processes=1, devices=4)
+    assert code == 0, output
+    assert (single["distributed"], single["process_count"], single["device_count"]) == (False, 1, 4)
+    return single
+
+
+def test_two_processes_match_one_process_on_four_devices(tmp_path, single_worker_result):
     code, output, _, multi = run_worker(tmp_path, "multi", num_processes=2, devices=2)
     assert code == 0, output
     assert (multi["distributed"], multi["process_count"], multi["device_count"], multi["local_device_count"]) \
@@ -56,10 +69,7 @@ def test_two_processes_match_one_process_on_four_devices(tmp_path):
     assert "all 2 process(es) finished OK" in output
     assert output.count("done: losses") == 2, output
 
-    code, output, _, single = run_worker(tmp_path, "single", num_processes=1, devices=4)
-    assert code == 0, output
-    assert (single["distributed"], single["process_count"], single["device_count"]) == (False, 1, 4)
-
+    single = single_worker_result
     # Same numbers up to float32 reduction order (gloo vs in-process all-reduce).
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
     np.testing.assert_allclose(multi["w1"], single["w1"], rtol=1e-5, atol=1e-6)
@@ -105,3 +115,104 @@ def test_launcher_timeout_kills_a_hung_job(tmp_path):
     assert "timeout after 3s" in output
     assert "[p0] pid 0" in output and "[p1] pid 1" in output
     assert wall < 20, wall
+
+
+FAKE_SRUN = r'''#!PYTHON
+"""Stand-in for srun on one machine: runs SLURM_NTASKS copies of the command with SLURM's per-task
+variables, as srun does on a real allocation (all tasks on "localhost")."""
+import os, subprocess, sys
+args = sys.argv[1:]
+chdir = None
+while args and args[0].startswith("--"):
+    if args[0].startswith("--chdir="):
+        chdir = args[0].split("=", 1)[1]
+    args = args[1:]
+n = int(os.environ["SLURM_NTASKS"])
+per_node = int(os.environ["SLURM_NTASKS_PER_NODE"])
+procs = [subprocess.Popen(args, cwd=chdir, env={**os.environ, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i % per_node),
+                                              "SLURM_NODEID": str(i // per_node), "SLURM_STEP_NODELIST": "localhost"})
+         for i in range(n)]
+sys.exit(max(abs(p.wait()) for p in procs))
+'''
+
+
+def run_sbatch(tmp_path, *, ntasks, per_node, python, extra_env=None, args=()):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN.replace("PYTHON", sys.executable))
+    srun.chmod(0o755)
+    env = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": str(ntasks // per_node),
+        "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(REPO), "MCPO_PYTHON": str(python), "MCPO_CONFIG": "configs/demo.py",
+        "MCPO_WORKDIR": str(tmp_path / "work"),
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        **(extra_env or {}),
+    }
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_slurm_script_per_node_layout_sees_all_gpus(tmp_path):
+    shim = tmp_path / "python_shim"
+    shim.write_text('#!/bin/sh\necho "task $SLURM_PROCID ids=$JAX_LOCAL_DEVICE_IDS coord=${MCPO_COORDINATOR:-auto} '
+                    'pid=${MCPO_PROCESS_ID:-auto} args=$*"\n')
+    shim.chmod(0o755)
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=1, python=shim, args=["--config.seed=3"])
+    assert code == 0, output
+    assert "one process per node (GPUs 0,1,2,3,4,5,6,7)" in output
+    for i in range(2):
+        assert (f"task {i} ids=0,1,2,3,4,5,6,7 coord=auto pid=auto args=-m mcpo_jax.train --config configs/demo.py "
+                f"--workdir {tmp_path / 'work'} --config.seed=3") in output, output
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=1, python=shim, extra_env={"MCPO_COORDINATOR": "h0:1234"})
+    assert code == 0, output
+    assert "task 1 ids=0,1,2,3,4,5,6,7 coord=h0:1234 pid=1" in output, output
+
+
+def test_slurm_script_runs_multiprocess_jax_from_slurm_environment(tmp_path, single_worker_result):
+    """The sbatch script under a fake srun: JAX's own SLURM detection (coordinator from the node list,
+    ids from SLURM_PROCID) forms a 2-process job whose numbers equal the 1-process run."""
+    out = tmp_path / "slurm.json"
+    shim = tmp_path / "python_shim"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} {WORKER} {out}\n')
+    shim.chmod(0o755)
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=2, python=shim,
+                              extra_env={"JAX_COORDINATOR_PORT": str(free_port())})
+    assert code == 0, output
+    assert "one process per GPU (2 per node)" in output
+    result = json.loads(out.read_text())
+    assert (result["distributed"], result["process_count"], result["device_count"]) == (True, 2, 4), result
+    np.testing.assert_allclose(result["losses"], single_worker_result["losses"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm_gpu.sbatch", "local_multiprocess.sh"])
+def test_launch_scripts_parse_and_lint(script):
+    path = REPO / "launch" / script
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    if shutil.which("shellcheck"):
+        lint = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v6e-16", "v2-alpha-tpuv6e"), ("v5p-32", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+])
+def test_tpu_pod_dry_run_runs_the_trainer_on_every_worker(accelerator, version):
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "tpu_pod.sh"), "up", "--dry-run", "--name", "t1", "--zone", "us-east5-b",
+         "--accelerator-type", accelerator, "--workdir", "gs://bucket/run", "--config", "configs/nectar.py:mcpo",
+         "--", "--config.mesh.fsdp=-1"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (f"+ gcloud compute tpus tpu-vm create t1 --zone=us-east5-b --accelerator-type={accelerator} "
+                        f"--version={version} --scopes=https://www.googleapis.com/auth/cloud-platform")
+    train = lines[-1]
+    assert "--worker=all" in train and "MCPO_COORDINATOR=WORKER0_IP:8476" in train
+    assert "agent-worker-number" in train
+    assert "-m\\ mcpo_jax.train\\ --config\\ configs/nectar.py:mcpo\\ --workdir\\ gs://bucket/run\\ --config.mesh.fsdp=-1" \
+        in train
