@@ -35,7 +35,7 @@ Held-out prompts. A fixed eighth of all digit strings (by a CRC32 hash) is reser
 
 Tokenizer. `make_tokenizer()` builds, in memory, a character-level `PreTrainedTokenizerFast` (digits, letters,
 punctuation, space, newline; ~100 tokens) with ``<pad>``, ``<s>`` (bos), ``</s>`` (eos), ``<unk>``, role markers
-and a chat template ``<s><|user|>sort 5391</s><|assistant|>1359</s>``: a prompt of n digits is 10 + n tokens
+and a chat template ``<s><|user|>sort 5391</s><|assistant|>1359</s>``: a prompt of n digits is 9 + n tokens
 with the template and a completion n + 1 (with the EOS), so ``TOKEN_LIMITS`` (16 / 8 / 24) fit every row.
 """
 
@@ -213,7 +213,8 @@ def generate_rows(
     """`n` Nectar-schema rows with 1 + num_candidates answers ranked by the oracle (rank 1 = correct)."""
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    extra = [f"sub{k}" for k in range(4, 4 + max(0, num_candidates - len(_CANDIDATE_PRIORITY)))]
+    # beyond the six kinds, more draws of the near misses and of random strings (all answers stay distinct)
+    extra = [("sub1", "sub2", "random")[i % 3] for i in range(max(0, num_candidates - len(_CANDIDATE_PRIORITY)))]
     kinds = ["correct", *list(_CANDIDATE_PRIORITY + tuple(extra))[:num_candidates]]
     most_substitutions = max((int(k[3:]) for k in kinds if k.startswith("sub")), default=0)
     if most_substitutions > min_digits:
@@ -226,7 +227,7 @@ def generate_rows(
         user_text = TASK_PREFIX + digits
         texts = _distinct_completions(rng, digits, kinds)
         scores = [oracle_score(user_text, t) for t in texts]
-        by_quality = sorted(range(len(kinds)), key=lambda i: (-scores[i], i))  # ties: order of `kinds`
+        by_quality = sorted(range(len(kinds)), key=lambda i: (-scores[i], KINDS.index(kinds[i]), i))  # ties: KINDS
         rank_of = {i: r + 1 for r, i in enumerate(by_quality)}
         answers = [
             {"answer": texts[i], "model": kinds[i], "rank": rank_of[i], "score": scores[i]}
