@@ -302,6 +302,8 @@ class LLMJudge(Judge):
         return text
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from mcpo_jax.evaluate import left_pad
+
         # The chat template already holds any BOS; plain text gets the tokenizer's own special tokens.
         rows = [self.tokenizer(t, add_special_tokens=not self.use_chat_template)["input_ids"] for t in texts]
         if self.max_prompt_tokens is not None:
@@ -310,23 +312,27 @@ class LLMJudge(Judge):
                 self.stats["truncated_prompts"] += len(too_long)
                 rows = [r[-self.max_prompt_tokens:] if len(r) > self.max_prompt_tokens else r for r in rows]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), pad, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):  # left padding: every row's continuation starts at the same column
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        return ids, mask
+        # Full batches and widths in steps of 64: few distinct shapes, so few compilations of the generator.
+        rows = rows + [rows[-1]] * (self.batch_size - len(rows))
+        return left_pad(rows, pad, multiple=64)
 
     def _run(self, texts: list[str]) -> list[str]:
         outputs = []
         for start in range(0, len(texts), self.batch_size):
-            ids, mask = self._encode(texts[start:start + self.batch_size])
-            new = np.asarray(self.generate_fn(ids, mask))
+            chunk = texts[start:start + self.batch_size]
+            ids, mask = self._encode(chunk)
+            new = np.asarray(self.generate_fn(ids, mask))[:len(chunk)]
             self.stats["calls"] += len(new)
             for row in new:
-                outputs.append(self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True))
+                outputs.append(self._decode(row))
         return outputs
+
+    def _decode(self, row) -> str:
+        ids = [int(t) for t in row]
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in ids:  # the generator pads after EOS; nothing after it is the judge's
+            ids = ids[:ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def judge_pairs(self, triples):
         if not triples:
