@@ -9,10 +9,13 @@ from mcpo_jax.data import TokenizedDataset, make_batch_iterator, num_batches
 def _dataset(n=24, c=3, t=5, ref=False):
     rng = np.random.default_rng(0)
     ids = np.arange(n, dtype=np.int32)[:, None, None] * 1000 + np.arange(c * t, dtype=np.int32).reshape(1, c, t)
-    ds = TokenizedDataset(
+    prompt = rng.integers(1, 3, (n, c))
+    completion = rng.integers(1, 3, (n, c))
+    pos = np.arange(t)
+    ds = TokenizedDataset.from_masks(
         input_ids=ids,
-        attention_mask=np.ones((n, c, t), np.int32),
-        loss_mask=(rng.random((n, c, t)) > 0.5).astype(np.int32),
+        attention_mask=(pos < (prompt + completion)[..., None]).astype(np.int32),
+        loss_mask=((pos >= prompt[..., None]) & (pos < (prompt + completion)[..., None])).astype(np.int32),
         valid=np.ones((n, c), bool),
         ranks=np.tile(np.arange(1, c + 1, dtype=np.int32), (n, 1)),
         fixed_index=np.ones((n,), np.int32),
@@ -42,6 +45,9 @@ def test_batch_shapes_dtypes_and_ref_logps():
     assert b["fixed_index"].shape == (4,) and b["ref_logps"].dtype == np.float32
     rows = b["example_id"] - 100
     np.testing.assert_array_equal(b["input_ids"], ds.input_ids[rows])  # rows travel together
+    np.testing.assert_array_equal(b["attention_mask"], ds.attention_mask[rows])
+    np.testing.assert_array_equal(b["loss_mask"], ds.loss_mask[rows])
+    assert b["loss_mask"].dtype == np.int32 and b["loss_mask"].sum() > 0
     np.testing.assert_array_equal(b["ref_logps"], ds.ref_logps[rows])
 
 

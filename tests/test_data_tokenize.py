@@ -154,32 +154,53 @@ def test_splice_matches_full_rendering_for_templates_that_change_content(content
         assert (prompts[i], completions[i]) == exact
 
 
-def test_cache_roundtrip_and_fingerprint(tok, tmp_path, monkeypatch):
+def test_cache_roundtrip_fingerprint_and_memory_map(tok, tmp_path, monkeypatch):
+    import pickle
+
     kwargs = dict(num_candidates=3, max_prompt_length=32, max_completion_length=16, max_length=48,
                   cache_dir=str(tmp_path))
+    plain = tokenize_examples(EXAMPLES, tok, **{**kwargs, "cache_dir": None})
     first = tokenize_examples(EXAMPLES, tok, **kwargs)
-    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 1
+    (cached,) = tmp_path.glob("tokenized-*")
+    assert first.path == str(cached) and isinstance(first.input_ids, np.memmap)
+    assert first.fingerprint == plain.fingerprint and first.fingerprint.startswith(cached.name[len("tokenized-"):])
     monkeypatch.setattr(tokenize_mod, "_render_texts", lambda *a: pytest.fail("cache not used"))
     again = tokenize_examples(EXAMPLES, tok, **kwargs)
-    for key, value in first.arrays().items():
-        np.testing.assert_array_equal(getattr(again, key), value)
-    assert again.stats == first.stats
+    for key in tokenize_mod.STORED_KEYS + ("attention_mask", "loss_mask"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(plain, key))
+    assert again.stats == plain.stats
+    # a memory-mapped dataset pickles as its path (grain workers re-open it); ref_logps travel by value
+    again.set_ref_logps(np.ones((2, 4)))
+    blob = pickle.dumps(again)
+    assert len(blob) < 2000
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back.input_ids, plain.input_ids)
+    np.testing.assert_array_equal(back.take([1])["ref_logps"], np.ones((1, 4)))
+    assert len(pickle.dumps(plain)) > plain.input_ids.nbytes
     monkeypatch.undo()
     edited = [EXAMPLES[0], PreferenceExample(prompt="write a poem", preferred="other", candidates=["no"])]
-    tokenize_examples(edited, tok, **kwargs)
+    assert tokenize_examples(edited, tok, **kwargs).fingerprint != first.fingerprint
     tokenize_examples(EXAMPLES, tok, **{**kwargs, "max_length": 40})
-    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 3
+    assert len(list(tmp_path.glob("tokenized-*"))) == 3
 
 
-def test_ref_logps_shape_checked(tok):
+def test_take_masks_and_validation(tok):
     ds = tokenize_examples(EXAMPLES, tok, num_candidates=3, max_prompt_length=32, max_completion_length=16,
                            max_length=48)
+    batch = ds.take([1, 0])
+    for key in ("attention_mask", "loss_mask"):
+        np.testing.assert_array_equal(batch[key], getattr(ds, key)[[1, 0]])
+    assert "ref_logps" not in batch
     ds.set_ref_logps(np.zeros((2, 4)))
-    assert ds.ref_logps.dtype == np.float32 and "ref_logps" in ds.take([1, 0])
+    assert ds.ref_logps.dtype == np.float32 and ds.take([1, 0])["ref_logps"].shape == (2, 4)
     with pytest.raises(ValueError, match="ref_logps has shape"):
         ds.set_ref_logps(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="valid has shape"):
-        TokenizedDataset(**{**ds.arrays(), "valid": ds.valid[:, :2]})
+        TokenizedDataset(**{**{k: getattr(ds, k) for k in tokenize_mod.STORED_KEYS}, "valid": ds.valid[:, :2]})
+    with pytest.raises(ValueError, match="not right padded"):
+        TokenizedDataset.from_masks(input_ids=ds.input_ids, attention_mask=ds.attention_mask,
+                                    loss_mask=ds.attention_mask[:, :, ::-1],
+                                    **{k: getattr(ds, k) for k in ("valid", "ranks", "fixed_index", "example_id")})
 
 
 def test_throughput_on_short_texts():

@@ -22,7 +22,8 @@ Speed: the template is rendered twice per example (the prompt, and the conversat
 completion, spliced for every candidate; the splice is verified against a full render on a sample, and the
 exact path is used for templates that change the content), then all texts are encoded in one batch by the
 fast (Rust) tokenizer. Results are cached on disk under `cache_dir`, keyed by a fingerprint of the examples,
-the tokenizer (vocabulary, template, special tokens) and the options.
+the tokenizer (vocabulary, template, special tokens) and the options, as .npy files that are memory-mapped when
+read back (and shared with grain worker processes through the page cache instead of being copied to them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -42,39 +44,71 @@ from mcpo_jax.data.example import PreferenceExample
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
-ARRAY_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "example_id")
+_CACHE_VERSION = 2
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "example_id")
+# What is stored: the masks are derived from the lengths (right padding), a third of the memory of three
+# [N, C, T] arrays.
+STORED_KEYS = ("input_ids", "prompt_lengths", "completion_lengths", "valid", "ranks", "fixed_index", "example_id")
 
 
-@dataclasses.dataclass
+def _masks(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.arange(t, dtype=np.int32)
+    end = (prompt_lengths + completion_lengths)[..., None]
+    attention_mask = (pos < end).astype(np.int32)
+    loss_mask = ((pos >= prompt_lengths[..., None]) & (pos < end)).astype(np.int32)
+    return attention_mask, loss_mask
+
+
+@dataclasses.dataclass(eq=False)
 class TokenizedDataset:
-    """Token arrays of N examples with C = 1 + L columns (column 0 = y0) of T tokens.
+    """Token arrays of N examples with C = 1 + L columns (column 0 = y0) of T tokens, right padded.
 
-    input_ids / attention_mask / loss_mask [N, C, T] int32 (loss_mask is 1 on completion tokens incl. EOS;
-    token t is predicted from position t - 1), valid [N, C] bool, ranks [N, C] int32 (-1 unknown),
-    fixed_index [N] int32 (column 1..L of the designated rejected), example_id [N] int64 (index into the
-    examples given to `tokenize_examples`), optional ref_logps [N, C] float32 (set by the trainer).
+    Stored: input_ids [N, C, T] int32, prompt_lengths / completion_lengths [N, C] int32 (completion incl.
+    EOS), valid [N, C] bool, ranks [N, C] int32 (-1 unknown), fixed_index [N] int32 (column 1..L of the
+    designated rejected), example_id [N] int64 (index into the examples given to `tokenize_examples`),
+    optional ref_logps [N, C] float32 (set by the trainer with `set_ref_logps`).
+    Derived: attention_mask / loss_mask [N, C, T] int32 (loss_mask is 1 on completion tokens incl. EOS; token
+    t is predicted from position t - 1). Use `take(indices)` for batches: it builds the masks for those rows
+    only, whereas the full mask properties materialize (and keep) two more [N, C, T] arrays.
+    A dataset loaded from the cache is memory-mapped, and pickles (to grain workers) as its path.
     """
 
     input_ids: np.ndarray
-    attention_mask: np.ndarray
-    loss_mask: np.ndarray
+    prompt_lengths: np.ndarray
+    completion_lengths: np.ndarray
     valid: np.ndarray
     ranks: np.ndarray
     fixed_index: np.ndarray
     example_id: np.ndarray
     stats: dict = dataclasses.field(default_factory=dict)
     ref_logps: np.ndarray | None = None
+    fingerprint: str | None = None  # content hash (the cache key) when made by `tokenize_examples`
+    path: str | None = None  # the cache directory it was loaded from
 
     def __post_init__(self):
         n, c, t = self.input_ids.shape
-        for key in ("attention_mask", "loss_mask"):
-            if getattr(self, key).shape != (n, c, t):
-                raise ValueError(f"{key} has shape {getattr(self, key).shape}, expected {(n, c, t)}")
-        for key in ("valid", "ranks"):
+        for key in ("prompt_lengths", "completion_lengths", "valid", "ranks"):
             if getattr(self, key).shape != (n, c):
                 raise ValueError(f"{key} has shape {getattr(self, key).shape}, expected {(n, c)}")
+        for key in ("fixed_index", "example_id"):
+            if getattr(self, key).shape != (n,):
+                raise ValueError(f"{key} has shape {getattr(self, key).shape}, expected {(n,)}")
+        if (self.prompt_lengths + self.completion_lengths > t).any():
+            raise ValueError(f"prompt + completion lengths exceed T = {t}")
         self.set_ref_logps(self.ref_logps)
+        self._full_masks = None
+
+    @classmethod
+    def from_masks(cls, *, input_ids, attention_mask, loss_mask, **arrays) -> TokenizedDataset:
+        """Builds from right-padded masks (checked) instead of lengths."""
+        attention_mask, loss_mask = np.asarray(attention_mask), np.asarray(loss_mask)
+        total, completion = attention_mask.sum(-1), loss_mask.sum(-1)
+        ds = cls(input_ids=np.asarray(input_ids, np.int32), prompt_lengths=(total - completion).astype(np.int32),
+                 completion_lengths=completion.astype(np.int32), **arrays)
+        again = _masks(ds.prompt_lengths, ds.completion_lengths, ds.max_length)
+        if not (np.array_equal(again[0], attention_mask) and np.array_equal(again[1], loss_mask)):
+            raise ValueError("masks are not right padded with the completion after the prompt")
+        return ds
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -89,14 +123,17 @@ class TokenizedDataset:
         return self.input_ids.shape[2]
 
     @property
-    def completion_lengths(self) -> np.ndarray:
-        """[N, C] number of completion tokens (incl. EOS) per sequence."""
-        return self.loss_mask.sum(-1)
+    def attention_mask(self) -> np.ndarray:
+        return self._materialized_masks()[0]
 
     @property
-    def prompt_lengths(self) -> np.ndarray:
-        """[N, C] number of prompt tokens per sequence."""
-        return self.attention_mask.sum(-1) - self.loss_mask.sum(-1)
+    def loss_mask(self) -> np.ndarray:
+        return self._materialized_masks()[1]
+
+    def _materialized_masks(self):
+        if self._full_masks is None:
+            self._full_masks = _masks(self.prompt_lengths, self.completion_lengths, self.max_length)
+        return self._full_masks
 
     def set_ref_logps(self, ref_logps) -> None:
         """Attach precomputed reference log-probs [N, C] (None removes them)."""
@@ -106,31 +143,63 @@ class TokenizedDataset:
                 raise ValueError(f"ref_logps has shape {ref_logps.shape}, expected {self.valid.shape}")
         self.ref_logps = ref_logps
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {key: getattr(self, key) for key in ARRAY_KEYS}
+    def take(self, indices) -> dict[str, np.ndarray]:
+        """The rows `indices` as a batch dict: BATCH_KEYS (+ ref_logps), numpy arrays with leading dim len(indices)."""
+        indices = np.asarray(indices)
+        prompt, completion = self.prompt_lengths[indices], self.completion_lengths[indices]
+        attention_mask, loss_mask = _masks(prompt, completion, self.max_length)
+        out = {
+            "input_ids": np.asarray(self.input_ids[indices]),
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+            **{key: np.asarray(getattr(self, key)[indices]) for key in ("valid", "ranks", "fixed_index", "example_id")},
+        }
         if self.ref_logps is not None:
-            out["ref_logps"] = self.ref_logps
+            out["ref_logps"] = self.ref_logps[indices]
         return out
 
-    def take(self, indices) -> dict[str, np.ndarray]:
-        """The rows `indices` as a batch dict (numpy fancy indexing)."""
-        return {key: value[indices] for key, value in self.arrays().items()}
-
     def save(self, path: str) -> None:
-        """Atomically writes an uncompressed .npz (arrays + stats)."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **self.arrays(), stats=np.asarray(json.dumps(self.stats)))
-        os.replace(tmp, path)
+        """Atomically writes a directory of .npy files (+ stats.json); `load` memory-maps it."""
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-tokenized-")
+        try:
+            for key in STORED_KEYS:
+                np.save(os.path.join(tmp, f"{key}.npy"), np.asarray(getattr(self, key)))
+            if self.ref_logps is not None:
+                np.save(os.path.join(tmp, "ref_logps.npy"), self.ref_logps)
+            with open(os.path.join(tmp, "stats.json"), "w") as f:
+                json.dump({"stats": self.stats, "fingerprint": self.fingerprint}, f)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process wrote the same content first
+                if not os.path.isdir(path):
+                    raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: str) -> TokenizedDataset:
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files if key != "stats"}
-            stats = json.loads(str(data["stats"]))
-        return cls(**arrays, stats=stats)
+    def load(cls, path: str, *, mmap: bool = True) -> TokenizedDataset:
+        mode = "r" if mmap else None
+        arrays = {key: np.load(os.path.join(path, f"{key}.npy"), mmap_mode=mode) for key in STORED_KEYS}
+        ref = os.path.join(path, "ref_logps.npy")
+        with open(os.path.join(path, "stats.json")) as f:
+            meta = json.load(f)
+        return cls(**arrays, stats=meta["stats"], fingerprint=meta["fingerprint"],
+                   ref_logps=np.load(ref) if os.path.exists(ref) else None, path=os.path.abspath(path) if mmap else None)
+
+    def __getstate__(self):
+        state = {**self.__dict__, "_full_masks": None}
+        if self.path is not None:  # memory-mapped: workers re-open the files instead of receiving copies
+            state.update({key: None for key in STORED_KEYS})
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.path is not None and self.input_ids is None:
+            for key in STORED_KEYS:
+                setattr(self, key, np.load(os.path.join(self.path, f"{key}.npy"), mmap_mode="r"))
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -255,7 +324,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def fingerprint(examples: Sequence[PreferenceExample], tokenizer, options: dict) -> str:
+def content_fingerprint(examples: Sequence[PreferenceExample], tokenizer, options: dict) -> str:
     """Hash of the examples' content, the tokenizer and the options: the cache key."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, "options": options}, sort_keys=True).encode())
@@ -295,7 +364,7 @@ def tokenize_examples(
     """Tokenizes `examples` into a `TokenizedDataset` with C = 1 + num_candidates columns of max_length tokens.
 
     See the module docstring for the template, truncation and dropping rules. With `cache_dir`, the result
-    is read from / written to ``cache_dir/tokenized-<fingerprint>.npz``.
+    is read from / written to the directory ``cache_dir/tokenized-<fingerprint>`` (memory-mapped .npy files).
     """
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
@@ -312,10 +381,11 @@ def tokenize_examples(
         max_length=max_length,
         use_chat_template=use_chat_template,
     )
+    key = content_fingerprint(examples, tokenizer, options)
     path = None
     if cache_dir is not None:
-        path = os.path.join(cache_dir, f"tokenized-{fingerprint(examples, tokenizer, options)[:24]}.npz")
-        if os.path.exists(path):
+        path = os.path.join(cache_dir, f"tokenized-{key[:24]}")
+        if os.path.isdir(path):
             dataset = TokenizedDataset.load(path)
             logger.info("tokenized data read from cache %s (%d examples)", path, len(dataset))
             return dataset
@@ -327,10 +397,12 @@ def tokenize_examples(
             )
     prompt_texts, completion_texts = _render_texts(examples, tokenizer, use_chat_template)
     dataset = _assemble(examples, tokenizer, prompt_texts, completion_texts, **options)
+    dataset.fingerprint = key
     _log_stats(dataset.stats)
     if path is not None:
         dataset.save(path)
         logger.info("tokenized data cached at %s", path)
+        return TokenizedDataset.load(path)  # memory-mapped: shared with grain workers through the page cache
     return dataset
 
 
@@ -395,8 +467,8 @@ def _assemble(examples, tokenizer, prompt_texts, completion_texts, *, num_candid
 
     n, c, t = len(examples), 1 + num_candidates, max_length
     input_ids = np.full((n, c, t), pad_id, np.int32)
-    attention_mask = np.zeros((n, c, t), np.int32)
-    loss_mask = np.zeros((n, c, t), np.int32)
+    prompt_lengths = np.zeros((n, c), np.int32)
+    completion_lengths = np.zeros((n, c), np.int32)
     valid = np.zeros((n, c), bool)
     ranks = np.full((n, c), -1, np.int32)
     fixed_index = np.ones((n,), np.int32)
@@ -437,10 +509,9 @@ def _assemble(examples, tokenizer, prompt_texts, completion_texts, *, num_candid
         for col in range(c):
             real = col < count and col_valid[col]
             ids = seqs[col] if real else seqs[0]
-            L = len(p) + len(ids)
-            input_ids[kept, col, :L] = p + ids
-            attention_mask[kept, col, :L] = 1
-            loss_mask[kept, col, len(p):L] = 1
+            input_ids[kept, col, : len(p) + len(ids)] = p + ids
+            prompt_lengths[kept, col] = len(p)
+            completion_lengths[kept, col] = len(ids)
             valid[kept, col] = real
             if col < count and row_ranks[col] is not None:
                 ranks[kept, col] = row_ranks[col]
@@ -453,14 +524,15 @@ def _assemble(examples, tokenizer, prompt_texts, completion_texts, *, num_candid
         kept += 1
 
     stats = {"examples": n, "kept": kept, "dropped": dict(dropped), **{k: v for k, v in counts.items() if v}}
+    cut = (lambda a: a[:kept].copy()) if kept < n else (lambda a: a)
     return TokenizedDataset(
-        input_ids=input_ids[:kept],
-        attention_mask=attention_mask[:kept],
-        loss_mask=loss_mask[:kept],
-        valid=valid[:kept],
-        ranks=ranks[:kept],
-        fixed_index=fixed_index[:kept],
-        example_id=example_id[:kept],
+        input_ids=cut(input_ids),
+        prompt_lengths=cut(prompt_lengths),
+        completion_lengths=cut(completion_lengths),
+        valid=cut(valid),
+        ranks=cut(ranks),
+        fixed_index=cut(fixed_index),
+        example_id=cut(example_id),
         stats=stats,
     )
 
