@@ -159,7 +159,8 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
         value_B = jnp.asarray(value_B, jnp.float32)
         if value_B.ndim == 1:
             add(name, jnp.sum(value_B), b)
-    tokens = jnp.sum(loss_mask_BCT[:, 0, 1:] if cfg.is_sft else loss_mask_BCT[..., 1:])
+    # Tokens through the model this micro-batch (all C rows' no-grad pass; y0 only for SFT).
+    tokens = jnp.sum(mask_BCT[:, 0] if cfg.is_sft else mask_BCT)
     if cfg.is_sft:
         add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
         return grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32)

@@ -1,0 +1,108 @@
+"""Precomputed reference log-probs (`reference: "precomputed"`).
+
+One pass of the reference model over every (prompt, candidate) row of a dataset gives `ref_logps [N, C]`;
+the result is stored under a key made of the dataset fingerprint (its token arrays), the reference
+checkpoint's identity and the tokenization/log-prob settings, and reused by later epochs and runs. The
+trainer then drops the reference parameters: the step reads the `ref_logps` column of the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcpo_jax import sharding as shd
+from mcpo_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+def dataset_fingerprint(dataset) -> str:
+    h = hashlib.sha256()
+    for key in ("input_ids", "attention_mask", "loss_mask", "valid"):
+        a = np.ascontiguousarray(getattr(dataset, key))
+        h.update(f"{key}{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(model_config) -> str:
+    """Identity of the reference weights: a local folder's files (names, sizes, mtimes) and config, a hub
+    id, or a random-init preset with its seed."""
+    h = hashlib.sha256()
+    path = model_config.get("path")
+    if path and os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full) and (name.endswith(".safetensors") or name.endswith(".json")):
+                st = os.stat(full)
+                h.update(f"{name}:{st.st_size}:{int(st.st_mtime_ns)}".encode())
+                if name == "config.json":
+                    with open(full, "rb") as f:
+                        h.update(f.read())
+        h.update(os.path.abspath(path).encode())
+    elif path:
+        h.update(f"hub:{path}:{model_config.get('revision', None)}".encode())
+    else:
+        overrides = model_config.get("overrides", {}) or {}
+        overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+        h.update(json.dumps({"preset": model_config.get("preset"), "overrides": overrides,
+                             "seed": model_config.get("seed", 0)}, sort_keys=True).encode())
+    h.update(f"dtype={model_config.get('dtype', 'float32')}".encode())
+    return h.hexdigest()
+
+
+def cache_key(dataset, model_config, settings: dict) -> str:
+    h = hashlib.sha256()
+    h.update(dataset_fingerprint(dataset).encode())
+    h.update(checkpoint_fingerprint(model_config).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def compute_ref_logps(graphdef, ref_params, rest, dataset, mesh, *, rows_per_batch: int, chunk_size: int):
+    """Reference log-probs [N, C] of every row, in batches of `rows_per_batch` examples (the last padded)."""
+    n, c, t = dataset.input_ids.shape
+    dp = shd.data_parallel_size(mesh)
+    rows = max(dp, (rows_per_batch // dp) * dp)
+
+    @jax.jit
+    def fn(params, ids_BCT, mask_BCT, loss_mask_BCT):
+        return step_lib._rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk_size)
+
+    out = np.zeros((n, c), np.float32)
+    sharding = shd.batch_sharding(mesh, 3, 0)
+    for start in range(0, n, rows):
+        idx = np.arange(start, start + rows)
+        idx = np.where(idx < n, idx, 0)  # pad the last batch with row 0; dropped below
+        arrays = [np.ascontiguousarray(getattr(dataset, k)[idx]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        glob = [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in arrays]
+        logps = fn(ref_params, *glob)
+        logps = np.asarray(jax.device_get(jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))(logps)))
+        keep = min(rows, n - start)
+        out[start:start + keep] = logps[:keep]
+    return out
+
+
+def load_or_compute(cache_dir: str, key: str, compute):
+    """`compute()` once per key; the result lives in cache_dir/ref_logps-<key>.npy."""
+    path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
+    if os.path.exists(path):
+        log.info("reference log-probs read from cache %s", path)
+        return np.load(path), True
+    values = compute()
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values)
+        os.replace(tmp, path)
+        log.info("reference log-probs cached at %s", path)
+    return values, False
