@@ -96,3 +96,26 @@ def test_cli_judges_candidate_files_against_baseline(tmp_path, capsys):
 
 def _length(prompt, completion):
     return len(completion)
+
+
+def test_cli_generates_alpaca_outputs_with_a_model_and_judges_them(tmp_path, capsys):
+    from mcpo_jax.data import synthetic
+    from mcpo_jax.models import save_pretrained
+    from tests._online_fixtures import tiny_model
+
+    tok = synthetic.make_tokenizer()
+    save_pretrained(tiny_model(vocab_size=len(tok), std=0.1, eos_token_id=tok.eos_token_id), str(tmp_path / "m"),
+                    tokenizer=tok)
+    questions = synthetic.prompts(3, seed=0)
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question_id": i, "turns": [{"content": q}]}) + "\n"
+                                              for i, q in enumerate(questions)))
+    E.write_outputs(str(tmp_path / "base.json"), [{"instruction": q} for q in questions],
+                    [synthetic.answer(q) for q in questions], "oracle-answers")
+    rows = E.main(["--model", str(tmp_path / "m"), "--prompts", str(tmp_path / "q.jsonl"), "--output",
+                   str(tmp_path / "out.json"), "--max_new_tokens", "6", "--dtype", "float32",
+                   "--baseline", str(tmp_path / "base.json"), "--judge", "oracle", "--num_bootstrap", "100"])
+    outputs = json.loads((tmp_path / "out.json").read_text())
+    assert [o["instruction"] for o in outputs] == questions and outputs[0]["generator"] == "m"
+    # a random model never beats the exact answers: win rate 0 (ties only if it also sorts correctly)
+    assert rows[0][1].win_rate == 0.0 and rows[0][1].n_base == 3
+    assert "adjusted win rate vs oracle-answers" in capsys.readouterr().out

@@ -43,46 +43,47 @@ def test_greedy_equals_argmax_of_full_forward_at_every_step(model):
     assert len({tuple(r) for r in right}) == 3  # the rows really differ
 
 
-def test_sampling_frequencies_match_softmax(model):
-    n = 3000
+def test_sampling_law_temperature_top_k_top_p_per_row(model):
+    """One batch, four groups of rows with their own sampling parameters (one compiled program):
+    T=1, T=0.7, top-k=2, top-p needing exactly 4 tokens; the first token's frequencies match the law."""
+    n = 2500
     prompt = np.array([[5, 6, 7]], np.int32)
     logits = np.asarray(model(jnp.asarray(prompt)))[0, -1].astype(np.float64)
-    ids = np.repeat(prompt, n, axis=0)
-    for temperature in (1.0, 0.7):
-        probs = np.exp((logits - logits.max()) / temperature)
-        probs /= probs.sum()
-        out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=temperature,
-                                  key=jax.random.key(1)))[:, 0]
-        freq = np.bincount(out, minlength=probs.size) / n
-        tol = 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-3
-        assert np.all(np.abs(freq - probs) <= tol), (temperature, np.abs(freq - probs).max())
-        # total variation small but the law is not the greedy one
-        assert 0.5 * np.abs(freq - probs).sum() < 0.05 and freq.max() < 0.9
 
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
 
-def test_top_k_and_top_p(model):
-    n = 2000
-    prompt = np.array([[5, 6, 7]], np.int32)
-    logits = np.asarray(model(jnp.asarray(prompt)))[0, -1].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    probs = softmax(logits)
     order = np.argsort(-probs)
-    ids = np.repeat(prompt, n, axis=0)
-    out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=1.0, top_k=2,
-                              key=jax.random.key(2)))[:, 0]
-    assert set(out) == set(order[:2])
-    p0 = probs[order[0]] / probs[order[:2]].sum()
-    assert abs(np.mean(out == order[0]) - p0) < 4.5 * np.sqrt(p0 * (1 - p0) / n)
-    # nucleus: the smallest prefix of the sorted probabilities whose mass reaches top_p
     cum = np.cumsum(probs[order])
-    top_p = float((cum[2] + cum[3]) / 2)  # needs exactly 4 tokens
-    out = np.asarray(generate(model, ids, None, max_new_tokens=1, temperature=1.0, top_p=top_p,
-                              key=jax.random.key(3)))[:, 0]
-    assert set(out) == set(order[:4])
-    # filter_logits on hand-made logits: probs .5 .25 .125 .125
+    top_p = float((cum[2] + cum[3]) / 2)  # the smallest prefix reaching it has exactly 4 tokens
+    top2, top4 = np.zeros_like(probs), np.zeros_like(probs)
+    top2[order[:2]] = probs[order[:2]] / probs[order[:2]].sum()
+    top4[order[:4]] = probs[order[:4]] / probs[order[:4]].sum()
+    laws = [probs, softmax(logits / 0.7), top2, top4]
+    temperature = np.repeat([1.0, 0.7, 1.0, 1.0], n)
+    top_k = np.repeat([0, 0, 2, 0], n)
+    top_ps = np.repeat([1.0, 1.0, 1.0, top_p], n)
+    out = np.asarray(generate(model, np.repeat(prompt, 4 * n, axis=0), None, max_new_tokens=1,
+                              temperature=temperature, top_k=top_k, top_p=top_ps, key=jax.random.key(1)))[:, 0]
+    for g, law in enumerate(laws):
+        freq = np.bincount(out[g * n:(g + 1) * n], minlength=law.size) / n
+        tol = 4.5 * np.sqrt(law * (1 - law) / n) + 1e-3
+        assert np.all(np.abs(freq - law) <= tol), (g, np.abs(freq - law).max())
+        assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(law))  # never outside top-k / nucleus
+    assert len(np.unique(out[:n])) > 6 and np.bincount(out[:n]).max() < 0.9 * n  # a real spread, not greedy
+    assert set(out[2 * n:3 * n]) == set(order[:2]) and set(out[3 * n:]) == set(order[:4])
+
+
+def test_filter_logits_hand_made():
+    # probs .125 .5 .125 .25
     lg = jnp.log(jnp.array([[0.125, 0.5, 0.125, 0.25]]))
-    keep = lambda k, p: np.isfinite(np.asarray(filter_logits(lg, top_k_B=jnp.array([k]),  # noqa: E731
-                                                             top_p_B=jnp.array([p]))))[0].tolist()
+
+    def keep(k, p):
+        out = filter_logits(lg, top_k_B=jnp.array([k]), top_p_B=jnp.array([p]))
+        return np.isfinite(np.asarray(out))[0].tolist()
+
     assert keep(0, 0.5) == [False, True, False, False]
     assert keep(0, 0.75) == [False, True, False, True]
     assert keep(0, 0.76) == [True, True, True, True]  # tied 3rd/4th both kept
