@@ -51,7 +51,9 @@ def test_rows_are_ranked_by_the_oracle_and_read_as_nectar(tok):
         scores = [synthetic.oracle_score(row["prompt"], a["answer"]) for a in answers]
         assert scores == sorted(scores, reverse=True) and scores[0] == 1.0 > scores[1]
         assert answers[0]["model"] == "correct" and len({a["answer"] for a in answers}) == 7
-        assert {a["model"] for a in answers} == set(synthetic.KINDS)
+        repeats = synthetic.has_repeats(synthetic.parse_prompt(row["prompt"]))
+        assert {a["model"] for a in answers} == set(synthetic.KINDS) - {"sub3" if repeats else "dedup"}
+        assert answers[1]["model"] == "sub1"  # always rank 2: dropped by the paper's preprocessing
         assert len(row["prompt"]) <= 40 and all(len(a["answer"]) <= synthetic.MAX_DIGITS for a in answers)
     examples = load_examples(rows, format="nectar")
     assert all(len(e.candidates) == 5 and e.candidate_ranks == [3, 4, 5, 6, 7] for e in examples)
@@ -73,30 +75,39 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
 
 def test_teacher_mix_and_sft_rows_load_as_pairs():
     rows = synthetic.sft_rows(4000, seed=0)
-    freq = Counter(r["kind"] for r in rows)
-    for kind, p in synthetic.TEACHER_MIX.items():
-        assert abs(freq[kind] / 4000 - p) < 0.03, (kind, freq[kind])
+    for key in ("repeats", "distinct"):
+        group = [r for r in rows if synthetic.has_repeats(synthetic.parse_prompt(r["prompt"])) == (key == "repeats")]
+        assert len(group) > 1200
+        freq = Counter(r["kind"] for r in group)
+        for kind, p in synthetic.TEACHER_MIX[key].items():
+            assert abs(freq[kind] / len(group) - p) < 0.04, (key, kind, freq[kind] / len(group))
+    assert synthetic.completion_of_kind(None, "3913", "dedup") == "139"
     for r in rows[:200]:
         expected = synthetic.completion_of_kind(np.random.default_rng(0), synthetic.parse_prompt(r["prompt"]),
                                                 r["kind"])
-        if r["kind"] in ("correct", "desc", "copy"):
+        if r["kind"] in ("correct", "dedup", "desc", "copy"):
             assert r["chosen"] == expected
     examples = load_examples(rows, format="pairs")
     assert len(examples) == 4000 and examples[0].prompt == rows[0]["prompt"]
 
 
 def test_sft_likelihood_does_not_order_candidates_by_quality():
-    """Under the teacher (the ideal SFT model), `desc` is far likelier than any `sub2` string, yet ranks worse.
+    """Under the teacher (the ideal SFT model) likelihood and quality disagree among the candidates.
 
-    A `sub2` string has teacher probability <= TEACHER_MIX["sub2"] = 0.05 < 0.25 = P(desc), and two
-    substitutions are always within edit distance 2, which no other permutation of the digits beats.
+    The teacher never writes `sub2` or `sub3` strings but writes `desc` 10-20% of the time, and `sub2` always
+    ranks above `desc` (two substitutions are within edit distance 2, which no other permutation of the digits
+    beats). On inputs with repeats the teacher's most likely answer, `dedup`, is wrong: greedy SFT is wrong.
     """
-    p_desc, p_sub2 = synthetic.TEACHER_MIX["desc"], synthetic.TEACHER_MIX["sub2"]
-    assert p_desc > p_sub2
-    discordant = 0
-    rows = synthetic.generate_rows(500, seed=4)
-    for row in rows:
+    mix = synthetic.TEACHER_MIX
+    for table in mix.values():
+        assert table["desc"] >= 0.1 and "sub2" not in table and "sub3" not in table
+    assert max(mix["repeats"], key=mix["repeats"].get) == "dedup"
+    sub3_above_desc = 0
+    for row in synthetic.generate_rows(500, seed=4):
         rank = {a["model"]: a["rank"] for a in row["answers"]}
         assert rank["sub2"] < rank["desc"]  # better ranked, less likely under SFT
-        discordant += rank["sub3"] < rank["desc"]
-    assert discordant > 100  # sub3 (never produced by the teacher) also often beats desc
+        if "dedup" in rank:
+            assert rank["dedup"] > 2  # the SFT model's favourite survives the rank-2 drop as a candidate
+        else:
+            sub3_above_desc += rank["sub3"] < rank["desc"]
+    assert sub3_above_desc > 50

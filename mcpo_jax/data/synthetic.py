@@ -13,22 +13,28 @@ Completions come in kinds of graded quality:
 
 - ``correct``: the answer (score 1).
 - ``sub1`` / ``sub2`` / ``sub3``: the answer with 1 / 2 / 3 digits replaced (score 1 - k/n): near misses.
+- ``dedup``: the answer with repeated digits written once (``1339`` -> ``139``; only for inputs with repeats):
+  a systematic error, close in edit distance.
 - ``desc``: the digits sorted in descending order: a wrong *mode* (score near 0 for most inputs).
 - ``copy``: the input digits unchanged: a lazy answer (score varies, often low).
 - ``random``: random digits of the right length (score near 0).
 
 Preference rows (`generate_rows`) are in the Nectar schema with 1 + num_candidates answers ranked by the oracle
 score (equal scores ranked in the order of the list above, so ranks are unique), listed in a shuffled order so
-that the reader's sort by rank is exercised. With the paper's preprocessing (rank 1 = y0, rank 2 dropped) the
-default 7 answers leave 5 candidates, like Nectar.
+that the reader's sort by rank is exercised. The default 7 answers are ``correct``, ``sub1`` (always rank 2:
+no other kind scores higher, and ties go to it), ``sub2``, ``desc``, ``copy``, ``random`` and ``dedup`` for
+inputs with repeated digits or ``sub3`` otherwise; with the paper's preprocessing (rank 1 = y0, rank 2 dropped)
+5 candidates remain, like Nectar.
 
-Why preference optimization has room to improve. The SFT data (`sft_rows`) comes from an imperfect teacher that
-answers ``correct`` 45% of the time, ``desc`` 25%, ``copy`` 10%, ``sub1`` 15% and ``sub2`` 5%. A model trained on
-it by maximum likelihood puts real mass on wrong answers, and its likelihood does not order candidates by
-quality: ``desc`` (a whole-sequence mode the teacher uses a quarter of the time) is far more likely under the
-SFT model than the much better ``sub2``/``sub3`` near misses, and ``random`` is unlikely but no worse than
-``desc``. Those high-likelihood, low-quality candidates are the hard negatives that the MC kernel should find,
-while a uniformly random negative is often an easy one (``random``, ``sub3``) that the model already avoids.
+Why preference optimization has room to improve. The SFT data (`sft_rows`) comes from an imperfect teacher
+(`TEACHER_MIX`): on inputs with repeated digits (about 60% of prompts) it answers ``dedup`` 55% of the time and
+``correct`` only 25% (else ``desc`` 10%, ``sub1`` 7%, ``copy`` 3%); on inputs without repeats it answers
+``correct`` 60%, ``desc`` 20%, ``sub1`` 15%, ``copy`` 5%. A model trained on it by maximum likelihood puts real
+mass on wrong answers, and even its greedy answer is wrong on inputs with repeats (the teacher's most frequent
+answer there is ``dedup``). Its likelihood does not order candidates by quality: ``dedup`` and ``desc`` are far
+more likely under the SFT model than the ``sub2``/``sub3`` near misses that rank above ``desc``, and ``random``
+is unlikely but no worse than ``desc``. Those high-likelihood, low-quality candidates are the hard negatives the
+MC kernel should find, while a uniformly random negative is often an easy one (``random``, ``sub3``).
 
 Held-out prompts. A fixed eighth of all digit strings (by a CRC32 hash) is reserved for evaluation:
 `generate_rows` and `sft_rows` never emit them and `prompts` emits only them, whatever the seeds.
@@ -49,11 +55,15 @@ from collections.abc import Sequence
 import numpy as np
 
 TASK_PREFIX = "sort "
-KINDS = ("correct", "sub1", "sub2", "sub3", "desc", "copy", "random")
-# Order in which the non-correct kinds are used when fewer than 6 candidates are asked for: the hard
-# negative (desc) and the near misses first.
-_CANDIDATE_PRIORITY = ("desc", "sub1", "sub2", "copy", "random", "sub3")
-TEACHER_MIX = {"correct": 0.45, "desc": 0.25, "sub1": 0.15, "copy": 0.10, "sub2": 0.05}
+KINDS = ("correct", "sub1", "dedup", "sub2", "sub3", "desc", "copy", "random")  # also the tie-break order
+# Order in which the non-correct kinds are used when fewer than 6 candidates are asked for: the hard negatives
+# (dedup where the input has repeats, desc) and the near misses first.
+_CANDIDATE_PRIORITY = ("dedup", "desc", "sub1", "sub2", "copy", "random", "sub3")
+# The SFT teacher's answer distribution, for inputs with repeated digits and for inputs without.
+TEACHER_MIX = {
+    "repeats": {"dedup": 0.55, "correct": 0.25, "desc": 0.10, "sub1": 0.07, "copy": 0.03},
+    "distinct": {"correct": 0.60, "desc": 0.20, "sub1": 0.15, "copy": 0.05},
+}
 MIN_DIGITS, MAX_DIGITS = 3, 6
 # Token budgets (with the chat template of `make_tokenizer`) that fit every row with up to MAX_DIGITS digits.
 TOKEN_LIMITS = {"max_prompt_length": 16, "max_completion_length": 8, "max_length": 24}
@@ -146,6 +156,10 @@ class OracleJudge:
 # -------------------------------------------------------------------------------------------- generator
 
 
+def has_repeats(digits: str) -> bool:
+    return len(set(digits)) < len(digits)
+
+
 def is_heldout(digits: str) -> bool:
     return zlib.crc32(digits.encode()) % HELDOUT_MODULUS == 0
 
@@ -174,6 +188,8 @@ def completion_of_kind(rng: np.random.Generator, digits: str, kind: str) -> str:
         return ordered
     if kind.startswith("sub"):
         return _substitute(rng, ordered, int(kind[3:]))
+    if kind == "dedup":
+        return "".join(sorted(set(digits)))
     if kind == "desc":
         return ordered[::-1]
     if kind == "copy":
@@ -186,7 +202,7 @@ def completion_of_kind(rng: np.random.Generator, digits: str, kind: str) -> str:
 def _distinct_completions(rng, digits: str, kinds: Sequence[str]) -> list[str]:
     """One completion per kind, all different: deterministic kinds first, random kinds redrawn on collision."""
     out: dict[int, str] = {}
-    deterministic = [i for i, k in enumerate(kinds) if k in ("correct", "desc", "copy")]
+    deterministic = [i for i, k in enumerate(kinds) if k in ("correct", "dedup", "desc", "copy")]
     for i in deterministic + [i for i in range(len(kinds)) if i not in deterministic]:
         for _ in range(1000):
             text = completion_of_kind(rng, digits, kinds[i])
@@ -213,18 +229,17 @@ def generate_rows(
     """`n` Nectar-schema rows with 1 + num_candidates answers ranked by the oracle (rank 1 = correct)."""
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    # beyond the six kinds, more draws of the near misses and of random strings (all answers stay distinct)
-    extra = [("sub1", "sub2", "random")[i % 3] for i in range(max(0, num_candidates - len(_CANDIDATE_PRIORITY)))]
-    kinds = ["correct", *list(_CANDIDATE_PRIORITY + tuple(extra))[:num_candidates]]
-    most_substitutions = max((int(k[3:]) for k in kinds if k.startswith("sub")), default=0)
-    if most_substitutions > min_digits:
-        raise ValueError(f"num_candidates={num_candidates} needs {most_substitutions} substitutions, "
-                         f"more than min_digits={min_digits}")
+    if min_digits < 3:
+        raise ValueError(f"min_digits must be >= 3 (for the sub3 kind), got {min_digits}")
+    # beyond the kinds, more draws of the near misses and of random strings (all answers stay distinct)
+    extra = tuple(("sub1", "sub2", "random")[i % 3] for i in range(num_candidates))
     rng = np.random.default_rng([seed, 0x5EED])
     rows = []
     for _ in range(n):
         digits = _sample_digits(rng, False, min_digits, max_digits)
         user_text = TASK_PREFIX + digits
+        pool = [k for k in _CANDIDATE_PRIORITY if k != "dedup" or has_repeats(digits)] + list(extra)
+        kinds = ["correct", *pool[:num_candidates]]
         texts = _distinct_completions(rng, digits, kinds)
         scores = [oracle_score(user_text, t) for t in texts]
         by_quality = sorted(range(len(kinds)), key=lambda i: (-scores[i], KINDS.index(kinds[i]), i))  # ties: KINDS
@@ -251,16 +266,21 @@ def sft_rows(
 ) -> list[dict]:
     """`n` SFT rows from the imperfect teacher, in the generic `pairs` layout.
 
-    ``chosen`` is the teacher's answer (drawn from `mix`, default `TEACHER_MIX`) and ``rejected`` a ``random``
-    completion (present only so the rows fit the preference layout; an SFT objective uses column 0 only).
+    ``chosen`` is the teacher's answer, drawn from ``mix["repeats"]`` or ``mix["distinct"]`` (default
+    `TEACHER_MIX`) by whether the input repeats a digit, and ``rejected`` a ``random`` completion (present only so
+    the rows fit the preference layout; an SFT objective uses column 0 only). ``kind`` names the teacher's kind.
     """
-    mix = dict(TEACHER_MIX if mix is None else mix)
-    kinds, probs = list(mix), np.asarray(list(mix.values()), dtype=np.float64)
+    mix = TEACHER_MIX if mix is None else mix
+    tables = {
+        key: (list(table), np.asarray(list(table.values()), dtype=np.float64) / sum(table.values()))
+        for key, table in mix.items()
+    }
     rng = np.random.default_rng([seed, 0x5F7])
     rows = []
     for _ in range(n):
         digits = _sample_digits(rng, False, min_digits, max_digits)
-        kind = kinds[int(rng.choice(len(kinds), p=probs / probs.sum()))]
+        kinds, probs = tables["repeats" if has_repeats(digits) else "distinct"]
+        kind = kinds[int(rng.choice(len(kinds), p=probs))]
         chosen = completion_of_kind(rng, digits, kind)
         rejected = chosen
         while rejected == chosen:
