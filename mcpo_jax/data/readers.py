@@ -184,8 +184,11 @@ def _rank_value(value, field: str) -> int:
 
 def _inject_noise(text: str, rng: np.random.Generator) -> str | None:
     """y0 with two random tokens (whitespace-separated, else characters) swapped; None if impossible."""
-    for pieces, joiner in ((re.split(r"(\s+)", text), None), (list(text), "")):
-        slots = [i for i, p in enumerate(pieces) if p and not p.isspace()] if joiner is None else list(range(len(pieces)))
+    words = re.split(r"(\s+)", text)  # the separators are kept at odd positions so the spacing survives
+    for pieces, slots in (
+        (words, [i for i, w in enumerate(words) if w and not w.isspace()]),
+        (list(text), list(range(len(text)))),
+    ):
         if len({pieces[i] for i in slots}) < 2:
             continue
         while True:
@@ -202,8 +205,6 @@ def _parse_nectar(row, index, *, drop_ranks=(2,), parse_turns=True, inject_noise
                   num_candidates=None):
     raw_prompt = _text(_get(row, "prompt", str, "a string"), "prompt")
     prompt = parse_nectar_prompt(raw_prompt) if parse_turns else raw_prompt
-    if not parse_turns:
-        parse_nectar_prompt(raw_prompt)  # validate the layout all the same
     answers = _get(row, "answers", list, "a list of {answer, model, rank}")
     if not answers:
         raise _Bad("no_candidates", "answers", "no answers")
@@ -333,7 +334,8 @@ def _parse_ranked(row, index, *, drop_ranks=(), num_candidates=None):
         fields.append(f"completions[{j}]")
     has_ranks, has_scores = row.get("ranks") is not None, row.get("scores") is not None
     if has_ranks == has_scores:
-        raise _Bad("missing_field", "ranks", "expected exactly one of 'ranks' (1 = best) or 'scores' (higher = better)")
+        raise _Bad("missing_field", "ranks",
+                   "expected exactly one of 'ranks' (1 = best) or 'scores' (higher = better)")
     key = "ranks" if has_ranks else "scores"
     values = _get(row, key, list, f"a list of {len(texts)} numbers")
     if len(values) != len(texts):
@@ -438,7 +440,9 @@ def _read_file(path: str) -> Iterator[tuple[dict, object, _Bad | None]]:
             if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
                 parsed = parsed["data"]
             if not isinstance(parsed, list):
-                raise DataError(f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(parsed).__name__}")
+                raise DataError(
+                    f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(parsed).__name__}"
+                )
             for row, record in enumerate(parsed):
                 yield {"source": path, "row": row}, record, None
             return
