@@ -61,3 +61,91 @@ def toy_batch(b=4, c=4, t=12, vocab=23, seed=0, accum=None):
     if accum:
         batch = {k: v.reshape((accum, b // accum) + v.shape[1:]) for k, v in batch.items()}
     return batch
+
+
+# ------------------------------------------------------------------------------------ trainer configs
+
+
+def tiny_config(**overrides):
+    """A trainer config on the synthetic task with a 1-layer, 32-wide Llama: seconds per run on a CPU."""
+    from mcpo_jax.data.synthetic import TOKEN_LIMITS
+    from mcpo_jax.training.config import base_config
+
+    c = base_config()
+    c.name = "test"
+    c.seed = 3
+    c.tokenizer = "synthetic"
+    c.model.preset = "tiny"
+    c.model.overrides = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.data.source = "synthetic"
+    c.data.synthetic_rows = 72
+    c.data.eval_fraction = 0.12
+    c.data.max_prompt_length = TOKEN_LIMITS["max_prompt_length"]
+    c.data.max_completion_length = TOKEN_LIMITS["max_completion_length"]
+    c.data.max_length = TOKEN_LIMITS["max_length"]
+    c.num_candidates = 5
+    c.num_negatives = 2
+    c.beta = 0.5
+    c.reference = "precomputed"
+    c.batch_size = 8
+    c.micro_batch_size = 4
+    c.num_epochs = 1
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.decay = "constant"
+    c.checkpoint.save_every = 2
+    c.checkpoint.keep = 10
+    c.eval_every = 3
+    c.progress_bar = False
+    c.tensorboard = True
+    c.export_hf = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def sharded_step_metrics(fsdp: int, tensor: int) -> dict:
+    """Loss / grad norm / updated-param checksum of one MC-PO step of a tiny Llama on a (1, fsdp, tensor) mesh."""
+    from mcpo_jax import models
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.training import state as st
+    from mcpo_jax.training import step as S
+
+    config = models.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                max_position_embeddings=64, rms_norm_eps=1e-5)
+    mesh = shd.make_mesh(1, fsdp, tensor)
+    model = models.init_random(config, seed=5, mesh=mesh)
+    axes = models.logical_axes(model)
+    graphdef, params, rest = st.split_model(model)
+    ref = jax.tree.map(lambda x: x * 0.98, params)
+    tx, sched = S.make_optimizer(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    ps = shd.param_shardings(axes, params, mesh)
+    ss = st.state_shardings(tx, params, ps, mesh)
+    state = st.init_state(params, tx, 1, shardings=ss)
+    local = toy_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
+    batch = shd.global_batch(local, mesh, batch_axis=1)
+    cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0)
+    fn = S.make_train_step(cfg, graphdef, rest, tx, sched)
+    compiled, _ = S.compile_train_step(fn, state, ref, batch, state_shardings=ss, ref_shardings=ps,
+                                       batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
+                                       metric_shardings=shd.replicated(mesh))
+    new_state, m = compiled(state, ref, batch)
+    checksum = float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(new_state["params"])))
+    specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(new_state["params"])})
+    return {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "checksum": checksum,
+            "selected": np.asarray(m["selected"]).tolist(), "devices": len(jax.devices()), "specs": specs}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print("RESULT " + json.dumps(sharded_step_metrics(int(sys.argv[1]), int(sys.argv[2]))))

@@ -286,8 +286,11 @@ class _StopFlag:
 def _setup_logging(workdir: str, primary: bool):
     root = logging.getLogger("mcpo_jax")
     root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in root.handlers + logging.getLogger().handlers):
+    # orbax and grain log every save / read at INFO through absl; keep the console for the trainer.
+    for name in ("absl", "orbax", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not logging.getLogger().handlers and not any(
+            isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(h)
@@ -369,6 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ref_params = jax.tree.map(jnp.copy, params)
     if step_cfg.reference == "precomputed":
         settings = dict(tok_args, chunk=step_cfg.logprob_chunk_size, cache_dir=None)
+        logps_fn = refcache.make_logps_fn(graphdef, rest, mesh, step_cfg.logprob_chunk_size)
         for name, ds in (("train", train_ds), ("eval", eval_ds)):
             if ds is None:
                 continue
@@ -376,9 +380,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.perf_counter()
             values, hit = refcache.load_or_compute(
                 config.get("reference_cache_dir") or os.path.join(cache_dir, "reference"), key,
-                lambda ds=ds: refcache.compute_ref_logps(graphdef, ref_params, rest, ds, mesh,
-                                                         rows_per_batch=int(config.micro_batch_size),
-                                                         chunk_size=step_cfg.logprob_chunk_size))
+                lambda ds=ds: refcache.compute_ref_logps(logps_fn, ref_params, ds, mesh,
+                                                         rows_per_batch=int(config.micro_batch_size)))
             ds.set_ref_logps(values)
             log.info("reference log-probs (%s): %s in %.1fs", name, "cache hit" if hit else "computed",
                      time.perf_counter() - t0)

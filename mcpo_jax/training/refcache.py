@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def dataset_fingerprint(dataset) -> str:
+    """The tokenizer's content hash when the dataset has one, else a hash of its arrays."""
+    if getattr(dataset, "fingerprint", None):
+        return str(dataset.fingerprint)
     h = hashlib.sha256()
-    for key in ("input_ids", "attention_mask", "loss_mask", "valid"):
+    for key in ("input_ids", "prompt_lengths", "completion_lengths", "valid"):
         a = np.ascontiguousarray(getattr(dataset, key))
         h.update(f"{key}{a.shape}{a.dtype}".encode())
         h.update(a.tobytes())
@@ -67,25 +70,30 @@ def cache_key(dataset, model_config, settings: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def compute_ref_logps(graphdef, ref_params, rest, dataset, mesh, *, rows_per_batch: int, chunk_size: int):
+def make_logps_fn(graphdef, rest, mesh, chunk_size: int):
+    """jit: (params, ids, mask, loss_mask) [b, C, T] -> log-probs [b, C], replicated (every process reads it)."""
+
+    def fn(params, ids_BCT, mask_BCT, loss_mask_BCT):
+        return step_lib._rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk_size)
+
+    return jax.jit(fn, out_shardings=shd.replicated(mesh))
+
+
+def compute_ref_logps(logps_fn, ref_params, dataset, mesh, *, rows_per_batch: int):
     """Reference log-probs [N, C] of every row, in batches of `rows_per_batch` examples (the last padded)."""
     n, c, t = dataset.input_ids.shape
     dp = shd.data_parallel_size(mesh)
     rows = max(dp, (rows_per_batch // dp) * dp)
-
-    @jax.jit
-    def fn(params, ids_BCT, mask_BCT, loss_mask_BCT):
-        return step_lib._rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk_size)
 
     out = np.zeros((n, c), np.float32)
     sharding = shd.batch_sharding(mesh, 3, 0)
     for start in range(0, n, rows):
         idx = np.arange(start, start + rows)
         idx = np.where(idx < n, idx, 0)  # pad the last batch with row 0; dropped below
-        arrays = [np.ascontiguousarray(getattr(dataset, k)[idx]) for k in ("input_ids", "attention_mask", "loss_mask")]
+        batch = dataset.take(idx)
+        arrays = [np.ascontiguousarray(batch[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")]
         glob = [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in arrays]
-        logps = fn(ref_params, *glob)
-        logps = np.asarray(jax.device_get(jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))(logps)))
+        logps = np.asarray(jax.device_get(logps_fn(ref_params, *glob)))
         keep = min(rows, n - start)
         out[start:start + keep] = logps[:keep]
     return out
