@@ -273,38 +273,29 @@ def step_config(variant: str, *, negatives: int, beta: float):
                                reference=reference)
 
 
-def init_model(config, *, dtype, param_dtype, remat, seed: int):
-    """Random weights of the config's shapes (no download), built the way the trainer builds them."""
+def init_model(config, *, dtype, param_dtype, remat, seed: int, mesh=None):
+    """Random weights of the config's shapes (no download), created on the mesh like the trainer's."""
     from mcpo_jax import models
 
-    init_random = getattr(models, "init_random", None)
-    if init_random is not None:
-        try:
-            return init_random(config, dtype=dtype, param_dtype=param_dtype, seed=seed, remat=remat)
-        except TypeError:  # an init_random without remat
-            model = init_random(config, dtype=dtype, param_dtype=param_dtype, seed=seed)
-            model.remat = remat
-            return model
-    from flax import nnx
-
-    return models.Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(seed))
+    return models.init_random(config, dtype=dtype, param_dtype=param_dtype, seed=seed, mesh=mesh, remat=remat)
 
 
 def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) -> list[dict[str, Any]]:
     """Build the model, optimizer and state once; compile and time each variant's train step."""
     from mcpo_jax import models, sharding
+    from mcpo_jax.training import refcache
     from mcpo_jax.training import state as state_lib
     from mcpo_jax.training import step as step_lib
 
     dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
     t0 = time.perf_counter()
-    model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat, seed=args.seed)
-    graphdef, params, rest = state_lib.split_model(model)
     mesh = sharding.make_mesh(1, -1, 1)
+    model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat, seed=args.seed, mesh=mesh)
+    graphdef, params, rest = state_lib.split_model(model)
     param_sh = sharding.param_shardings(models.logical_axes(model), params, mesh)
     params = jax.device_put(params, param_sh)
     # The reference: a frozen copy of the initial policy, as the trainer keeps it.
-    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+    ref_params = jax.tree.map(jnp.copy, params)
     tx, _ = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
                                     decay="constant")
     state_sh = state_lib.state_shardings(tx, params, param_sh, mesh)
@@ -319,22 +310,16 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) 
                           completion_len=args.completion_len, vocab_size=config.vocab_size, seed=args.seed)
 
     def device_batch(b: dict[str, np.ndarray]):
-        """[A=1, b, ...]: one micro-batch, placed with the trainer's batch sharding."""
-        return {k: jax.device_put(v[None], sharding.batch_sharding(mesh, v.ndim + 1, batch_axis=1))
-                for k, v in b.items()}
+        """[A=1, b, ...]: one micro-batch, the trainer's keys, placed as the trainer places them."""
+        keys = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "ref_logps")
+        return sharding.global_batch({k: v[None] for k, v in b.items() if k in keys}, mesh, batch_axis=1)
 
-    needs_ref = any(v.endswith("precomputed_ref") for v in variants)
-    if needs_ref:
-        # Reference log-probs of every candidate, once, outside the timed steps (what the trainer
-        # precomputes over the dataset), with the trainer's own log-prob function.
-        def ref_logps(p, ids_BCT, mask_BCT, loss_mask_BCT):
-            b, c, t = ids_BCT.shape
-            flat = lambda x: x.reshape(b * c, t)
-            return step_lib.forward_logps(graphdef, p, rest, flat(ids_BCT), flat(mask_BCT), flat(loss_mask_BCT),
-                                          chunk_size=args.chunk_size).reshape(b, c)
-
-        np_batch["ref_logps"] = np.asarray(jax.jit(ref_logps)(
-            ref_params, np_batch["input_ids"], np_batch["attention_mask"], np_batch["loss_mask"]))
+    if any(v.endswith("precomputed_ref") for v in variants):
+        # Reference log-probs of every candidate, once and outside the timed steps, with the
+        # trainer's own precompute function (training.refcache), as `reference: precomputed` does.
+        logps_fn = refcache.make_logps_fn(graphdef, rest, mesh, args.chunk_size)
+        np_batch["ref_logps"] = np.asarray(
+            logps_fn(ref_params, np_batch["input_ids"], np_batch["attention_mask"], np_batch["loss_mask"]))
 
     rows = []
     for variant in variants:
@@ -406,7 +391,7 @@ def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens
 
     first_1, t_1 = timed(1)
     first_n, t_n = timed(new_tokens)
-    decode_s = max(t_n - t_1, 1e-9)
+    decode_s = t_n - t_1 if new_tokens > 1 and t_n > t_1 else None  # None: within the noise of the prefill
     return {
         "batch_size": batch_size,
         "prompt_len": prompt_len,
@@ -414,7 +399,7 @@ def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens
         "prefill_s": t_1,
         "prefill_tok_per_s": batch_size * prompt_len / t_1,
         "decode_s": decode_s,
-        "decode_tok_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 else None,
+        "decode_tok_per_s": batch_size * (new_tokens - 1) / decode_s if decode_s else None,
         "total_s": t_n,
         "generated_tok_per_s": batch_size * new_tokens / t_n,
         "first_call_s": {"1": first_1, str(new_tokens): first_n},
@@ -600,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
         args.chunk_size = logprobs.DEFAULT_CHUNK_SIZE
     config = model_config(args.model)
+    args.model_source = args.model
+    if os.path.exists(args.model):  # a folder or config.json: name the rows after it
+        args.model = os.path.basename(os.path.normpath(args.model).removesuffix("/config.json")).removesuffix(".json")
     shapes = Shapes.of(config)
     variants = selected_variants(args)
     env = environment()
@@ -641,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if gen:
         if "prefill_tok_per_s" in gen:
             print(f"generation ({gen['batch_size']} x {gen['prompt_len']} prompt + {gen['new_tokens']} new): "
-                  f"prefill {gen['prefill_tok_per_s']:.0f} tok/s, decode {gen['decode_tok_per_s'] or 0:.0f} tok/s")
+                  f"prefill {gen['prefill_tok_per_s']:.0f} tok/s, decode "
+                  + (f"{gen['decode_tok_per_s']:.0f} tok/s" if gen["decode_tok_per_s"] else "n/a (too few tokens)"))
         else:
             print(f"generation: {gen}")
     if args.json:

@@ -1,0 +1,134 @@
+"""mcpo_jax.bench: the anchor's FLOP arithmetic, the CLI end to end on the tiny model, the table
+against the anchor, and the import graph the GPU image needs (no grain / ml_collections / datasets)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mcpo_jax import bench
+from mcpo_jax.models import preset_config
+
+# The anchor's measured rows (../shared/bench/torch_anchor_h200.json): model_tflops * median_s is the
+# FLOP count the anchor script assigned to each step; ours must be the same number.
+ANCHOR_ROWS = [
+    # model, step, median_s, model_tflops, pairs
+    ("llama-1b", "dpo", 0.4224848850000029, 404.19883823526334, 8),
+    ("llama-1b", "dpo_precomputed_ref", 0.31518916299999944, 406.3462193550107, 8),
+    ("llama-1b", "mcpo", 0.9624393490000074, 399.22284422325407, 8),
+    ("llama-8b", "dpo", 0.5531922929999951, 460.43436205642564, 2),
+    ("llama-8b", "dpo_precomputed_ref", 0.4206685899999911, 454.1141409951526, 2),
+    ("llama-8b", "mcpo", 1.1906507190000042, 481.32895485570356, 2),
+]
+
+
+def test_matmul_params_by_hand():
+    # Llama-3.2-1B: 16 x (q 2048x2048 + o 2048x2048 + k,v 2048x512 + gate/up/down 2048x8192) + head 2048x128256
+    assert bench.matmul_params(bench.Shapes.of(preset_config("llama-1b"))) == (
+        16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) + 2048 * 128256
+    ) == 1_235_746_816
+    # Llama-3.1-8B: 32 x (2 x 4096² + 2 x 4096x1024 + 3 x 4096x14336) + 4096x128256 (untied head)
+    assert bench.matmul_params(bench.Shapes.of(preset_config("llama-8b"))) == 7_504_658_432
+
+
+@pytest.mark.parametrize("model,step,median_s,tflops,pairs", ANCHOR_ROWS)
+def test_flops_reproduce_the_anchor(model, step, median_s, tflops, pairs):
+    shapes = bench.Shapes.of(preset_config(model))
+    work = bench.variant_work(step, prompts=pairs, candidates=5, negatives=1, seq=1024)
+    assert work.flops(shapes) == pytest.approx(tflops * 1e12 * median_s, rel=1e-9)
+
+
+def tiny_flops_by_hand(trained, forward):
+    # tiny: d=64, f=128, 2 layers, 4 heads x 16, 2 kv heads, V=512 (tied); seq 32
+    n = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + 64 * 512
+    assert n == 106_496
+    per_trained = 6 * n + 12 * 2 * 64 * 32  # 688,128
+    per_forward = 2 * n + 4 * 2 * 64 * 32  # 229,376
+    return trained * per_trained + forward * per_forward
+
+
+# The step's XLA compilation dominates a CPU run (4 steps + the sampler); the CPU backend's cheaper
+# code generation halves it without changing what runs.
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def test_tiny_cli_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mcpo_jax.bench", "--model", "tiny", "--prompts", "2", "--candidates", "3",
+           "--negatives", "2", "--prompt-len", "8", "--completion-len", "24", "--dtype", "f32", "--steps", "2",
+           "--warmup", "0", "--gen-new-tokens", "3", "--json", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_CPU_COMPILE)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
+    res = json.loads(out.read_text())
+    runs = {r["step"]: r for r in res["runs"]}
+    assert list(runs) == list(bench.VARIANTS)
+    assert res["flop_model"]["matmul_params"] == 106_496
+    # B = 2 prompts, C = 1 + 3, M = 2, seq 32: tokens each step must push through the model.
+    expect = {
+        "dpo": (2 * 2 * 32, 2 * 2 * 32),
+        "dpo_precomputed_ref": (2 * 2 * 32, 0),
+        "mcpo": (3 * 2 * 32, 2 * 4 * 2 * 32),
+        "mcpo_precomputed_ref": (3 * 2 * 32, 4 * 2 * 32),
+    }
+    for name, (trained, forward) in expect.items():
+        r = runs[name]
+        assert (r["trained_tokens"], r["forward_tokens"]) == (trained, forward)
+        assert r["model_flops"] == tiny_flops_by_hand(trained, forward)
+        assert len(r["times"]) == 2 and r["median_s"] == pytest.approx(sum(r["times"]) / 2)
+        assert r["trained_tok_per_s"] == pytest.approx(trained / r["median_s"])
+        assert r["mfu"] == pytest.approx(r["model_flops"] / r["median_s"] / 989e12)
+        assert r["compile_s"] > 0 and r["compiled_mem"]["total_gb"] > 0
+        assert r["peak_mem_gb"] is None  # the CPU keeps no allocator statistics
+        assert r["finite"]
+        assert name in printed
+    # At lr 1e-7 the policy stays at its reference, so every implicit reward is ~0: DPO's loss is
+    # log 2 and MC-PO's log(1 + M), with the reference in the step or precomputed.
+    assert runs["dpo"]["loss"] == pytest.approx(math.log(2), abs=2e-3)
+    assert runs["dpo_precomputed_ref"]["loss"] == pytest.approx(math.log(2), abs=2e-3)
+    assert runs["mcpo"]["loss"] == pytest.approx(math.log(3), abs=2e-3)
+    assert runs["mcpo_precomputed_ref"]["loss"] == pytest.approx(math.log(3), abs=2e-3)
+    assert res["ratios"]["mcpo_over_dpo_reference_in_step"] == pytest.approx(
+        runs["mcpo"]["median_s"] / runs["dpo"]["median_s"])
+    gen = res["generation"]
+    assert "skipped" in gen or gen["prefill_tok_per_s"] > 0, gen
+
+
+def test_comparison_table_against_the_anchor():
+    anchor = {"runs": [{"model": "llama-1b", "step": "mcpo_naive", "median_s": 0.962, "mfu": 0.40, "peak_mem_gb": 59.5},
+                       {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": 59.5}]}
+    ours = {"config": {"model": "llama-1b"}, "ratios": {"mcpo_over_dpo_reference_in_step": 1.5},
+            "runs": [{"model": "llama-1b", "step": "mcpo", "median_s": 0.481, "mfu": 0.8, "peak_mem_gb": 40.0,
+                      "target_s": 0.70},
+                     {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": None,
+                      "target_s": 0.33}]}
+    table = bench.format_comparison(anchor, [ours]).splitlines()
+    mcpo = next(line for line in table if " mcpo " in line)
+    assert mcpo.split()[2:5] == ["0.962", "0.481", "2.00"] and mcpo.endswith("yes")
+    dpo = next(line for line in table if " dpo " in line)
+    assert dpo.split()[4] == "1.00" and dpo.endswith("NO")
+    assert any("torch mcpo/dpo (reference in step): 2.28" in line for line in table)
+
+
+def test_import_graph_runs_without_grain_ml_collections_datasets():
+    """The GPU image lacks grain, ml_collections and datasets: the bench must not need them."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in {"grain", "ml_collections", "datasets"}:
+                    raise ImportError("not on the GPU image: " + name)
+        sys.meta_path.insert(0, Block())
+        import mcpo_jax.bench
+        import mcpo_jax.models, mcpo_jax.sharding, mcpo_jax.training.state, mcpo_jax.training.step
+        import mcpo_jax.online.generate
+        print("ok")
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
