@@ -149,15 +149,16 @@ def test_sources_json_parquet_folder_dataset(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps(rows))
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows[:1]}))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))  # datasets' to_json layout
+    (tmp_path / "one.json").write_text(json.dumps(rows[0]))
     import datasets
 
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "rows.parquet"))
-    for name, n in (("list.json", 3), ("wrapped.json", 1), ("lines.json", 3), ("rows.parquet", 3)):
+    for name, n in (("list.json", 3), ("wrapped.json", 1), ("lines.json", 3), ("one.json", 1), ("rows.parquet", 3)):
         out = load_examples(str(tmp_path / name), format="pairs")
         assert [e.prompt for e in out] == [f"p{i}" for i in range(n)], name
     folder = load_examples(str(tmp_path), format="pairs")  # every file, sorted by name
-    assert len(folder) == 3 + 3 + 3 + 1
+    assert len(folder) == 3 + 3 + 1 + 3 + 1
     assert [e.preferred for e in load_examples(ds, format="pairs")] == ["c0", "c1", "c2"]
     assert len(load_examples(datasets.DatasetDict({"train": ds}), format="pairs")) == 3
 

@@ -136,6 +136,16 @@ def test_template_that_does_not_extend_the_prompt_is_an_error():
                           max_length=32)
 
 
+def test_template_errors_name_the_example():
+    tok = train_tokenizer(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match=r"example 0: the chat template failed.*no system role"):
+        tokenize_examples(EXAMPLES[:1], tok, num_candidates=3, max_prompt_length=16, max_completion_length=8,
+                          max_length=32)
+
+
 @pytest.mark.parametrize(
     "content",
     ["m['content'] | trim", "m['content'] | upper", "(m['content'] if m['role'] != 'assistant' else m['content'][::-1])"],

@@ -437,8 +437,8 @@ def _read_file(path: str) -> Iterator[tuple[dict, object, _Bad | None]]:
                 raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
             parsed = None
         if parsed is not None:
-            if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
-                parsed = parsed["data"]
+            if isinstance(parsed, dict):  # {"data": rows}, or a single row (one JSON line)
+                parsed = parsed["data"] if isinstance(parsed.get("data"), list) else [parsed]
             if not isinstance(parsed, list):
                 raise DataError(
                     f"{path}: expected a JSON list of rows (or {{'data': [...]}}), got {type(parsed).__name__}"

@@ -294,6 +294,14 @@ class _ChatRenderer:
         return "".join(out)
 
     def __call__(self, index: int, messages, completions, where: str) -> tuple[str, list[str]]:
+        try:
+            return self._texts(index, messages, completions, where)
+        except (_SpliceMismatch, ValueError):
+            raise
+        except Exception as e:  # jinja TemplateError, raise_exception() in templates (roles, alternation, ...)
+            raise ValueError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from e
+
+    def _texts(self, index: int, messages, completions, where: str) -> tuple[str, list[str]]:
         roles = tuple(m["role"] for m in messages)
         plan = self._plan(roles) if self.splice else None
         if plan is None:
