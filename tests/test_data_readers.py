@@ -161,6 +161,8 @@ def test_sources_json_parquet_folder_dataset(tmp_path):
     assert len(folder) == 3 + 3 + 1 + 3 + 1
     assert [e.preferred for e in load_examples(ds, format="pairs")] == ["c0", "c1", "c2"]
     assert len(load_examples(datasets.DatasetDict({"train": ds}), format="pairs")) == 3
+    assert len(load_examples(ds.to_iterable_dataset(), format="pairs")) == 3
+    assert [e.meta["row"] for e in load_examples((r for r in rows), format="pairs")] == [0, 1, 2]
 
 
 def test_hub_id_offline_says_pass_a_local_path():

@@ -136,6 +136,17 @@ def test_template_that_does_not_extend_the_prompt_is_an_error():
                           max_length=32)
 
 
+def test_eos_appended_when_the_template_does_not_end_the_turn_with_it():
+    tok = train_tokenizer(
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    ds = tokenize_examples(EXAMPLES[1:], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                           max_length=32)
+    assert _completion(ds, 0, 0) == _ids(tok, "the sea is blue\n") + [tok.eos_token_id]
+    assert _seq(ds, 0, 0)[: ds.prompt_lengths[0, 0]] == _ids(tok, "<|user|>write a poem\n<|assistant|>")
+
+
 def test_template_errors_name_the_example():
     tok = train_tokenizer(
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"

@@ -503,6 +503,10 @@ def _rows(source, split: str) -> Iterator[tuple[dict, object, _Bad | None]]:
         for row, record in enumerate(source):
             yield {"source": name, "row": row}, record, None
         return
+    if hasattr(source, "__iter__") and not isinstance(source, (str, bytes, dict)):  # IterableDataset, generator
+        for row, record in enumerate(source):
+            yield {"source": f"<{type(source).__name__}>", "row": row}, record, None
+        return
     raise DataError(f"unsupported source of type {type(source).__name__}: pass a path, a list of dicts or a Dataset")
 
 
