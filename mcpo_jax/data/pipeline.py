@@ -9,8 +9,14 @@ the end of an epoch), and the global batch does not depend on the number of proc
 
 The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` (a small dict) restore the position
 exactly, and `grain.checkpoint.CheckpointHandler` (with `CheckpointSave` / `CheckpointRestore`) saves it with
-orbax alongside the model. `worker_count > 0` builds batches in that many worker processes (grain
-`mp_prefetch`); the batches are the same as with `worker_count = 0`.
+orbax alongside the model (one file per process). The state is a position only: restore it into an iterator
+made with the same dataset and arguments. `worker_count > 0` builds batches in that many worker processes
+(grain `mp_prefetch`); the batches are the same as with `worker_count = 0`. Workers receive the dataset by
+pickling: a memory-mapped (cached) `TokenizedDataset` travels as its path, an in-memory one as a copy.
+
+Why not grain's `IndexSampler` + `ShardByJaxProcess`: it gives each process a fixed contiguous slice of the
+records and shuffles only within it, so a process sees the same subset every epoch and the global batch
+depends on the process count; slicing global batches of one global permutation avoids both.
 """
 
 from __future__ import annotations
