@@ -1,0 +1,159 @@
+"""The trainer end to end on a tiny model: exact resume, precomputed == online reference, NaN stop, SIGTERM,
+config errors before compiling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mcpo_jax.training import loop
+from mcpo_jax.training import metrics as metrics_lib
+
+from _train_fixtures import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs of the same program (resume, NaN, SIGTERM subprocess) reuse one compiled step."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def _train_rows(workdir):
+    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    summary = loop.train(tiny_config(), workdir)
+    return workdir, summary
+
+
+def test_full_run_logs_everything(full_run):
+    workdir, summary = full_run
+    assert summary["status"] == "completed" and summary["total_steps"] == 7  # 63 train rows // 8
+    rows = _train_rows(workdir)
+    assert sorted(rows) == list(range(1, 8))
+    r = rows[7]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "kernel/entropy", "kernel/rank_hist", "grad_norm", "lr", "tokens_per_sec", "step_time"):
+        assert key in r, key
+    assert sum(r["kernel/rank_hist"]) == 8 * 2  # B x M negatives, by dataset rank
+    assert r["kernel/rank_hist"][1] == 0 and r["kernel/rank_hist"][2] == 0  # y0 = rank 1, rank 2 dropped
+    assert rows[7]["loss"] < rows[1]["loss"]
+    evals = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"), split="eval")
+    assert [e["step"] for e in evals] == [3, 6, 7] and "rewards/accuracies" in evals[0]
+    assert os.path.exists(os.path.join(workdir, "curves.png"))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert summary["compile"]["compile_seconds"] > 0
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [2, 4, 6, 7]
+
+
+def test_resume_is_exact(full_run, tmp_path):
+    workdir, _ = full_run
+    part = loop.train(tiny_config(**{"debug.stop_after_steps": 3}), str(tmp_path))
+    assert part["status"] == "stopped" and part["step"] == 3
+    resumed = loop.train(tiny_config(), str(tmp_path))
+    assert resumed["start_step"] == 3 and resumed["status"] == "completed"
+    want, got = _train_rows(workdir), _train_rows(str(tmp_path))
+    for step in range(1, 8):
+        for key in ("loss", "grad_norm", "rewards/margins", "kernel/entropy", "lr"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"step {step} {key}")
+        assert got[step]["kernel/rank_hist"] == want[step]["kernel/rank_hist"]
+
+
+def test_precomputed_reference_equals_online(full_run, tmp_path):
+    workdir, _ = full_run
+    online = loop.train(tiny_config(reference="online", **{"debug.stop_after_steps": 2}), str(tmp_path))
+    assert online["status"] == "stopped"
+    want, got = _train_rows(workdir), _train_rows(str(tmp_path))
+    for step in (1, 2):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
+    # The reference cache is keyed and reused: a second precomputed run finds it.
+    cache = os.path.join(workdir, "cache", "reference")
+    assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 2  # train + eval
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(loop.TrainingDiverged, match=r"non-finite loss.*step 4.*last good checkpoint \(step 2\)"):
+        loop.train(tiny_config(**{"debug.nan_at_step": 3}), str(tmp_path))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(tmp_path, "checkpoints")) if s.isdigit())
+    assert steps == [2]
+    assert max(_train_rows(str(tmp_path))) == 3
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-c",
+           "import sys; sys.path.insert(0, 'tests'); from _train_fixtures import tiny_config; "
+           "from mcpo_jax.training import loop; import time, jax; "
+           "c = tiny_config(**{'num_epochs': 200, 'eval_every': 0, 'checkpoint.save_every': 0}); "
+           "s = loop.train(c, sys.argv[1]); print('STATUS', s['status'], s['step']); print(s['message'])",
+           str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(tmp_path, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(_train_rows(str(tmp_path))) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("STATUS")][0]
+    _, status, step = line.split()
+    assert status == "interrupted" and "SIGTERM: saved step" in out
+    steps = sorted(int(s) for s in os.listdir(os.path.join(tmp_path, "checkpoints")) if s.isdigit())
+    assert steps == [int(step)] and int(step) == max(_train_rows(str(tmp_path)))
+    assert int(step) < 200 * 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_negatives": 6}, "num_negatives (M) = 6 must be between 1 and num_candidates (L) = 5"),
+    ({"objective": "dpx"}, "objective='dpx' is unknown"),
+    ({"sampler": "greedy"}, "sampler='greedy' is unknown"),
+    ({"objective": "dpo"}, "pairwise: it needs num_negatives=1"),
+    ({"batch_size": 10}, "must be a positive multiple of micro_batch_size=4"),
+    ({"model.preset": "", "model.path": "/nonexistent/model"}, "model.path='/nonexistent/model': no such folder"),
+])
+def test_config_errors_before_anything_compiles(overrides, message, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("built a model for an invalid config")
+
+    monkeypatch.setattr(loop, "build_model", boom)
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train(tiny_config(**overrides), str(tmp_path))
+    assert message in str(e.value)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+    with pytest.raises(loop.ConfigError, match="not divisible by the data-parallel size 8"):
+        loop.validate_config(tiny_config(), device_count=8)
+
+
+def test_cli_reports_config_error_with_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mcpo_jax.train", "--config", "configs/demo.py:smoke",
+                           "--workdir", str(tmp_path), "--config.num_negatives=7", "--config.sampler=best"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "num_negatives (M) = 7" in proc.stderr and "sampler='best' is unknown" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
