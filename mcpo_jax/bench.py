@@ -185,6 +185,21 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def hlo_census(compiled) -> dict[str, int] | None:
+    """What the optimized program is made of: fused-attention and GEMM library calls, Triton
+    fusions, while loops (a length-1 accumulation loop that survived shows here)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001
+        return None
+    return {
+        "cudnn_fmha_calls": text.count('custom_call_target="__cudnn$fmha'),
+        "cublas_gemm_calls": text.count('custom_call_target="__cublas$'),
+        "triton_fusions": text.count('"kind":"__triton'),
+        "while_loops": sum(1 for line in text.splitlines() if " while(" in line),
+    }
+
+
 def time_loop(step: Callable[[Any], Any], carry: Any, *, warmup: int, steps: int) -> tuple[Any, list[float]]:
     """Run `carry = step(carry)` warmup + steps times; wall time of each timed step in seconds.
 
@@ -330,28 +345,36 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) 
             host.pop("ref_logps", None)
         batch = device_batch(host)
         ref = ref_params if cfg.reference == "online" else None
-        ref_sh = param_sh if ref is not None else None
-        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-        fn = step_lib.make_train_step(cfg, graphdef, rest, tx)
-        compiled, info = step_lib.compile_train_step(
-            fn, state, ref, batch, state_shardings=state_sh, ref_shardings=ref_sh, batch_shardings=batch_sh)
-        mem_compiled = compiled_memory(compiled)
-        counted = xla_flops(compiled)
+        try:
+            fn = step_lib.make_train_step(cfg, graphdef, rest, tx)
+            compiled, info = step_lib.compile_train_step(
+                fn, state, ref, batch, state_shardings=state_sh, ref_shardings=param_sh if ref is not None else None,
+                batch_shardings=jax.tree.map(lambda x: x.sharding, batch))
 
-        def one_step(carry, compiled=compiled, ref=ref, batch=batch):
-            return compiled(carry[0], ref, batch)
+            def one_step(carry, compiled=compiled, ref=ref, batch=batch):
+                return compiled(carry[0], ref, batch)
 
-        (state, metrics), times = time_loop(one_step, (state, None), warmup=args.warmup, steps=args.steps)
+            (state, metrics), times = time_loop(one_step, (state, None), warmup=args.warmup, steps=args.steps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it and go on if the state survived
+            rows.append({"model": args.model, "step": variant, "error": f"{type(e).__name__}: {e}"[:1000],
+                         "peak_mem_gb": device_memory()["peak_bytes_in_use_gb"]})
+            log(f"{args.model:11s} {variant:21s} ERROR {rows[-1]['error'][:300]}")
+            if any(x.is_deleted() for x in jax.tree.leaves(state)):
+                log("# the donated train state is gone with the failed step: remaining variants skipped")
+                break
+            continue
         work = variant_work(variant, prompts=args.prompts, candidates=args.candidates,
                             negatives=1 if variant.startswith("dpo") else args.negatives,
                             seq=args.prompt_len + args.completion_len)
         row = result_row(model=args.model, variant=variant, shapes=shapes, work=work, times=times,
                          compile_s=info["compile_seconds"], peak_tflops=args.peak_tflops, memory=device_memory(),
-                         compiled_mem=mem_compiled, counted_flops=counted)
+                         compiled_mem=compiled_memory(compiled), counted_flops=xla_flops(compiled))
+        row["hlo"] = hlo_census(compiled)
         row["loss"] = float(metrics["loss"])
         row["finite"] = bool(metrics["finite"])
         rows.append(row)
         log(format_table([row]).splitlines()[-1])
+        del compiled
     return rows
 
 
@@ -439,7 +462,7 @@ def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: S
 
 def ratios(runs: Sequence[dict]) -> dict[str, float]:
     """MC-PO / DPO step-time ratios on the same prompts (the issue's 2.28 → ≤ 1.8 row)."""
-    by = {r["step"]: r["median_s"] for r in runs}
+    by = {r["step"]: r["median_s"] for r in runs if "median_s" in r}
     out = {}
     if "mcpo" in by and "dpo" in by:
         out["mcpo_over_dpo_reference_in_step"] = by["mcpo"] / by["dpo"]
@@ -455,6 +478,9 @@ def _gb(x) -> str:
 def format_table(runs: Sequence[dict]) -> str:
     lines = ["model       step                   s/step  compile s  trained tok/s  TFLOP/s    MFU  peak GB  step GB"]
     for r in runs:
+        if "error" in r:
+            lines.append(f"{r['model']:11s} {r['step']:21s} ERROR {r['error'][:200]}")
+            continue
         step_gb = (r.get("compiled_mem") or {}).get("total_gb")
         comp = r.get("compile_s")
         lines.append(
@@ -473,6 +499,9 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     lines = [head]
     for bench in benches:
         for r in bench.get("runs", []):
+            if "error" in r:
+                lines.append(f"{r['model']:10s} {r['step']:21s} jax ERROR {r['error'][:160]}")
+                continue
             a = arows.get((r["model"], ANCHOR_STEP.get(r["step"], r["step"])))
             target = r.get("target_s")
             lines.append(
@@ -570,6 +599,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        # compile_s is a cache load when this cache already holds the step (a rerun on a warm machine)
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
 
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One command on one GPU: the PyTorch anchor and mcpo_jax.bench side by side, then the comparison table.
+#
+#   bash scripts/gpu_bench.sh            # from the repository root, on the GPU machine
+#
+# Needs .device/torch_dpo_anchor.py (a copy of ../shared/bench/torch_dpo_anchor.py in the ignored
+# .device/ folder that travels to the device machine). Without it (or with ANCHOR=0) the comparison
+# uses .device/torch_anchor_h200.json, the anchor's stored H200 numbers, when that file is there.
+#
+# Environment:
+#   OUT       where the JSON and logs go (default runs/gpu_bench); the device tool sets it.
+#   STAGES    which parts run, in order (default "anchor jax-1b jax-8b").
+#   STEPS     timed steps per variant (default 5; the median is reported), WARMUP (default 2).
+#   PYTHON    interpreter (default python3).
+# Budget: about 6 minutes expected, at most ~8.5 (each stage has its own timeout; a stage that
+# overruns is cut and the table is printed from what finished).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_bench}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-anchor jax-1b jax-8b}
+STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-2}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX must not take 75% of the GPU before torch runs
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/mcpo_jax_compile_cache}  # reruns on a warm machine
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
+T0=$(date +%s)
+stamp() { echo "[gpu_bench +$(( $(date +%s) - T0 ))s] $*"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw --format=csv || true
+  $PY -c "import jax, sys; print('jax', jax.__version__, jax.devices(), 'python', sys.version.split()[0])" || true
+} 2>&1 | tee "$OUT/machine.txt"
+
+# The issue's shapes: 256 prompt + 768 completion tokens, L = 5 candidates, M = 1 negative, bf16.
+SHAPES="--candidates 5 --negatives 1 --prompt-len 256 --completion-len 768 --dtype bf16 --steps $STEPS --warmup $WARMUP"
+
+for stage in $STAGES; do
+  case $stage in
+    anchor)
+      if [ -f .device/torch_dpo_anchor.py ]; then
+        stamp "PyTorch anchor (llama-1b, llama-8b)"
+        OUT="$OUT" timeout -k 10 170 $PY .device/torch_dpo_anchor.py 2>&1 | tee "$OUT/anchor.log" | grep -v '^{'
+        stamp "anchor rc=${PIPESTATUS[0]}"
+      else
+        stamp "no .device/torch_dpo_anchor.py: anchor skipped"
+      fi ;;
+    jax-1b)
+      stamp "mcpo_jax.bench llama-1b: 8 prompts, all four variants + sampler"
+      timeout -k 10 230 $PY -m mcpo_jax.bench --model llama-1b --prompts 8 $SHAPES \
+          --gen-batch 48 --gen-new-tokens 128 --json "$OUT/bench_llama-1b.json" 2>&1 | tee "$OUT/bench_llama-1b.log"
+      stamp "jax-1b rc=${PIPESTATUS[0]}" ;;
+    jax-8b)
+      # Least memory first: a variant that runs out of memory must not take the others with it.
+      stamp "mcpo_jax.bench llama-8b: 2 prompts, MC-PO (precomputed ref, ref in step) and DPO"
+      timeout -k 10 170 $PY -m mcpo_jax.bench --model llama-8b --prompts 2 $SHAPES --no-generation \
+          --variants mcpo_precomputed_ref,dpo,mcpo --json "$OUT/bench_llama-8b.json" 2>&1 | tee "$OUT/bench_llama-8b.log"
+      stamp "jax-8b rc=${PIPESTATUS[0]}" ;;
+    *) stamp "unknown stage $stage (known: anchor jax-1b jax-8b)" ;;
+  esac
+done
+
+ANCHOR_JSON="$OUT/torch_anchor.json"
+if [ ! -s "$ANCHOR_JSON" ]; then
+  ANCHOR_JSON=.device/torch_anchor_h200.json
+  [ -s "$ANCHOR_JSON" ] && stamp "using the stored anchor numbers $ANCHOR_JSON (not measured in this run)"
+fi
+BENCHES=()
+for f in "$OUT/bench_llama-1b.json" "$OUT/bench_llama-8b.json"; do [ -s "$f" ] && BENCHES+=("$f"); done
+echo
+stamp "side by side (same GPU, same FLOP accounting; speedup = torch s / jax s)"
+if [ -s "$ANCHOR_JSON" ] && [ ${#BENCHES[@]} -gt 0 ]; then
+  $PY -m mcpo_jax.bench --compare "$ANCHOR_JSON" "${BENCHES[@]}" | tee "$OUT/comparison.txt"
+elif [ ${#BENCHES[@]} -gt 0 ]; then
+  echo "(no anchor JSON: JAX numbers only)"; for f in "${BENCHES[@]}"; do tail -n 20 "${f%.json}.log"; done
+else
+  echo "no bench JSON was written: see $OUT/*.log"
+fi
+stamp "done; files in $OUT"
