@@ -13,6 +13,7 @@ architecture is ours and the config is parsed by `ModelConfig.from_hf`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -311,6 +312,21 @@ def _drop_leading(sharding):
     return sharding
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _write_layer_fn(sharding):
+    """stacked[i] = x, in place (the stacked buffer is donated), result on `sharding`."""
+    return jax.jit(
+        lambda stacked, x, i: jax.lax.dynamic_update_index_in_dim(stacked, x.astype(stacked.dtype), i, axis=0),
+        out_shardings=sharding,
+        donate_argnums=0,
+    )
+
+
 def _place(host: np.ndarray, sharding) -> jax.Array:
     """Host array -> device array on `sharding`; each device receives only its own slice."""
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -358,7 +374,6 @@ def from_pretrained(
                 expected[(ppath, i)] = pattern.replace("{i}", str(i))
 
     values: dict[tuple[str, ...], jax.Array] = {}
-    writers: dict[tuple[str, ...], Callable] = {}
     seen: dict[tuple, str] = {}
     np_dtype = np.dtype(param_dtype)
     for file in files:
@@ -391,13 +406,10 @@ def from_pretrained(
                 values[ppath] = _place(host, sharding)
             else:
                 if ppath not in values:
-                    values[ppath] = jax.jit(lambda s=full_shape: jnp.zeros(s, np_dtype), out_shardings=sharding)()
-                    writers[ppath] = jax.jit(
-                        lambda stacked, x, i: jax.lax.dynamic_update_index_in_dim(stacked, x, i, axis=0),
-                        out_shardings=sharding,
-                        donate_argnums=0,
-                    )
-                values[ppath] = writers[ppath](values[ppath], _place(host, _drop_leading(sharding)), np.int32(layer))
+                    values[ppath] = _zeros_fn(tuple(full_shape), np_dtype, sharding)()
+                values[ppath] = _write_layer_fn(sharding)(
+                    values[ppath], _place(host, _drop_leading(sharding)), np.int32(layer)
+                )
             del host
             seen[(ppath, layer)] = file
 

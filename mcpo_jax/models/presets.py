@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -70,16 +72,22 @@ def init_random(
     """
     if isinstance(config, str):
         config = preset_config(config)
+    rules = DEFAULT_RULES if rules is None else tuple(rules)
+    graphdef, create = _creator(config, jnp.dtype(dtype), jnp.dtype(param_dtype), remat, attention_impl, mesh, rules)
+    return nnx.merge(graphdef, create(jnp.uint32(seed)))
 
-    def make():
+
+@functools.lru_cache(maxsize=16)
+def _creator(config, dtype, param_dtype, remat, attention_impl, mesh, rules):
+    """(graphdef, jitted seed -> state); cached so repeated calls compile the initialiser once."""
+
+    def make(seed):
         return Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+                           attention_impl=attention_impl, rngs=nnx.Rngs(jax.random.key(seed)))
 
-    abstract = nnx.eval_shape(make)
+    abstract = nnx.eval_shape(lambda: make(0))
     graphdef, abstract_state = nnx.split(abstract)
     out_shardings = None
     if mesh is not None:
-        out_shardings = tree_shardings(logical_axes(abstract), abstract_state, mesh,
-                                       DEFAULT_RULES if rules is None else rules)
-    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+        out_shardings = tree_shardings(logical_axes(abstract), abstract_state, mesh, rules)
+    return graphdef, jax.jit(lambda seed: nnx.split(make(seed))[1], out_shardings=out_shardings)
