@@ -53,7 +53,7 @@ class Checkpointer:
             items["data"] = ocp.args.JsonSave(_encode_iterator_state(iterator_state))
         saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
         if saved:
-            log.info("checkpoint: saving step %d to %s", step, self.directory)
+            log.debug("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
     def restore(self, step: int, abstract_state, *, with_data: bool = True):

@@ -485,8 +485,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             last = record
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                acc=f"{record.get('rewards/accuracies', float('nan')):.2f}", refresh=False)
+                if step_cfg.is_sft:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                else:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', 0):.2f}",
+                                    margin=f"{record.get('rewards/margins', 0):.3f}", refresh=False)
             elif primary and (done % int(config.get("log_every", 10)) == 0 or done == total_steps):
                 log.info("step %d/%d loss %.4f grad_norm %.3f %.2fs/step", done, total_steps, record["loss"],
                          record["grad_norm"], dt)
