@@ -157,7 +157,7 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
     """Answers of ``model`` to ``instructions`` (greedy by default), batched and left-padded."""
     import jax
 
-    from mcpo_jax.online.generate import generate
+    from mcpo_jax.online.generate import generate, to_host
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -171,7 +171,7 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         ids, mask = left_pad([rows[i] for i in idx], pad, multiple=32)
-        new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, key=jax.random.fold_in(key, b), eos_id=eos_ids))
         for i, row in zip(idx, new):
             outputs[i] = decode_completion(tokenizer, row, eos_ids)
@@ -302,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
         from mcpo_jax.models import from_pretrained
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+        from mcpo_jax import sharding
+
+        # FSDP over every local device: an 8B model fits where one device could not hold it
+        model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=sharding.make_mesh(1, -1, 1))
         prompts = load_prompts(args.prompts)
         outputs = generate_outputs(model, tokenizer, [p["instruction"] for p in prompts],
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -323,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
 
     judge_kwargs = {}
     if args.judge.startswith("llm:"):
-        judge_kwargs = {"max_new_tokens": args.judge_max_new_tokens, "batch_size": args.judge_batch_size}
+        from mcpo_jax import sharding
+
+        judge_kwargs = {"max_new_tokens": args.judge_max_new_tokens, "batch_size": args.judge_batch_size,
+                        "mesh": sharding.make_mesh(1, -1, 1)}
     judge = make_judge(args.judge, **judge_kwargs)
     baseline = load_outputs(args.baseline)
     rows, results = [], {}

@@ -53,7 +53,27 @@ def _config():
     return c
 
 
-def test_two_online_segments_end_to_end_and_resume(tmp_path):
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent XLA cache for this test only: segment 1 compiles the very same train step as segment 0,
+    and the trainer compiles ahead of time (no in-memory jit cache across its runs)."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    cc.reset_cache()
+    jax.config.update(names[0], str(tmp_path / "xla_cache"))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def test_two_online_segments_end_to_end_and_resume(tmp_path, compilation_cache):
     from mcpo_jax.data import synthetic
 
     workdir = str(tmp_path / "run")

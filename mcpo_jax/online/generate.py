@@ -132,19 +132,40 @@ def _per_row(value, batch: int, dtype) -> np.ndarray:
     return arr
 
 
-def _place_like_params(state, *arrays):
-    """Put the inputs on the parameters' mesh (replicated) so that jit sees one device set."""
+def _place_like_params(state, batch: int, *arrays):
+    """Put the inputs on the parameters' mesh so that jit sees one device set: arrays with a leading batch
+    axis are split over (data, fsdp) when the batch divides, the rest replicated."""
     leaves = jax.tree.leaves(state)
     sharding = getattr(leaves[0], "sharding", None) if leaves else None
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        return tuple(jax.device_put(a, replicated) for a in arrays)
-    return tuple(jnp.asarray(a) for a in arrays)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return tuple(jnp.asarray(a) for a in arrays)
+    mesh = sharding.mesh
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    split = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        if split > 1 and a.ndim >= 1 and a.shape[0] == batch and batch % split == 0:
+            spec = jax.sharding.PartitionSpec(batch_axes, *([None] * (a.ndim - 1)))
+        else:
+            spec = jax.sharding.PartitionSpec()
+        out.append(jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)))
+    return tuple(out)
+
+
+def to_host(x) -> np.ndarray:
+    """A numpy copy of a generation result, gathered across processes when it spans several hosts."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temperature=0.0, top_p=1.0,
              top_k=0, key=None, eos_id: int | Sequence[int] | None = None):
-    """Sample ``max_new_tokens`` tokens after each prompt. Returns int32 [B, max_new_tokens].
+    """Sample ``max_new_tokens`` tokens after each prompt. Returns int32 [B, max_new_tokens] (a jax.Array; on
+    a mesh, split over the batch axes when B divides; :func:`to_host` gathers it across hosts).
 
     Args:
       model: an ``mcpo_jax.models.Transformer`` (anything with ``init_cache`` / ``decode``).
@@ -178,7 +199,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
     eos_E[:len(eos)] = eos
     graphdef, state = nnx.split(model)
     ids, mask, temperature_B, top_k_B, top_p_B, eos_E = _place_like_params(
-        state, input_ids, attention_mask, temperature_B, top_k_B, top_p_B, eos_E)
+        state, batch, input_ids, attention_mask, temperature_B, top_k_B, top_p_B, eos_E)
     return _generate_jit(graphdef, state, ids, mask, key, temperature_B, top_k_B, top_p_B, eos_E,
                          max_new_tokens=int(max_new_tokens), use_filter=use_filter)
 

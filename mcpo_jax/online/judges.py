@@ -280,15 +280,15 @@ class LLMJudge(Judge):
         """Judge from an ``mcpo_jax.models.Transformer`` (e.g. ``from_pretrained(path)``), greedy by default."""
         import jax
 
-        from mcpo_jax.online.generate import generate
+        from mcpo_jax.online.generate import generate, to_host
 
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         counter = [0]
 
         def generate_fn(ids, mask):
             counter[0] += 1
-            return generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                            key=jax.random.fold_in(jax.random.key(seed), counter[0]), eos_id=eos)
+            return to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    key=jax.random.fold_in(jax.random.key(seed), counter[0]), eos_id=eos))
 
         return cls(generate_fn, tokenizer, **kwargs)
 
@@ -362,7 +362,11 @@ class LLMJudge(Judge):
 
 
 def make_judge(spec: str, **kwargs) -> Judge:
-    """Judge from a short spec (CLI and configs): "oracle", "reward:module.path:function", "llm:MODEL_DIR"."""
+    """Judge from a short spec (CLI and configs): "oracle", "reward:module.path:function", "llm:MODEL_DIR".
+
+    For "llm:", ``kwargs`` may hold ``dtype`` (default bfloat16), ``mesh`` (shard the judge's weights),
+    ``max_new_tokens``, ``temperature``, ``seed`` and any :class:`LLMJudge` option (``batch_size``, ``mode``...).
+    """
     kind, _, rest = spec.partition(":")
     if kind == "oracle":
         return oracle_judge(**kwargs)
@@ -382,8 +386,9 @@ def make_judge(spec: str, **kwargs) -> Judge:
 
         tok = transformers.AutoTokenizer.from_pretrained(rest)
         gen_kwargs = {k: kwargs.pop(k) for k in ("max_new_tokens", "temperature", "seed") if k in kwargs}
-        return LLMJudge.from_model(from_pretrained(rest, dtype=kwargs.pop("dtype", None) or _default_dtype()),
-                                   tok, name=f"llm:{rest}", **gen_kwargs, **kwargs)
+        dtype, mesh = kwargs.pop("dtype", None) or _default_dtype(), kwargs.pop("mesh", None)
+        return LLMJudge.from_model(from_pretrained(rest, dtype=dtype, mesh=mesh), tok, name=f"llm:{rest}",
+                                   **gen_kwargs, **kwargs)
     raise ValueError(f"unknown judge {spec!r}; expected 'oracle', 'reward:module:function' or 'llm:PATH'")
 
 

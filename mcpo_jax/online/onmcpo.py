@@ -46,7 +46,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
     import jax
 
     from mcpo_jax.evaluate import decode_completion, encode_prompts, left_pad
-    from mcpo_jax.online.generate import generate
+    from mcpo_jax.online.generate import generate, to_host
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -64,7 +64,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
         ids, mask = left_pad([encoded[i] for i, _ in rows], pad, width=width)
         temps = np.array([temperatures[j] for _, j in rows], np.float32)
-        new = np.asarray(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temps, top_p=top_p,
+        new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temps, top_p=top_p,
                                   key=jax.random.fold_in(key, b), eos_id=eos_ids))
         for (i, j), row in zip(chunk, new):
             out[i][j] = decode_completion(tokenizer, row, eos_ids)
@@ -141,12 +141,16 @@ def segment_dir(workdir: str, segment: int) -> str:
     return os.path.join(workdir, "online", f"segment_{segment}")
 
 
-def make_segment_data(model, tokenizer, judge: Judge, prompts: Sequence[Any], out_dir: str, *,
+def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: str, *,
                       temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
                       batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
                       max_prompt_tokens: int | None = None,
                       score_fn: Callable[[Any, str], float] | None = None) -> dict:
-    """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists."""
+    """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists.
+
+    ``model`` and ``judge`` may be zero-argument loaders: the policy is then dropped before the judge is
+    loaded, so an 8B policy and a 70B judge never share the accelerators' memory.
+    """
     data_path = os.path.join(out_dir, "data.jsonl")
     stats_path = os.path.join(out_dir, "stats.json")
     if os.path.exists(data_path):
@@ -155,10 +159,15 @@ def make_segment_data(model, tokenizer, judge: Judge, prompts: Sequence[Any], ou
             return json.load(f)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
+    if callable(model) and not hasattr(model, "decode"):
+        model = model()
     completions = sample_completions(model, tokenizer, prompts, temperatures=temperatures,
                                      max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, seed=seed,
                                      use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens)
+    del model
     t1 = time.perf_counter()
+    if not isinstance(judge, Judge):
+        judge = judge()
     before = dict(getattr(judge, "stats", {}))
     results = judge_completions(judge, prompts, completions, ranking=ranking)
     t2 = time.perf_counter()
@@ -372,18 +381,18 @@ def train_online(config, workdir: str) -> dict:
         if not os.path.exists(data_path):
             log.info("online: segment %d: sampling %d x %d completions from %s", s, len(part), len(temperatures),
                      policy)
-            model = models.from_pretrained(policy, dtype=dtype, mesh=shd.mesh_from_config(config.mesh))
+            mesh = shd.mesh_from_config(config.mesh)
             judge_kwargs = {}
             if o.judge.startswith("llm:"):
                 judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
-                                    dtype=loop.DTYPES[o.get("judge_dtype", "bfloat16")], mode=o.ranking)
-            judge = make_judge(o.judge, **judge_kwargs)
-            stats = make_segment_data(model, tokenizer, judge, part, sdir, temperatures=temperatures,
-                                      max_new_tokens=int(o.max_new_tokens), top_p=float(o.top_p),
-                                      batch_size=int(o.generation_batch_size), seed=int(o.seed) * 1000 + s,
-                                      ranking=o.ranking, use_chat_template=bool(config.data.use_chat_template),
+                                    dtype=loop.DTYPES[o.get("judge_dtype", "bfloat16")], mode=o.ranking, mesh=mesh)
+            stats = make_segment_data(lambda: models.from_pretrained(policy, dtype=dtype, mesh=mesh), tokenizer,
+                                      lambda: make_judge(o.judge, **judge_kwargs), part, sdir,
+                                      temperatures=temperatures, max_new_tokens=int(o.max_new_tokens),
+                                      top_p=float(o.top_p), batch_size=int(o.generation_batch_size),
+                                      seed=int(o.seed) * 1000 + s, ranking=o.ranking,
+                                      use_chat_template=bool(config.data.use_chat_template),
                                       max_prompt_tokens=max_prompt_tokens, score_fn=score_fn)
-            del model, judge
             log.info("online: segment %d data: %s", s, {k: v for k, v in stats.items() if k != "judge_stats"})
         else:
             log.info("online: segment %d: reusing %s", s, data_path)
