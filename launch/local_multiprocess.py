@@ -126,6 +126,7 @@ def run(command: list[str], *, num_processes: int, devices_per_process: int, por
                 start_new_session=True,  # own process group: a kill reaches its children too
             )
             procs.append(p)
+            say(f"process {pid}: pid {p.pid}")
             log_file = open(os.path.join(log_dir, f"process_{pid}.log"), "w") if log_dir else None
             logs.append(log_file)
             t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}] ", sys.stdout, log_file), daemon=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,3 +217,198 @@ def test_tpu_pod_dry_run_runs_the_trainer_on_every_worker(accelerator, version):
     assert "agent-worker-number" in train
     assert "-m\\ mcpo_jax.train\\ --config\\ configs/nectar.py:mcpo\\ --workdir\\ gs://bucket/run\\ --config.mesh.fsdp=-1" \
         in train
+
+
+# ------------------------------------------------------------------- data pipeline across processes
+
+
+def test_each_process_reads_its_own_shard_and_together_they_cover_each_epoch(tmp_path):
+    worker = REPO / "tests" / "_multiprocess_data_worker.py"
+    code, output, _ = launch([sys.executable, str(worker), str(tmp_path)], num_processes=2, devices=1, timeout=90)
+    assert code == 0, output
+    runs = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+    assert [r["process_index"] for r in runs] == [0, 1] and runs[0]["process_count"] == 2
+    n = runs[0]["num_examples"]
+    assert n == 40 and sorted(runs[0]["all_ids"]) == list(range(n))
+    per_epoch = n // (4 * 2)  # global batch = 4 per process x 2 processes
+    assert len(runs[0]["batches"]) == len(runs[1]["batches"]) == 2 * per_epoch  # lockstep: no host waits
+    for epoch in range(2):
+        mine = [sum(r["batches"][epoch * per_epoch:(epoch + 1) * per_epoch], []) for r in runs]
+        assert not set(mine[0]) & set(mine[1]), f"epoch {epoch}: the processes share examples"
+        assert sorted(mine[0] + mine[1]) == list(range(n)), f"epoch {epoch}: not every example once"
+    # A new shuffle each epoch, and not the identity order.
+    assert runs[0]["batches"][:per_epoch] != runs[0]["batches"][per_epoch:]
+
+
+# ------------------------------------------------------------------------------ the trainer itself
+
+TRAIN_CONFIG = REPO / "tests" / "_multiprocess_config.py"
+AUDIT = REPO / "tests" / "_multiprocess_audit"
+
+# Each trainer run costs 1-2 minutes of CPU on a small machine (two processes compiling the step), more
+# than this file's share of the default test time: the runs comparing whole trainings are opt-in.
+slow = pytest.mark.skipif(not os.environ.get("MCPO_SLOW_TESTS"),
+                          reason="multi-process trainer comparison (several minutes): set MCPO_SLOW_TESTS=1")
+
+
+def require_trainer():
+    if not (REPO / "mcpo_jax" / "train.py").exists() or not (REPO / "configs" / "demo.py").exists():
+        pytest.skip("the trainer (mcpo_jax/train.py, configs/demo.py) is not there yet")
+
+
+def train_run(workdir, *, num_processes, devices, audit_dir=None, overrides=(), env=None, timeout=400):
+    """`python -m mcpo_jax.train` under the launcher; returns (exit code, output)."""
+    run_env = {"PYTHONPATH": f"{REPO}{os.pathsep}{AUDIT}", **(env or {})}
+    if audit_dir is not None:
+        run_env.update(MCPO_TEST_AUDIT_DIR=str(audit_dir), MCPO_TEST_AUDIT_ROOT=str(workdir))
+    command = [sys.executable, "-m", "mcpo_jax.train", "--config", str(TRAIN_CONFIG), "--workdir", str(workdir),
+               *overrides]
+    code, output, _ = launch(command, num_processes=num_processes, devices=devices, timeout=timeout, env=run_env,
+                             log_dir=Path(str(workdir) + "-logs"))
+    return code, output
+
+
+def train_records(workdir):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def audit(audit_dir, process):
+    return set(json.loads((Path(audit_dir) / f"process_{process}.json").read_text()))
+
+
+NO_ACCUMULATION = ["--config.micro_batch_size=16"]  # = batch_size
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """The runs the trainer tests compare (each started once per module):
+
+    two:      2 processes x 2 devices: steps 1-2 (stopping as if preempted, checkpoint 2), then the same
+              command again, which restores checkpoint 2 and trains step 3 (checkpoint 3, HF export).
+    one:      1 process x 4 devices, steps 1-3 from scratch.
+    reshard:  1 process x 4 devices resuming from a copy of the 2-process checkpoint 2: step 3.
+    One micro-batch per step (no gradient accumulation): see test_trainer_gradient_accumulation_....
+    """
+    require_trainer()
+    root = tmp_path_factory.mktemp("trainer")
+    runs = {"root": root}
+    # Single-process compiles may share a persistent cache (the 1-process runs compile the same step).
+    # Not the 2-process runs: a cache hit on one process and a miss on the other desynchronises them.
+    cache_env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    two = root / "two"
+    code, out = train_run(two, num_processes=2, devices=2, audit_dir=root / "audit_two_a",
+                          overrides=["--config.debug.stop_after_steps=2", *NO_ACCUMULATION])
+    assert code == 0, out
+    runs["two_first_summary"] = json.loads((two / "summary.json").read_text())
+    reshard = root / "reshard"
+    shutil.copytree(two, reshard)
+    (reshard / "metrics.jsonl").unlink()
+    code, out = train_run(two, num_processes=2, devices=2, audit_dir=root / "audit_two_b", overrides=NO_ACCUMULATION)
+    assert code == 0, out
+    runs["two_output"] = out
+
+    one = root / "one"
+    code, out = train_run(one, num_processes=1, devices=4, env=cache_env, overrides=NO_ACCUMULATION)
+    assert code == 0, out
+    code, out = train_run(reshard, num_processes=1, devices=4, env=cache_env, overrides=NO_ACCUMULATION)
+    assert code == 0, out
+    runs.update(two=two, one=one, reshard=reshard)
+    return runs
+
+
+@slow
+def test_trainer_two_processes_match_one_process(trainer_runs):
+    two, one = train_records(trainer_runs["two"]), train_records(trainer_runs["one"])
+    assert [r["step"] for r in two] == [1, 2, 3] and [r["step"] for r in one] == [1, 2, 3]
+    for key in ("loss", "grad_norm", "rewards/accuracies", "tokens"):
+        if key in one[0]:
+            np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=2e-5, atol=1e-6,
+                                       err_msg=key)
+    assert two[2]["loss"] < two[0]["loss"] - 1e-3  # it trains
+    assert trainer_runs["two_first_summary"]["status"] == "stopped"
+    summary = json.loads((trainer_runs["two"] / "summary.json").read_text())
+    assert (summary["status"], summary["start_step"], summary["step"]) == ("completed", 2, 3)
+
+
+@slow
+def test_trainer_checkpoint_restores_on_one_process(trainer_runs):
+    """The 2-process checkpoint of step 2, restored by 1 process on 4 devices (arrays resharded across a
+    different process layout), continues exactly: its step 3 is the 2-process run's step 3."""
+    resumed, two = train_records(trainer_runs["reshard"]), train_records(trainer_runs["two"])
+    assert [r["step"] for r in resumed] == [3]
+    np.testing.assert_allclose(resumed[0]["loss"], two[2]["loss"], rtol=2e-5)
+    np.testing.assert_allclose(resumed[0]["grad_norm"], two[2]["grad_norm"], rtol=2e-5)
+    summary = json.loads((trainer_runs["reshard"] / "summary.json").read_text())
+    assert (summary["status"], summary["start_step"]) == ("completed", 2)
+
+
+@slow
+def test_trainer_writes_single_files_from_process_zero_only(trainer_runs):
+    workdir, root = trainer_runs["two"], trainer_runs["root"]
+    for run in ("audit_two_a", "audit_two_b"):
+        p0, p1 = audit(root / run, 0), audit(root / run, 1)
+        shared_ok = ("cache", "checkpoints")  # tokenizer cache (atomic renames) and orbax (per-process shards)
+        assert not [f for f in p1 if not f.startswith(shared_ok)], f"{run}: process 1 wrote {sorted(p1)}"
+        assert {"metrics.jsonl", "summary.json", "config.json", "train.log"} <= p0, sorted(p0)
+        # No file of the checkpoint is written by both processes.
+        both = {f for f in p0 & p1 if f.startswith("checkpoints") and (workdir / f).is_file()}
+        assert not both, f"{run}: both processes wrote {sorted(both)}"
+    second = audit(root / "audit_two_b", 0)
+    assert any(f.startswith("hf/") for f in second), sorted(second)  # the HF export: process 0
+    assert not any(f.startswith("hf") for f in audit(root / "audit_two_b", 1))
+    # Each checkpoint exists once, with one array shard file set per process, merged by process 0.
+    steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert steps == ["2", "3"], steps
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+    # Logged once: process 0's "step 3/3" line, never process 1's.
+    out = trainer_runs["two_output"]
+    assert "[p0] " in out and not [l for l in out.splitlines() if l.startswith("[p1]") and "step 3/3" in l]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (workdir / "hf" / "config.json").exists()
+
+
+def test_trainer_process_killed_mid_run_ends_the_job_with_a_clear_error(tmp_path):
+    require_trainer()
+    argv = [sys.executable, str(LAUNCHER), "-n", "2", "-d", "2", "--timeout", "200", "--grace", "5", "--",
+            sys.executable, "-m", "mcpo_jax.train", "--config", str(TRAIN_CONFIG), "--workdir", str(tmp_path / "w")]
+    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    pids, lines, killed_at = {}, [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("local_multiprocess: process ") and ": pid " in line:
+                k, pid = line.split("process ", 1)[1].split(": pid ")
+                pids[int(k)] = int(pid)
+            if killed_at is None and line.startswith("[p0]") and "model:" in line:
+                os.kill(pids[1], signal.SIGKILL)  # after the processes have run collectives together
+                killed_at = time.monotonic()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert killed_at is not None, output
+    assert time.monotonic() - killed_at < 60, "the job outlived its dead process by a minute"
+    assert code == 128 + signal.SIGKILL, output
+    assert "process 1 killed by SIGKILL" in output
+    assert "FAILED" in output and "process 1 killed by SIGKILL first" in output
+
+
+@slow
+@pytest.mark.xfail(strict=True, reason=(
+    "trainer bug: with gradient accumulation each process splits its own rows into micro-batches, so "
+    "micro-batch m holds different examples (and gets different kernel draws) with 1 and 2 processes; fix: "
+    "iterate the data per micro-batch (batch_size=micro_batch_size // process_count) and stack `accum` of them"))
+def test_trainer_gradient_accumulation_is_independent_of_the_process_count(tmp_path):
+    require_trainer()
+    losses = {}
+    for n in (2, 1):
+        code, out = train_run(tmp_path / f"p{n}", num_processes=n, devices=4 // n, overrides=["--config.max_steps=2"])
+        assert code == 0, out
+        losses[n] = [(r["loss"], r["grad_norm"]) for r in train_records(tmp_path / f"p{n}")]
+    assert len(losses[1]) == 2
+    np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
