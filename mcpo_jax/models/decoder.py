@@ -338,17 +338,29 @@ class Transformer(nnx.Module):
         impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
         scale = c.head_dim**-0.5
         window = c.sliding_window if c.sliding_window is not None and c.sliding_window < T else None
+        xla_attend = self._xla_attention(mask_BT, T, window, scale)
         if impl == "cudnn":
+            # right padding: padding keys are exactly those past each row's length
             lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
             local = None if window is None else (window - 1, 0)
+            explicit = self.attention_impl == "cudnn"
 
             def attend(q, k, v):
-                return jax.nn.dot_product_attention(
-                    q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
-                    local_window_size=local, implementation="cudnn",
-                )
+                try:
+                    return jax.nn.dot_product_attention(
+                        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
+                        local_window_size=local, implementation="cudnn",
+                    )
+                except (NotImplementedError, ValueError, RuntimeError):
+                    if explicit:
+                        raise
+                    return xla_attend(q, k, v)  # shape / dtype / GPU generation cuDNN does not take
 
             return attend
+        return xla_attend
+
+    @staticmethod
+    def _xla_attention(mask_BT, T, window, scale):
         idx = jnp.arange(T)
         allowed_TS = idx[None, :] <= idx[:, None]
         if window is not None:

@@ -401,7 +401,7 @@ def from_pretrained(
                 raise CheckpointError(
                     f"tensor {key!r} in {file} has shape {list(reader.shape(key))}, the config implies {list(want)}"
                 )
-            host = transform.load(reader.read(key), ours_shape).astype(np_dtype)
+            host = transform.load(reader.read(key), ours_shape).astype(np_dtype, copy=False)
             if layer is None:
                 values[ppath] = _place(host, sharding)
             else:
