@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -295,8 +294,11 @@ def init_model(config, *, dtype, param_dtype, remat, seed: int, mesh=None):
     return models.init_random(config, dtype=dtype, param_dtype=param_dtype, seed=seed, mesh=mesh, remat=remat)
 
 
-def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) -> list[dict[str, Any]]:
-    """Build the model, optimizer and state once; compile and time each variant's train step."""
+def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
+              on_row: Callable[[list], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Build the model, optimizer and state once; compile and time each variant's train step.
+    `on_row(rows)` runs after each variant (the CLI saves its JSON there, so a run cut short by a
+    time limit keeps what it measured)."""
     from mcpo_jax import models, sharding
     from mcpo_jax.training import refcache
     from mcpo_jax.training import state as state_lib
@@ -359,6 +361,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) 
             rows.append({"model": args.model, "step": variant, "error": f"{type(e).__name__}: {e}"[:1000],
                          "peak_mem_gb": device_memory()["peak_bytes_in_use_gb"]})
             log(f"{args.model:11s} {variant:21s} ERROR {rows[-1]['error'][:300]}")
+            on_row(rows)
             if any(x.is_deleted() for x in jax.tree.leaves(state)):
                 log("# the donated train state is gone with the failed step: remaining variants skipped")
                 break
@@ -374,6 +377,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print) 
         row["finite"] = bool(metrics["finite"])
         rows.append(row)
         log(format_table([row]).splitlines()[-1])
+        on_row(rows)
         del compiled
     return rows
 
@@ -491,28 +495,36 @@ def format_table(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _num(x, fmt: str, width: int) -> str:
+    return f"{x:{width}{fmt}}" if isinstance(x, (int, float)) else f"{'-':>{width}s}"
+
+
 def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     """Side by side with the PyTorch anchor: same model shapes, same step, same FLOP accounting."""
     arows = {(r["model"], r["step"]): r for r in anchor.get("runs", []) if "step" in r}
-    head = (f"{'model':10s} {'step':21s} {'torch s':>8s} {'jax s':>8s} {'speedup':>8s} {'torch MFU':>9s} "
-            f"{'jax MFU':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
-    lines = [head]
+    lines = []
+    for bench in benches:
+        env = bench.get("environment", {})
+        lines.append(f"# {bench.get('config', {}).get('model', '?')}: {env.get('device_kind', '?')}, "
+                     f"jax {env.get('jax_version', '?')}")
+    lines.append(f"{'model':10s} {'step':21s} {'torch s':>8s} {'jax s':>8s} {'speedup':>8s} {'torch MFU':>9s} "
+                 f"{'jax MFU':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
     for bench in benches:
         for r in bench.get("runs", []):
             if "error" in r:
                 lines.append(f"{r['model']:10s} {r['step']:21s} jax ERROR {r['error'][:160]}")
                 continue
-            a = arows.get((r["model"], ANCHOR_STEP.get(r["step"], r["step"])))
+            a = arows.get((r["model"], ANCHOR_STEP.get(r["step"], r["step"]))) or {}
             target = r.get("target_s")
+            speedup = a["median_s"] / r["median_s"] if "median_s" in a else None
             lines.append(
-                f"{r['model']:10s} {r['step']:21s} {a['median_s'] if a else float('nan'):8.3f} {r['median_s']:8.3f} "
-                f"{a['median_s'] / r['median_s'] if a else float('nan'):8.2f} {a['mfu'] if a else float('nan'):9.3f} "
-                f"{r['mfu']:8.3f} {_gb(a.get('peak_mem_gb') if a else None)} {_gb(r.get('peak_mem_gb'))} "
-                f"{target if target else float('nan'):8.2f}  "
-                + ("-" if not target else "yes" if r["median_s"] <= target else "NO")
+                f"{r['model']:10s} {r['step']:21s} {_num(a.get('median_s'), '.3f', 8)} {r['median_s']:8.3f} "
+                f"{_num(speedup, '.2f', 8)} {_num(a.get('mfu'), '.3f', 9)} {r['mfu']:8.3f} "
+                f"{_num(a.get('peak_mem_gb'), '.1f', 8)} {_num(r.get('peak_mem_gb'), '.1f', 8)} "
+                f"{_num(target, '.2f', 8)}  " + ("-" if not target else "yes" if r["median_s"] <= target else "NO")
             )
         for k, v in bench.get("ratios", {}).items():
-            lines.append(f"{bench['config']['model']:10s} {k}: {v:.2f}")
+            lines.append(f"{bench['config']['model']:10s} jax {k}: {v:.2f}")
     amodels = {r["model"] for r in anchor.get("runs", []) if "step" in r}
     for m in sorted(amodels):
         by = {r["step"]: r["median_s"] for r in anchor["runs"] if r.get("model") == m and "step" in r}
@@ -522,6 +534,8 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     if peak:
         lines.append("matmul peak: " + ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in peak.items() if "tflops" in k or "version" in k))
+    if anchor.get("partial"):
+        lines.append("(the anchor run was cut short: its rows come from its log)")
     return "\n".join(lines)
 
 
@@ -628,7 +642,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if env["backend"] == "cpu":
         print(f"# CPU run: MFU is against {args.peak_tflops:g} TFLOP/s and means nothing here; "
               "peak GB is n/a (the CPU keeps no allocator statistics), step GB is XLA's memory_analysis")
-    rows = run_steps(args, config, shapes, variants)
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "compare"},
         "environment": env,
@@ -638,9 +651,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "forward_flops_per_token": flops_per_token(shapes, seq, train=False),
             "peak_tflops": args.peak_tflops,
         },
-        "runs": rows,
-        "ratios": ratios(rows),
+        "runs": [],
+        "ratios": {},
     }
+
+    def save():
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+
+    def on_row(rows):
+        result["runs"], result["ratios"] = list(rows), ratios(rows)
+        save()
+
+    rows = run_steps(args, config, shapes, variants, on_row=on_row)
+    on_row(rows)
     if args.generation:
         gen_batch = args.gen_batch or args.prompts * (1 + args.candidates)
         new_tokens = args.gen_new_tokens or min(args.completion_len, 128)
@@ -652,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 vocab_size=config.vocab_size, warmup=1, steps=3, seed=args.seed)
         except Exception as e:  # noqa: BLE001 - the step numbers above stand on their own
             result["generation"] = {"error": repr(e)[:500]}
+        save()
     print()
     print(format_table(rows))
     for k, v in result["ratios"].items():
@@ -665,9 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         else:
             print(f"generation: {gen}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        save()
         print(f"# wrote {args.json}")
     return result
 

@@ -126,6 +126,7 @@ def test_import_graph_runs_without_grain_ml_collections_datasets():
         sys.meta_path.insert(0, Block())
         import mcpo_jax.bench
         import mcpo_jax.models, mcpo_jax.sharding, mcpo_jax.training.state, mcpo_jax.training.step
+        import mcpo_jax.training.refcache
         import mcpo_jax.online.generate
         print("ok")
     """)
