@@ -510,21 +510,24 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     lines.append(f"{'model':10s} {'step':21s} {'torch s':>8s} {'jax s':>8s} {'speedup':>8s} {'torch MFU':>9s} "
                  f"{'jax MFU':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
     for bench in benches:
+        cfg = bench.get("config", {})
+        tags = (["remat"] if cfg.get("remat") else []) + (["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
         for r in bench.get("runs", []):
+            name = "+".join([r["model"], *tags])
             if "error" in r:
-                lines.append(f"{r['model']:10s} {r['step']:21s} jax ERROR {r['error'][:160]}")
+                lines.append(f"{name:10s} {r['step']:21s} jax ERROR {r['error'][:160]}")
                 continue
             a = arows.get((r["model"], ANCHOR_STEP.get(r["step"], r["step"]))) or {}
             target = r.get("target_s")
             speedup = a["median_s"] / r["median_s"] if "median_s" in a else None
             lines.append(
-                f"{r['model']:10s} {r['step']:21s} {_num(a.get('median_s'), '.3f', 8)} {r['median_s']:8.3f} "
+                f"{name:10s} {r['step']:21s} {_num(a.get('median_s'), '.3f', 8)} {r['median_s']:8.3f} "
                 f"{_num(speedup, '.2f', 8)} {_num(a.get('mfu'), '.3f', 9)} {r['mfu']:8.3f} "
                 f"{_num(a.get('peak_mem_gb'), '.1f', 8)} {_num(r.get('peak_mem_gb'), '.1f', 8)} "
                 f"{_num(target, '.2f', 8)}  " + ("-" if not target else "yes" if r["median_s"] <= target else "NO")
             )
         for k, v in bench.get("ratios", {}).items():
-            lines.append(f"{bench['config']['model']:10s} jax {k}: {v:.2f}")
+            lines.append(f"{'+'.join([cfg.get('model', '?'), *tags]):10s} jax {k}: {v:.2f}")
     amodels = {r["model"] for r in anchor.get("runs", []) if "step" in r}
     for m in sorted(amodels):
         by = {r["step"]: r["median_s"] for r in anchor["runs"] if r.get("model") == m and "step" in r}

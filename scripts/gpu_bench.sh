@@ -9,7 +9,8 @@
 #
 # Environment:
 #   OUT       where the JSON and logs go (default runs/gpu_bench); the device tool sets it.
-#   STAGES    which parts run, in order (default "anchor jax-1b jax-8b").
+#   STAGES    which parts run, in order (default "anchor jax-1b jax-8b"; optional: jax-8b-remat,
+#             jax-1b-f32 for a second run).
 #   STEPS     timed steps per variant (default 5; the median is reported), WARMUP (default 2).
 #   PYTHON    interpreter (default python3).
 #   ANCHOR_SCRIPT  the anchor's path (default .device/torch_dpo_anchor.py).
@@ -79,7 +80,18 @@ PYEOF
       timeout -k 10 150 $PY -m mcpo_jax.bench --model $M8B --prompts 2 $SHAPES --no-generation \
           --variants mcpo_precomputed_ref,dpo,mcpo --json "$OUT/bench_llama-8b.json" 2>&1 | tee "$OUT/bench_llama-8b.log"
       stamp "jax-8b rc=${PIPESTATUS[0]}" ;;
-    *) stamp "unknown stage $stage (known: anchor jax-1b jax-8b)" ;;
+    # Optional stages (not in the default STAGES: they do not fit the first run's budget).
+    jax-8b-remat)  # lever 7: the 8B MC-PO step under 90 GB with the reference in the step?
+      stamp "mcpo_jax.bench llama-8b, full remat: MC-PO"
+      timeout -k 10 150 $PY -m mcpo_jax.bench --model $M8B --prompts 2 $SHAPES --no-generation --remat true \
+          --variants mcpo --json "$OUT/bench_llama-8b-remat.json" 2>&1 | tee "$OUT/bench_llama-8b-remat.log"
+      stamp "jax-8b-remat rc=${PIPESTATUS[0]}" ;;
+    jax-1b-f32)  # the trainer's default storage: float32 weights and AdamW moments, bf16 compute
+      stamp "mcpo_jax.bench llama-1b, float32 weights: MC-PO and DPO"
+      timeout -k 10 150 $PY -m mcpo_jax.bench --model $M1B --prompts 8 $SHAPES --no-generation --param-dtype f32 \
+          --variants mcpo,dpo --json "$OUT/bench_llama-1b-f32.json" 2>&1 | tee "$OUT/bench_llama-1b-f32.log"
+      stamp "jax-1b-f32 rc=${PIPESTATUS[0]}" ;;
+    *) stamp "unknown stage $stage (known: anchor jax-1b jax-8b jax-8b-remat jax-1b-f32)" ;;
   esac
 done
 
@@ -89,7 +101,8 @@ if [ ! -s "$ANCHOR_JSON" ]; then
   [ -s "$ANCHOR_JSON" ] && stamp "using the stored anchor numbers $ANCHOR_JSON (not measured in this run)"
 fi
 BENCHES=()
-for f in "$OUT/bench_llama-1b.json" "$OUT/bench_llama-8b.json"; do [ -s "$f" ] && BENCHES+=("$f"); done
+for f in "$OUT"/bench_llama-1b.json "$OUT"/bench_llama-1b-f32.json "$OUT"/bench_llama-8b.json \
+         "$OUT"/bench_llama-8b-remat.json; do [ -s "$f" ] && BENCHES+=("$f"); done
 echo
 stamp "side by side (same GPU, same FLOP accounting; speedup = torch s / jax s)"
 if [ -s "$ANCHOR_JSON" ] && [ ${#BENCHES[@]} -gt 0 ]; then
