@@ -209,7 +209,7 @@ def generation_throughput(model, *, batch_size: int, prompt_length: int, new_tok
     """Prefill and decode speed of :func:`generate` on random prompts (no EOS, so every step runs).
 
     Times ``generate`` with 1 new token (prefill + one sample) and with ``new_tokens`` new tokens, each after a
-    compile run, best of ``repeats``. prefill tokens/s = B * prompt_length / t_1; decode tokens/s =
+    compile run, median of ``repeats``. prefill tokens/s = B * prompt_length / t_1; decode tokens/s =
     B * (new_tokens - 1) / (t_N - t_1).
     """
     rng = np.random.default_rng(seed)
@@ -218,22 +218,23 @@ def generation_throughput(model, *, batch_size: int, prompt_length: int, new_tok
     mask = np.ones_like(ids)
     key = jax.random.key(seed)
 
-    def best_time(n):
+    def median_time(n):
         jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n, temperature=temperature, key=key))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n, temperature=temperature, key=key))
             times.append(time.perf_counter() - start)
-        return min(times)
+        return float(np.median(times))
 
-    t_prefill = best_time(1)
-    t_total = best_time(new_tokens)
-    t_decode = max(t_total - t_prefill, 1e-9)
+    t_prefill = median_time(1)
+    t_total = median_time(new_tokens)
+    # None when the decode time is within the noise of the prefill (tiny models)
+    t_decode = t_total - t_prefill if new_tokens > 1 and t_total > t_prefill else None
     return {
         "batch_size": batch_size, "prompt_length": prompt_length, "new_tokens": new_tokens,
         "prefill_seconds": t_prefill, "total_seconds": t_total,
         "prefill_tokens_per_s": batch_size * prompt_length / t_prefill,
-        "decode_tokens_per_s": batch_size * max(new_tokens - 1, 0) / t_decode,
-        "decode_ms_per_step": 1e3 * t_decode / max(new_tokens - 1, 1),
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / t_decode if t_decode else None,
+        "decode_ms_per_step": 1e3 * t_decode / (new_tokens - 1) if t_decode else None,
     }

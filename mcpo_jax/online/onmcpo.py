@@ -111,7 +111,27 @@ def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict
 
 
 # -- files -------------------------------------------------------------------------------------------------------
+def _primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Multi-host: every process waits until process 0 has written the segment's files (shared filesystem)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Atomic JSONL write (temporary name, then rename). Multi-host: every process samples the same rows in
+    SPMD, process 0 writes them."""
+    if not _primary():
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -192,10 +212,12 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
         stats["mean_winner_score"] = float(np.mean([s[r["winner"]] for s, r in zip(all_scores, results)]))
         stats["best_possible_winner_score"] = float(np.mean([max(s) for s in all_scores]))
     write_jsonl(os.path.join(out_dir, "samples.jsonl"), samples)
-    with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(stats_path + ".tmp", stats_path)
+    if _primary():
+        with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        os.replace(stats_path + ".tmp", stats_path)
     write_jsonl(data_path, data)  # last: its existence marks the segment's data as complete
+    _barrier(f"onmcpo:{out_dir}")
     return stats
 
 
@@ -353,6 +375,7 @@ def train_online(config, workdir: str) -> dict:
             mesh = shd.mesh_from_config(config.mesh)
             models.save_pretrained(loop.build_model(config.model, mesh, shd.rules_from_config(None)), initial,
                                    tokenizer=loop.build_tokenizer(config))
+        _barrier("onmcpo:initial")
     tokenizer_name = config.get("tokenizer") or initial
     tok_config = dict(config.to_dict(), tokenizer=tokenizer_name)
     import ml_collections
