@@ -34,7 +34,6 @@ All objectives are jit / grad / vmap compatible and stay finite (loss and gradie
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -178,7 +177,6 @@ def _register(name: str, *, uses_ref: bool, uses_lengths: bool, pairwise: bool):
     """Wraps `body(inputs, beta, **hparams) -> (loss_B, metrics)` into the public signature."""
 
     def wrap(body):
-        @functools.wraps(body)
         def objective(policy_logps, ref_logps=None, *, beta, lengths=None, valid=None, **hparams):
             inputs = _Inputs(
                 name, policy_logps, ref_logps, lengths, valid,
@@ -189,7 +187,8 @@ def _register(name: str, *, uses_ref: bool, uses_lengths: bool, pairwise: bool):
                 loss_B = jnp.where(inputs.has_negative, loss_B, 0.0)
             return loss_B, metrics
 
-        objective.__name__ = name
+        objective.__name__ = objective.__qualname__ = name
+        objective.__doc__ = body.__doc__
         _OBJECTIVES[name] = objective
         return objective
 

@@ -243,12 +243,11 @@ def test_prop_3_3_online_estimate_is_unbiased():
 def _extreme_inputs(k):
     """Log-prob gaps of +-1e4, invalid columns full of NaN / inf."""
     c = 1 + k
-    policy = np.zeros((4, c))
-    policy[0, 0], policy[1, 1:] = -1e4, -1e4
-    policy[2, 0], policy[3, 1:] = 1e4 - 1e4, 0.0
+    policy, ref = np.zeros((4, c)), np.zeros((4, c))
+    policy[0, 0] = -1e4  # y0 far below the negatives
+    policy[1, 1:] = -1e4  # negatives far below y0
     policy[2, 1:] = -2e4
-    ref = np.zeros((4, c))
-    ref[3, 0] = 1e4
+    ref[3, 0] = 1e4  # log-ratio of y0 = -1e4 through the reference
     lengths = np.full((4, c), 7.0)
     valid = np.ones((4, c), bool)
     if k > 1:
@@ -282,28 +281,28 @@ def test_jit_vmap_and_finite_difference_gradient(name):
     hp.update({"bco": {"delta": 0.2}, "kto": {"kl": 0.4}}.get(name, {}))
     hp["beta"] = 0.2
     fn = losses.get(name)
-    p32, r32, l32 = _f32(p, r, lengths)
-    v = jnp.asarray(valid)
-    eager, eager_m = fn(p32, r32, lengths=l32, valid=v, **hp)
-    jitted, jit_m = jax.jit(lambda a, b_, c, d: fn(a, b_, lengths=c, valid=d, **hp))(p32, r32, l32, v)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(jit_m["rewards/margins"]), np.asarray(eager_m["rewards/margins"]),
-                               rtol=1e-6, atol=1e-6)
+    args = _f32(p, r, lengths) + [jnp.asarray(valid)]
+    eager, _ = fn(args[0], args[1], lengths=args[2], valid=args[3], **hp)
     halves = lambda x: x.reshape(2, B // 2, -1)
-    mapped, _ = jax.vmap(lambda a, b_, c, d: fn(a, b_, lengths=c, valid=d, **hp))(
-        halves(p32), halves(r32), halves(l32), halves(v))
+    mapped, metrics = jax.jit(jax.vmap(lambda a, b_, c, d: fn(a, b_, lengths=c, valid=d, **hp)))(
+        *[halves(x) for x in args])
     np.testing.assert_allclose(np.asarray(mapped).reshape(-1), np.asarray(eager), rtol=1e-6, atol=1e-6)
+    assert all(v.shape == (2, B // 2) for v in metrics.values())
 
-    with jax.enable_x64(True):  # central differences, all perturbations in one vmapped call
+    with jax.enable_x64(True):  # gradient vs central differences, in one compiled float64 call
         p64, r64 = jnp.asarray(p[:4]), jnp.asarray(r[:4])
         kw = dict(lengths=jnp.asarray(lengths[:4]), valid=jnp.asarray(valid[:4]), **hp)
         total = lambda a: jnp.sum(fn(a, r64, **kw)[0])
-        grad = np.asarray(jax.grad(total)(p64))
         h = 1e-6
-        steps = h * np.eye(p64.size).reshape((-1,) + p64.shape)
-        values = np.asarray(jax.vmap(total)(jnp.concatenate([p64 + steps, p64 - steps])))
-        fd = ((values[: len(steps)] - values[len(steps):]) / (2 * h)).reshape(p64.shape)
-        np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6)
+        steps = jnp.asarray(h * np.eye(p64.size).reshape((-1,) + p64.shape))
+
+        @jax.jit
+        def grad_and_differences(a):
+            values = jax.vmap(total)(jnp.concatenate([a + steps, a - steps]))
+            return jax.grad(total)(a), (values[: len(steps)] - values[len(steps):]) / (2 * h)
+
+        grad, fd = (np.asarray(x) for x in grad_and_differences(p64))
+        np.testing.assert_allclose(grad, fd.reshape(grad.shape), rtol=1e-5, atol=1e-6)
 
 
 def test_errors_name_the_objective():
