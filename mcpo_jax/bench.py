@@ -337,6 +337,8 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
         logps_fn = refcache.make_logps_fn(graphdef, rest, mesh, args.chunk_size)
         np_batch["ref_logps"] = np.asarray(
             logps_fn(ref_params, np_batch["input_ids"], np_batch["attention_mask"], np_batch["loss_mask"]))
+    if all(v.endswith("precomputed_ref") for v in variants):
+        ref_params = None  # as the trainer does: the reference weights are freed once their log-probs exist
 
     rows = []
     for variant in variants:
