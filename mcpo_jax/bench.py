@@ -173,17 +173,6 @@ def compiled_memory(compiled) -> dict[str, float] | None:
     }
 
 
-def xla_flops(compiled) -> float | None:
-    """FLOPs XLA counts in the compiled step (a cross-check of the model-FLOP arithmetic)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def hlo_census(compiled) -> dict[str, int] | None:
     """What the optimized program is made of: fused-attention and GEMM library calls, Triton
     fusions, while loops (a length-1 accumulation loop that survived shows here)."""
@@ -373,7 +362,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
                             seq=args.prompt_len + args.completion_len)
         row = result_row(model=args.model, variant=variant, shapes=shapes, work=work, times=times,
                          compile_s=info["compile_seconds"], peak_tflops=args.peak_tflops, memory=device_memory(),
-                         compiled_mem=compiled_memory(compiled), counted_flops=xla_flops(compiled))
+                         compiled_mem=compiled_memory(compiled))
         row["hlo"] = hlo_census(compiled)
         row["loss"] = float(metrics["loss"])
         row["finite"] = bool(metrics["finite"])
@@ -442,8 +431,8 @@ ANCHOR_STEP = {"dpo": "dpo", "dpo_precomputed_ref": "dpo_precomputed_ref", "mcpo
 
 
 def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: Sequence[float],
-               compile_s: float | None, peak_tflops: float, memory: dict, compiled_mem: dict | None,
-               counted_flops: float | None) -> dict[str, Any]:
+               compile_s: float | None, peak_tflops: float, memory: dict,
+               compiled_mem: dict | None) -> dict[str, Any]:
     med = statistics.median(times)
     flops = work.flops(shapes)
     return {
@@ -461,7 +450,6 @@ def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: S
         "mfu": flops / med / (peak_tflops * 1e12),
         "peak_mem_gb": memory.get("peak_bytes_in_use_gb"),
         "compiled_mem": compiled_mem,
-        "xla_flops": counted_flops,
         "target_s": TARGETS_S.get((model, variant)),
     }
 
