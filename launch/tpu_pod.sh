@@ -10,7 +10,8 @@
 #   create    create the slice, or reuse it when one with that name already exists (must be READY)
 #   push      copy this checkout (tracked + untracked-not-ignored files) to every worker, or with
 #             --git URL clone/fetch --ref on every worker instead
-#   setup     python venv at ~/mcpo-venv and `pip install -e '.[tpu]'` on every worker
+#   setup     python venv at ~/mcpo-venv and `pip install -e '.[tpu]' gcsfs` on every worker (gcsfs: the
+#             gs:// backend of etils.epath, which orbax uses for checkpoint metadata)
 #   train     run `python -m mcpo_jax.train --config CONFIG --workdir WORKDIR [args after --]` on every
 #             worker at once (--worker=all); in the background with --detach (log: ~/mcpo-train.log)
 # and also: up (all four), logs [--worker N], stop (kill a --detach run), status, ssh, teardown.
@@ -165,7 +166,7 @@ with tarfile.open(sys.argv[1], "w:gz") as tar:
 do_setup() {
   on_all "set -e; (python3 -m venv ~/mcpo-venv || (sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv \
 && python3 -m venv ~/mcpo-venv)) >/dev/null; ~/mcpo-venv/bin/pip install -q --upgrade pip; \
-~/mcpo-venv/bin/pip install -q -e ~/mcpo-jax'[tpu]'; \
+~/mcpo-venv/bin/pip install -q -e ~/mcpo-jax'[tpu]' gcsfs; \
 ~/mcpo-venv/bin/python -c 'import jax, mcpo_jax; print(\"jax\", jax.__version__)'"
 }
 

@@ -351,7 +351,7 @@ def test_trainer_writes_single_files_from_process_zero_only(trainer_runs):
     for run in ("audit_two_a", "audit_two_b"):
         p0, p1 = audit(root / run, 0), audit(root / run, 1)
         shared_ok = ("cache", "checkpoints")  # tokenizer cache (atomic renames) and orbax (per-process shards)
-        assert not [f for f in p1 if not f.startswith(shared_ok)], f"{run}: process 1 wrote {sorted(p1)}"
+        assert not [f for f in p1 if f != "." and not f.startswith(shared_ok)], f"{run}: process 1 wrote {sorted(p1)}"
         assert {"metrics.jsonl", "summary.json", "config.json", "train.log"} <= p0, sorted(p0)
         # No file of the checkpoint is written by both processes.
         both = {f for f in p0 & p1 if f.startswith("checkpoints") and (workdir / f).is_file()}

@@ -3,7 +3,7 @@
 Loaded by Python at start-up when this folder is on PYTHONPATH. With MCPO_TEST_AUDIT_DIR and
 MCPO_TEST_AUDIT_ROOT set, every file that Python code of this process opens for writing, creates,
 renames or replaces under ROOT is recorded (relative to ROOT) and dumped at exit to
-AUDIT_DIR/process_<MCPO_PROCESS_ID>.json. Native writers (tensorstore inside orbax, safetensors'
+AUDIT_DIR/process_<MCPO_PROCESS_ID>.json (only in processes started by the launcher). Native writers (tensorstore inside orbax, safetensors'
 Rust code) are not seen; their files are checked by listing the run folder instead.
 """
 
@@ -14,8 +14,9 @@ import sys
 
 _out = os.environ.get("MCPO_TEST_AUDIT_DIR")
 _root = os.environ.get("MCPO_TEST_AUDIT_ROOT")
+_process = os.environ.get("MCPO_PROCESS_ID")  # set by the launcher for its processes, not for itself
 
-if _out and _root:
+if _out and _root and _process is not None:
     _root = os.path.realpath(_root)
     _writes = set()
     _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -43,7 +44,7 @@ if _out and _root:
 
     def _dump():
         os.makedirs(_out, exist_ok=True)
-        with open(os.path.join(_out, f"process_{os.environ.get('MCPO_PROCESS_ID', '0')}.json"), "w") as f:
+        with open(os.path.join(_out, f"process_{_process}.json"), "w") as f:
             json.dump(sorted(_writes), f)
 
     sys.addaudithook(_hook)
