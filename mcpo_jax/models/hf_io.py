@@ -438,6 +438,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@jax.jit
+def _take_layer(stacked, i):
+    """stacked[i] with a traced index: one compile per parameter shape, not per layer."""
+    return jax.lax.dynamic_index_in_dim(stacked, i, axis=0, keepdims=False)
+
+
 def _hf_tensors(model: Transformer, dtype) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
     flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     L = model.config.num_hidden_layers
@@ -454,7 +460,7 @@ def _hf_tensors(model: Transformer, dtype) -> list[tuple[str, tuple[int, ...], n
                     pattern.replace("{i}", str(i)),
                     transform.hf_shape(shape[1:]),
                     np_dtype,
-                    lambda v=var, i=i, t=transform: t.save(_to_host(v.get_value()[i])),
+                    lambda v=var, i=i, t=transform: t.save(_to_host(_take_layer(v.get_value(), np.int32(i)))),
                 ))
         else:
             out.append((pattern, transform.hf_shape(shape), np_dtype, lambda v=var, t=transform: t.save(_to_host(v.get_value()))))
