@@ -183,3 +183,12 @@ def test_load_onto_fsdp2_tensor2_mesh_in_subprocess(saved):
     proc = subprocess.run([sys.executable, "-c", script, out], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_checkpoint_carrying_lm_head_is_accepted(saved, tmp_path):
+    """Some exports keep lm_head.weight although tie_word_embeddings=true; transformers ties it, so do we."""
+    folder, model = saved
+    edited = copy_with(folder, tmp_path / "c", lambda t: t.__setitem__("lm_head.weight", np.zeros((131, 32), np.float32)))
+    loaded = from_pretrained(edited)
+    assert not hasattr(loaded, "lm_head")
+    np.testing.assert_array_equal(np.asarray(loaded.lm_head_kernel()), np.asarray(model.embed[...]).T)
