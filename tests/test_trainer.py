@@ -70,6 +70,8 @@ def test_resume_is_exact(full_run, tmp_path):
     assert part["status"] == "stopped" and part["step"] == 3
     resumed = loop.train(tiny_config(), str(tmp_path))
     assert resumed["start_step"] == 3 and resumed["status"] == "completed"
+    assert part["reference_cache"] == {"train": "computed", "eval": "computed"}
+    assert resumed["reference_cache"] == {"train": "hit", "eval": "hit"}  # keyed cache reused across runs
     want, got = _train_rows(workdir), _train_rows(str(tmp_path))
     for step in range(1, 8):
         for key in ("loss", "grad_norm", "rewards/margins", "kernel/entropy", "lr"):
@@ -86,7 +88,6 @@ def test_precomputed_reference_equals_online(full_run, tmp_path):
     for step in (1, 2):
         for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
             np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
-    # The reference cache is keyed and reused: a second precomputed run finds it.
     cache = os.path.join(workdir, "cache", "reference")
     assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 2  # train + eval
 

@@ -367,6 +367,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     step_cfg = step_lib.step_config_from(config)
     ref_params = None
+    reference_cache: dict[str, str] = {}
     if step_cfg.needs_reference:
         # The reference is the initial policy, frozen (a copy: the policy's buffers are donated).
         ref_params = jax.tree.map(jnp.copy, params)
@@ -383,6 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 lambda ds=ds: refcache.compute_ref_logps(logps_fn, ref_params, ds, mesh,
                                                          rows_per_batch=int(config.micro_batch_size)))
             ds.set_ref_logps(values)
+            reference_cache[name] = "hit" if hit else "computed"
             log.info("reference log-probs (%s): %s in %.1fs", name, "cache hit" if hit else "computed",
                      time.perf_counter() - t0)
         ref_params = None  # freed: the step reads the batch's ref_logps column
@@ -428,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, enabled=primary, tensorboard=bool(config.get("tensorboard", True)))
     stop = _StopFlag().install()
     summary: dict[str, Any] = {"workdir": workdir, "total_steps": total_steps, "start_step": start_step,
-                               "status": "running"}
+                               "status": "running", "reference_cache": reference_cache}
     last_saved = latest
     compile_info = {}
     bar = None
