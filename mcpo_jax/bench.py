@@ -302,8 +302,8 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
     params = jax.device_put(params, param_sh)
     # The reference: a frozen copy of the initial policy, as the trainer keeps it.
     ref_params = jax.tree.map(jnp.copy, params)
-    tx, _ = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
-                                    decay="constant")
+    tx, schedule = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
+                                           decay="constant")
     state_sh = state_lib.state_shardings(tx, params, param_sh, mesh)
     state = state_lib.init_state(params, tx, args.seed, shardings=state_sh)
     del params, model
@@ -339,10 +339,11 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
         batch = device_batch(host)
         ref = ref_params if cfg.reference == "online" else None
         try:
-            fn = step_lib.make_train_step(cfg, graphdef, rest, tx)
+            fn = step_lib.make_train_step(cfg, graphdef, rest, tx, schedule)
             compiled, info = step_lib.compile_train_step(
                 fn, state, ref, batch, state_shardings=state_sh, ref_shardings=param_sh if ref is not None else None,
-                batch_shardings=jax.tree.map(lambda x: x.sharding, batch))
+                batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
+                metric_shardings=sharding.replicated(mesh))
 
             def one_step(carry, compiled=compiled, ref=ref, batch=batch):
                 return compiled(carry[0], ref, batch)
