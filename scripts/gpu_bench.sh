@@ -4,8 +4,9 @@
 #   bash scripts/gpu_bench.sh            # from the repository root, on the GPU machine
 #
 # Needs .device/torch_dpo_anchor.py (a copy of ../shared/bench/torch_dpo_anchor.py in the ignored
-# .device/ folder that travels to the device machine). Without it (or with ANCHOR=0) the comparison
-# uses .device/torch_anchor_h200.json, the anchor's stored H200 numbers, when that file is there.
+# .device/ folder that travels to the device machine). Without it (or with "anchor" left out of
+# STAGES) the comparison uses .device/torch_anchor_h200.json, the anchor's stored H200 numbers, when
+# that file is there.
 #
 # Environment:
 #   OUT       where the JSON and logs go (default runs/gpu_bench); the device tool sets it.
