@@ -157,10 +157,9 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
     """Answers of ``model`` to ``instructions`` (greedy by default), batched and left-padded."""
     import jax
 
-    from mcpo_jax.online.generate import generate, to_host
+    from mcpo_jax.online.generate import generate, stop_ids, to_host
 
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    eos_ids = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     rows = encode_prompts(tokenizer, instructions, use_chat_template=use_chat_template,
                           max_prompt_tokens=max_prompt_tokens)
@@ -170,7 +169,9 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
     key = jax.random.key(seed)
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
-        ids, mask = left_pad([rows[i] for i in idx], pad, multiple=32)
+        # the last batch is filled up with repeats, so every batch of a width bucket shares one program
+        fill = idx + [idx[-1]] * (batch_size - len(idx)) if len(order) > batch_size else idx
+        ids, mask = left_pad([rows[i] for i in fill], pad, multiple=32)
         new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, key=jax.random.fold_in(key, b), eos_id=eos_ids))
         for i, row in zip(idx, new):

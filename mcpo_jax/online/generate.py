@@ -34,6 +34,17 @@ def _eos_tuple(eos_id) -> tuple[int, ...]:
     return tuple(int(e) for e in eos_id)
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the model config's (Llama 3 Instruct ends turns
+    with <|eot_id|>, which only some of its files name as EOS)."""
+    ids = []
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "config", None), "eos_token_id", None)):
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
 def filter_logits(logits_BV, *, top_k_B, top_p_B):
     """Mask (to -inf) the tokens outside top-k (k = 0: all) and outside the top-p nucleus, per row."""
     vocab = logits_BV.shape[-1]

@@ -280,9 +280,9 @@ class LLMJudge(Judge):
         """Judge from an ``mcpo_jax.models.Transformer`` (e.g. ``from_pretrained(path)``), greedy by default."""
         import jax
 
-        from mcpo_jax.online.generate import generate, to_host
+        from mcpo_jax.online.generate import generate, stop_ids, to_host
 
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        eos = stop_ids(model, tokenizer)
         counter = [0]
 
         def generate_fn(ids, mask):
@@ -332,6 +332,7 @@ class LLMJudge(Judge):
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos in ids:  # the generator pads after EOS; nothing after it is the judge's
             ids = ids[:ids.index(eos)]
+        # other stop ids (e.g. <|eot_id|>) are special tokens: skip_special_tokens drops them and the padding
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def judge_pairs(self, triples):

@@ -46,10 +46,9 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
     import jax
 
     from mcpo_jax.evaluate import decode_completion, encode_prompts, left_pad
-    from mcpo_jax.online.generate import generate, to_host
+    from mcpo_jax.online.generate import generate, stop_ids, to_host
 
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+    eos_ids = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     encoded = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
                              max_prompt_tokens=max_prompt_tokens)
