@@ -113,3 +113,18 @@ def test_two_online_segments_end_to_end_and_resume(tmp_path, compilation_cache):
     assert os.path.getmtime(os.path.join(seg1_dir, "data.jsonl")) == data_mtime  # not regenerated
     assert os.path.getmtime(os.path.join(seg1_dir, "samples.jsonl")) == samples_mtime
     assert again["segments"][1]["train"]["status"] == "completed"
+
+
+def test_reference_initial_needs_trainer_support(tmp_path):
+    from mcpo_jax.training import loop
+    from mcpo_jax.training.config import base_config
+
+    c = _config()
+    c.online.reference = "initial"
+    if "reference_path" in base_config():
+        pytest.skip("the trainer has reference_path: covered by the end-to-end run")
+    with pytest.raises(loop.ConfigError, match="reference_path"):
+        onmcpo.train_online(c, str(tmp_path))
+    c.online.reference = "bogus"
+    with pytest.raises(loop.ConfigError, match="segment_start"):
+        onmcpo.train_online(c, str(tmp_path))

@@ -242,6 +242,12 @@ def online_defaults():
     o.prompt_field = ""  # "" = auto: prompt, instruction, turns, messages
     o.num_prompts = 0  # 0 = all
     o.seed = 0
+    # The reference model of every segment's objective and MC kernel: "segment_start" = the policy the segment
+    # starts from (each segment is one trainer run from the previous export); "initial" = the initial policy
+    # throughout (App. B.1 names the Instruct model as pi_ref; needs the trainer's `reference_path` knob).
+    # With "segment_start", r_theta = 0 for every candidate when a segment starts, so the MC kernel begins each
+    # segment uniform (M = 1 MC-PO is then close to online DPO until the policy moves).
+    o.reference = "segment_start"
     # After the last segment: adjusted win rate of the final policy against the initial one (synthetic task:
     # held-out prompts judged by the oracle). num_prompts = 0 disables it.
     o.final_eval = ml_collections.ConfigDict({"num_prompts": 0, "seed": 1, "max_new_tokens": 64})
@@ -310,12 +316,16 @@ def segment_prompts(prompts: Sequence[Any], num_segments: int, seed: int) -> lis
     return [[prompts[i] for i in part] for part in np.array_split(order, num_segments)]
 
 
-def segment_config(config, *, data_path: str, policy_path: str, tokenizer: str, num_steps: int | None):
-    """The trainer config of one segment: the current policy, the segment's generated rows."""
+def segment_config(config, *, data_path: str, policy_path: str, tokenizer: str, num_steps: int | None,
+                   reference_path: str | None = None):
+    """The trainer config of one segment: the current policy, the segment's generated rows, and (when given)
+    a reference model other than the starting policy."""
     import ml_collections
 
     c = ml_collections.ConfigDict(config.to_dict())
     with c.unlocked():
+        if reference_path is not None:
+            c.reference_path = reference_path
         if "online" in c:
             del c["online"]
         c.warm_start = None
@@ -365,6 +375,15 @@ def train_online(config, workdir: str) -> dict:
                                "candidates per prompt (online.temperatures)")
     if o.ranking not in ("winner", "full"):
         raise loop.ConfigError(f"online.ranking={o.ranking!r}: 'winner' or 'full'")
+    reference_mode = o.get("reference", "segment_start")
+    if reference_mode not in ("segment_start", "initial"):
+        raise loop.ConfigError(f"online.reference={reference_mode!r}: 'segment_start' or 'initial'")
+    if reference_mode == "initial":
+        from mcpo_jax.training.config import base_config
+
+        if "reference_path" not in base_config():
+            raise loop.ConfigError("online.reference='initial' needs the trainer's `reference_path` config knob "
+                                   "(a reference model other than model.path), which this trainer lacks")
 
     # The initial policy: the warm start's SFT export, the configured folder, or a random preset saved once.
     if config.get("warm_start"):
@@ -426,7 +445,7 @@ def train_online(config, workdir: str) -> dict:
             stats = json.load(f)
         steps = None if bounds is None else bounds[s][1] - bounds[s][0]
         seg_cfg = segment_config(config, data_path=data_path, policy_path=policy, tokenizer=tokenizer_name,
-                                 num_steps=steps)
+                                 num_steps=steps, reference_path=initial if reference_mode == "initial" else None)
         summary = loop.train(seg_cfg, train_dir)
         segments.append({"segment": s, "data": stats, "train": {k: summary.get(k) for k in
                                                                 ("status", "total_steps", "final_metrics")}})
