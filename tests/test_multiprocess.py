@@ -372,7 +372,7 @@ def test_trainer_writes_single_files_from_process_zero_only(trainer_runs):
 
 def test_trainer_process_killed_mid_run_ends_the_job_with_a_clear_error(tmp_path):
     require_trainer()
-    argv = [sys.executable, str(LAUNCHER), "-n", "2", "-d", "2", "--timeout", "200", "--grace", "5", "--",
+    argv = [sys.executable, str(LAUNCHER), "-n", "2", "-d", "2", "--timeout", "150", "--grace", "5", "--",
             sys.executable, "-m", "mcpo_jax.train", "--config", str(TRAIN_CONFIG), "--workdir", str(tmp_path / "w")]
     proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
