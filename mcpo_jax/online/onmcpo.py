@@ -451,7 +451,9 @@ def train_online(config, workdir: str) -> dict:
                                                                 ("status", "total_steps", "final_metrics")}})
         if summary.get("status") != "completed":
             log.warning("online: segment %d ended with status %s; rerun to resume", s, summary.get("status"))
-            return {"status": summary.get("status"), "segments": segments, "workdir": workdir}
+            return {"status": summary.get("status"), "segments": segments, "workdir": workdir,
+                    "message": f"online segment {s}: {summary.get('message') or summary.get('status')}; rerun "
+                               f"with the same workdir to resume"}
         policy = summary["hf_export"]
 
     result = {"status": "completed", "initial_policy": initial, "final_policy": policy, "segments": segments,
