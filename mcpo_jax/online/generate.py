@@ -1,17 +1,18 @@
 """Batched sampling with the model's KV cache, in one jitted program.
 
-``generate(model, input_ids, attention_mask, ...)`` runs the prompt as one ``model.decode`` call (prefill),
-then one token per step inside a ``lax.while_loop`` that stops when every row has produced EOS or
-``max_new_tokens`` tokens. Prompts may be left- or right-padded: rows are first rolled
-so that every prompt ends in the last column, positions come from the mask (``cumsum(mask) - 1``) and padding
-tokens are stored as empty cache slots, so each row continues at its own position. The prefill's logits are
-only taken for the last column, so no [B, T, V] logits tensor is ever materialized. The parameters are passed to the jitted function as they are (sharded on a
-mesh or not); nothing is copied.
+``generate(model, input_ids, attention_mask, ...)`` prefills the prompt with ``model.decode`` (one call for all
+but the last column, one for the last), then decodes one token per step inside a ``lax.while_loop`` that stops
+when every row has produced EOS or ``max_new_tokens`` tokens. Prompts may be left- or right-padded: rows are
+first rolled so that every prompt ends in the last column, positions come from the mask (``cumsum(mask) - 1``)
+and padding tokens are stored as empty cache slots, so each row continues at its own position. Only the last
+column's logits are used, so XLA drops the LM head of the rest: no [B, T, V] logits tensor is materialized.
+The parameters go to the jitted function as they are (sharded on a mesh or not); nothing is copied.
 
 Sampling: ``temperature`` 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus: the
 smallest set of tokens whose probability reaches ``top_p``), then a categorical draw with
-``fold_in(key, step)``. ``temperature`` and ``top_p`` may be scalars or per-row arrays [B] (the online
-loop samples K temperatures in one batch) and are traced, so changing them does not recompile.
+``fold_in(key, step)``. ``temperature``, ``top_p`` and ``top_k`` may be scalars or per-row arrays [B] (the
+online loop samples K temperatures in one batch); they and the EOS ids are traced, so changing them does not
+recompile (only switching top-k/top-p filtering on or off does).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def stop_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model config's (Llama 3 Instruct ends turns
     with <|eot_id|>, which only some of its files name as EOS)."""
     ids = []
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "config", None), "eos_token_id", None)):
+    config = getattr(model, "config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if v is not None and int(v) not in ids:
                 ids.append(int(v))

@@ -358,8 +358,6 @@ def train_online(config, workdir: str) -> dict:
     Resumable: rerunning with the same workdir skips finished segments, reuses generated data and resumes
     an interrupted segment from its checkpoints.
     """
-    import jax.numpy as jnp
-
     from mcpo_jax import models
     from mcpo_jax import sharding as shd
     from mcpo_jax.online.judges import make_judge
