@@ -18,13 +18,14 @@ from mcpo_jax.experiments import (common, cost, fig2_sampling, online, table1_ba
                                   table3_negatives)
 
 EXPERIMENTS = {
-    "table1_baselines": (table1_baselines.EXPERIMENT, [r for r, _, _ in table1_baselines.METHODS],
+    "table1_baselines": (table1_baselines.EXPERIMENT, ["SFT (start)"] + [r for r, _, _ in table1_baselines.METHODS],
                          [m[0] for m in common.METRICS]),
     "fig2_sampling": (fig2_sampling.EXPERIMENT, ["MC", "Max", "Min", "Random"],
                       ["5 negs", "4 negs", "3 negs", "2 negs", "1 neg"]),
-    "table2_noise": (table2_noise.EXPERIMENT, ["DPO(-)", "DPO", "MC-PO"], [m[0] for m in common.METRICS]),
+    "table2_noise": (table2_noise.EXPERIMENT, ["SFT (start)", "DPO(-)", "DPO", "MC-PO"],
+                     [m[0] for m in common.METRICS]),
     "table3_negatives": (table3_negatives.EXPERIMENT, ["RNCE", "MC-PO"], ["M = 1", "M = 2", "M = 3"]),
-    "online": (online.EXPERIMENT, ["OnMC-PO", "Online DPO", "MC-PO (offline)"],
+    "online": (online.EXPERIMENT, ["SFT (start)", "OnMC-PO", "Online DPO", "MC-PO (offline)"],
                [m[0] for m in common.METRICS] + ["steps"]),
     "cost": (cost.EXPERIMENT, None, None),
 }
@@ -152,7 +153,7 @@ def test_miniature_experiment_tables(name, tmp_path, fake_trainer):
     if rows is not None:
         assert table["rows"] == rows and table["cols"] == cols
     for cell in table["cells"]:
-        assert len(cell["values"]) == 1, cell
+        assert len(cell["values"]) == (0 if cell["col"] == "steps" and cell["row"] == "SFT (start)" else 1), cell
     # the stand-in trainer leaves every policy equal to its SFT model: all ties, win rate exactly 50%
     for run in record["runs"]:
         assert run["win_rate"] == 0.5 and run["n_tie"] == len(common.eval_prompts("tiny"))

@@ -565,7 +565,8 @@ def run_experiment(exp: Experiment, *, scale: str = "small", seeds: Sequence[int
     for seed in seeds:
         for cell in cells:
             try:
-                r = runner.run(cell, seed)
+                # a run shared with another experiment carries that one's labels: use this table's
+                r = dict(runner.run(cell, seed), row=cell.row, col=cell.col)
             except Exception as e:  # noqa: BLE001 - reported in the results, the other cells still run
                 log.exception("run %s seed %d failed", cell.key, seed)
                 failures.append({"row": cell.row, "col": cell.col, "seed": seed, "error": repr(e)})
@@ -608,10 +609,20 @@ METRICS = (  # (column label, result key, scale): what a method x metric table s
 )
 
 
+SFT_ROW = "SFT (start)"
+
+
 def metrics_table(title: str, cells, results, *, metrics=METRICS, row_header: str = "method") -> Table:
-    """Rows = the cells' rows (one column per cell row), columns = metrics; values stored already scaled."""
-    rows = list(dict.fromkeys(c.row for c in cells))
+    """Rows = the cells' rows, columns = metrics (values stored already scaled); a first row shows the SFT
+    policy every run starts from and is judged against (win rate 50% by definition, its own exact answers)."""
+    rows = [SFT_ROW] + list(dict.fromkeys(c.row for c in cells))
     values = {}
+    sft = {r["seed"]: r for rs in results.values() for r in rs}  # every run of a seed has the same baseline
+    sft_keys = {"win_rate": lambda r: 0.5, "policy_exact": lambda r: r["baseline_exact"],
+                "policy_score": lambda r: r["baseline_score"]}
+    for label, key, scale in metrics:
+        if key in sft_keys:
+            values[(SFT_ROW, label)] = [scale * sft_keys[key](r) for _, r in sorted(sft.items())]
     for (r, _), rs in results.items():
         for label, key, scale in metrics:
             values[(r, label)] = [None if x.get(key) is None else scale * float(x[key]) for x in rs]

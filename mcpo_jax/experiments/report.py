@@ -115,6 +115,43 @@ def _smooth(xs, k: int = 5):
     return out
 
 
+def diagnostics(rec: dict, last: int = 8) -> str | None:
+    """Training-side numbers behind a table: over the last `last` steps of each run, the reward of y0
+    (beta * log-ratio; < 0 means the policy made y0 less likely than the SFT model did), the margin over the
+    selected negatives, the MC kernel's entropy (log 5 = 1.61 is uniform over 5 candidates) and the share of
+    selected negatives that are the best remaining candidate (dataset rank 3, the hardest by quality)."""
+    per_row: dict[str, dict[str, list[float]]] = {}
+    for r in rec["runs"]:
+        rows = []
+        for m in r.get("metrics_files", []):
+            if os.path.exists(m):
+                with open(m) as f:
+                    rows += [json.loads(x) for x in f if x.strip()]
+        rows = [x for x in rows if x.get("split", "train") == "train"][-last:]
+        if not rows:
+            continue
+        label = r["row"] if r["col"] in ("offline", "batched online", "noise injected") else f"{r['row']} ({r['col']})"
+        d = per_row.setdefault(label, {})
+        mean = lambda k: sum(x.get(k, float("nan")) for x in rows) / len(rows)
+        d.setdefault("chosen", []).append(mean("rewards/chosen"))
+        d.setdefault("margin", []).append(mean("rewards/margins"))
+        d.setdefault("acc", []).append(mean("rewards/accuracies"))
+        d.setdefault("entropy", []).append(mean("kernel/entropy"))
+        hist = [sum(x) for x in zip(*[x["kernel/rank_hist"] for x in rows if "kernel/rank_hist" in x])]
+        if hist and sum(hist) > 0 and r["kind"] == "offline":
+            d.setdefault("rank3", []).append(hist[3] / sum(hist))
+    if not per_row:
+        return None
+    cols = (("reward of y0 (β·r₀)", "chosen", 1.0, 2), ("margin", "margin", 1.0, 2),
+            ("reward accuracy (%)", "acc", 100.0, 0), ("kernel entropy", "entropy", 1.0, 2),
+            ("negatives of rank 3 (%)", "rank3", 100.0, 0))
+    lines = ["| run | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, d in per_row.items():
+        cells = [common.format_cell(d.get(key, []), scale=scale, digits=digits) for _, key, scale, digits in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def generated_section(found: dict[str, dict], fig_dir: str, doc_dir: str) -> str:
     lines = [BEGIN, ""]
     for name in ORDER:
@@ -130,6 +167,10 @@ def generated_section(found: dict[str, dict], fig_dir: str, doc_dir: str) -> str
             lines += [f"Failed runs: {rec['failures']}", ""]
         for t in rec["tables"]:
             lines += [f"**{t['title']}**", "", _table_md(t), ""]
+        diag = diagnostics(rec) if name != "cost" else None
+        if diag:
+            lines += [f"Training diagnostics, last 8 steps (mean ± std over seeds; {diagnostics.__doc__.split(':', 1)[1].strip()}",
+                      "", diag, ""]
         figs = []
         if name == "fig2_sampling":
             figs.append(plot_fig2(rec, os.path.join(fig_dir, "fig2_sampling.png")))
