@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mcpo_jax.data import synthetic
-from mcpo_jax.experiments import (common, cost, fig2_sampling, online, table1_baselines, table2_noise,
-                                  table3_negatives)
+from mcpo_jax.experiments import (common, cost, fig2_sampling, online, sensitivity, table1_baselines,
+                                  table2_noise, table3_negatives)
 
 EXPERIMENTS = {
     "table1_baselines": (table1_baselines.EXPERIMENT, ["SFT (start)"] + [r for r, _, _ in table1_baselines.METHODS],
@@ -28,6 +28,8 @@ EXPERIMENTS = {
     "online": (online.EXPERIMENT, ["SFT (start)", "OnMC-PO", "Online DPO", "MC-PO (offline)"],
                [m[0] for m in common.METRICS] + ["steps"]),
     "cost": (cost.EXPERIMENT, None, None),
+    "sensitivity": (sensitivity.EXPERIMENT, ["DPO", "MC-PO", "MC-PO Max", "MC-PO Min"],
+                    ["lr 2e-3, β 0.1 (main)", "lr 2e-4, β 0.1", "lr 2e-3, β 0.01"]),
 }
 
 
@@ -152,8 +154,15 @@ def test_miniature_experiment_tables(name, tmp_path, fake_trainer):
     table = record["tables"][0]
     if rows is not None:
         assert table["rows"] == rows and table["cols"] == cols
+    planned = {c.row for c in cells} if table["metric"] != "win_rate" else {(c.row, c.col) for c in cells}
     for cell in table["cells"]:
-        assert len(cell["values"]) == (0 if cell["col"] == "steps" and cell["row"] == "SFT (start)" else 1), cell
+        if name == "cost":
+            expected = 1
+        elif cell["row"] == common.SFT_ROW:  # the SFT policy's own numbers (it takes no steps)
+            expected = 0 if cell["col"] == "steps" else 1
+        else:
+            expected = int((cell["row"] if table["metric"] != "win_rate" else (cell["row"], cell["col"])) in planned)
+        assert len(cell["values"]) == expected, cell
     # the stand-in trainer leaves every policy equal to its SFT model: all ties, win rate exactly 50%
     for run in record["runs"]:
         assert run["win_rate"] == 0.5 and run["n_tie"] == len(common.eval_prompts("tiny"))

@@ -8,6 +8,7 @@ One module per experiment, each one command (``--scale small|gpu|tiny``, ``--see
     python -m mcpo_jax.experiments.table3_negatives   # Table 3: RNCE vs MC-PO with M = 1, 2, 3
     python -m mcpo_jax.experiments.online             # OnMC-PO vs online DPO vs offline MC-PO (batched online)
     python -m mcpo_jax.experiments.cost               # wall time per step of each method (from the same runs)
+    python -m mcpo_jax.experiments.sensitivity        # DPO / MC-PO at another learning rate and beta
     python -m mcpo_jax.experiments.report             # docs/results.md tables + docs/figures/*.png
 
 `common` holds what they share: the SFT warm start (trained once per seed and reused by every method and

@@ -15,7 +15,7 @@ import os
 from mcpo_jax.experiments import common
 
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
-ORDER = ("table1_baselines", "fig2_sampling", "table2_noise", "table3_negatives", "online", "cost")
+ORDER = ("table1_baselines", "fig2_sampling", "table2_noise", "table3_negatives", "online", "cost", "sensitivity")
 
 
 def load(out: str, scale: str) -> dict[str, dict]:
