@@ -477,7 +477,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"grad_norm={float(metrics['grad_norm'])}); stopping. The last good checkpoint "
                        f"(step {last_saved}) is kept in {checkpointer.directory}")
                 log.error(msg)
-                summary.update(status="diverged", message=msg, step=step)
+                summary.update(status="diverged", message=msg, step=step + 1, final_metrics=last)
+                if primary:
+                    with open(os.path.join(workdir, "summary.json"), "w") as f:
+                        json.dump(summary, f, indent=2, default=str)
                 raise TrainingDiverged(msg)
             record = {k: v for k, v in metrics_lib.to_python(metrics).items() if k not in ("selected", "finite")}
             record.update(step_time=dt, tokens_per_sec=float(metrics["tokens"]) / max(dt, 1e-9),
