@@ -38,7 +38,7 @@ setup(
         # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
         "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "cuda": ["jax[cuda13]==0.10.2"],
-        "tpu": ["jax[tpu]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs"],  # gcsfs: the gs:// backend of etils.epath (orbax)
     },
     entry_points={"console_scripts": ["mcpo-train=mcpo_jax.train:main"]},
 )
