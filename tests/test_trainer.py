@@ -158,3 +158,24 @@ def test_cli_reports_config_error_with_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "num_negatives (M) = 7" in proc.stderr and "sampler='best' is unknown" in proc.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_reference_path_is_the_reference(full_run, tmp_path):
+    """reference_path loads pi_ref from a Hugging Face folder: the initial policy's own weights reproduce the
+    default run; other weights change the rewards but not the policy's log-probs."""
+    from mcpo_jax import models
+
+    workdir, _ = full_run
+    cfg = tiny_config()
+    overrides = cfg.model.overrides.to_dict()
+    results = {}
+    for seed in (0, 1):
+        folder = str(tmp_path / f"ref{seed}")
+        models.save_pretrained(models.init_random(models.preset_config("tiny", **overrides), seed=seed), folder)
+        out = loop.train(tiny_config(reference_path=folder, **{"debug.stop_after_steps": 1}), str(tmp_path / f"run{seed}"))
+        assert out["reference_cache"]["train"] == "computed"
+        results[seed] = _train_rows(str(tmp_path / f"run{seed}"))[1]
+    want = _train_rows(workdir)[1]
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
+        np.testing.assert_allclose(results[0][key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert abs(results[1]["rewards/chosen"] - want["rewards/chosen"]) > 1e-3

@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.include_preferred = False  # kernel may draw y0 (Algorithm 1 literally; zero gradient for M = 1)
     c.loss_hparams = ml_collections.ConfigDict()  # e.g. lam=0.1 (RPO/CPO), gamma=10 (SimPO)
     c.reference = "online"  # online | precomputed
+    # pi_ref: "" = the initial policy (frozen copy); or a Hugging Face folder / hub id of the same architecture
+    # (e.g. the Instruct model across OnMC-PO segments, App. B.1).
+    c.reference_path = ""
     c.reference_cache_dir = ""
     c.logprob_chunk_size = 128
 

@@ -114,11 +114,12 @@ def validate_config(config, *, device_count: int | None = None) -> None:
     warm = config.get("warm_start")
     if not path and not preset and not warm:
         errors.append("model: set model.path (a Hugging Face folder or hub id) or model.preset")
-    if path and not os.path.isdir(path):
-        looks_like_hub = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if not looks_like_hub or os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached(path):
-            errors.append(f"model.path={path!r}: no such folder"
-                          + ("" if not looks_like_hub else " and the hub is offline (HF_HUB_OFFLINE=1)"))
+    for field, value in (("model.path", path), ("reference_path", config.get("reference_path", ""))):
+        if value and not os.path.isdir(value):
+            looks_like_hub = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+            if not looks_like_hub or os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached(value):
+                errors.append(f"{field}={value!r}: no such folder"
+                              + ("" if not looks_like_hub else " and the hub is offline (HF_HUB_OFFLINE=1)"))
     if preset and preset not in models.PRESETS:
         errors.append(f"model.preset={preset!r} is unknown; known: {sorted(models.PRESETS)}")
     for key in ("dtype", "param_dtype"):
@@ -368,7 +369,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_cfg = step_lib.step_config_from(config)
     ref_params = None
     reference_cache: dict[str, str] = {}
-    if step_cfg.needs_reference:
+    ref_model_cfg = config.model
+    if step_cfg.needs_reference and config.get("reference_path"):
+        ref_model_cfg = ml_collections.ConfigDict(dict(config.model.to_dict(), path=config.reference_path))
+        ref_graphdef, ref_params, _ = state_lib.split_model(build_model(ref_model_cfg, mesh, rules))
+        if jax.tree.structure(ref_params) != jax.tree.structure(params) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params))):
+            raise ConfigError(f"reference_path={config.reference_path!r} is not the policy's architecture")
+        log.info("reference: %s", config.reference_path)
+    elif step_cfg.needs_reference:
         # The reference is the initial policy, frozen (a copy: the policy's buffers are donated).
         ref_params = jax.tree.map(jnp.copy, params)
     if step_cfg.reference == "precomputed":
@@ -377,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for name, ds in (("train", train_ds), ("eval", eval_ds)):
             if ds is None:
                 continue
-            key = refcache.cache_key(ds, config.model, settings)
+            key = refcache.cache_key(ds, ref_model_cfg, settings)
             t0 = time.perf_counter()
             values, hit = refcache.load_or_compute(
                 config.get("reference_cache_dir") or os.path.join(cache_dir, "reference"), key,
