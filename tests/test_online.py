@@ -99,6 +99,8 @@ def test_two_online_segments_end_to_end_and_resume(tmp_path, compilation_cache):
     seg1 = json.load(open(os.path.join(onmcpo.segment_dir(workdir, 1), "train", "config.json")))
     assert seg1["model"]["path"] == os.path.join(onmcpo.segment_dir(workdir, 0), "train", "hf")
     assert seg1["data"]["format"] == "pairs" and seg1["objective"] == "mcpo"
+    # pi_ref stays the initial policy across segments (online.reference = "initial", App. B.1)
+    assert seg1["reference_path"] == result["initial_policy"] == os.path.join(workdir, "online", "initial")
     fe = result["final_eval"]
     assert fe["n_cand"] + fe["n_base"] + fe["n_tie"] + fe["n_invalid"] == 16 and 0.0 <= fe["win_rate"] <= 1.0
 
@@ -115,16 +117,10 @@ def test_two_online_segments_end_to_end_and_resume(tmp_path, compilation_cache):
     assert again["segments"][1]["train"]["status"] == "completed"
 
 
-def test_reference_initial_needs_trainer_support(tmp_path):
+def test_unknown_reference_mode_is_refused(tmp_path):
     from mcpo_jax.training import loop
-    from mcpo_jax.training.config import base_config
 
     c = _config()
-    c.online.reference = "initial"
-    if "reference_path" in base_config():
-        pytest.skip("the trainer has reference_path: covered by the end-to-end run")
-    with pytest.raises(loop.ConfigError, match="reference_path"):
-        onmcpo.train_online(c, str(tmp_path))
     c.online.reference = "bogus"
     with pytest.raises(loop.ConfigError, match="segment_start"):
         onmcpo.train_online(c, str(tmp_path))

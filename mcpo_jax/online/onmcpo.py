@@ -242,12 +242,11 @@ def online_defaults():
     o.prompt_field = ""  # "" = auto: prompt, instruction, turns, messages
     o.num_prompts = 0  # 0 = all
     o.seed = 0
-    # The reference model of every segment's objective and MC kernel: "segment_start" = the policy the segment
-    # starts from (each segment is one trainer run from the previous export); "initial" = the initial policy
-    # throughout (App. B.1 names the Instruct model as pi_ref; needs the trainer's `reference_path` knob).
-    # With "segment_start", r_theta = 0 for every candidate when a segment starts, so the MC kernel begins each
-    # segment uniform (M = 1 MC-PO is then close to online DPO until the policy moves).
-    o.reference = "segment_start"
+    # The reference model (pi_ref) of every segment's objective and MC kernel: "initial" = the initial policy
+    # throughout (App. B.1 names the Instruct model as pi_ref and as the kernel's proposal; the trainer's
+    # `reference_path`); "segment_start" = the policy the segment starts from, so r_theta = 0 for every
+    # candidate when a segment starts and the MC kernel begins each segment uniform.
+    o.reference = "initial"
     # After the last segment: adjusted win rate of the final policy against the initial one (synthetic task:
     # held-out prompts judged by the oracle). num_prompts = 0 disables it.
     o.final_eval = ml_collections.ConfigDict({"num_prompts": 0, "seed": 1, "max_new_tokens": 64})
