@@ -9,6 +9,7 @@ data is built (`@pairs` data), only two sequences per prompt in the step. Median
 Times on a shared CPU are noisy: read the ratios, not the absolute numbers.
 
     python -m mcpo_jax.experiments.cost [--scale small|gpu] [--seeds 0,1,2] [--out DIR]
+    python -m mcpo_jax.experiments.cost --controlled [--scale small] [--rounds 20]   # interleaved timing
 """
 
 from mcpo_jax.experiments import common, table1_baselines, table3_negatives
@@ -41,10 +42,117 @@ def tables(cells, results):
                          values, metric="step_time_median", scale=1.0, digits=2)]
 
 
+CONTROLLED = (  # (label, objective, sampler, columns C, negatives M)
+    (PAIRS, "dpo", "fixed", 2, 1),
+    ("DPO (random of C = 6)", "dpo", "random", 6, 1),
+    ("MC-PO (C = 6, M = 1)", "mcpo", "mc", 6, 1),
+    ("MC-PO (C = 6, M = 3)", "mcpo", "mc", 6, 3),
+)
+
+
+def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round: int = 5, seed: int = 0) -> dict:
+    """Step times of the trainer's jitted step for each variant in one process, interleaved: round after round,
+    `steps_per_round` steps of each variant in turn, so that a change of machine load hits every variant alike
+    (the per-run medians above come from runs minutes apart on a shared machine). Same model, batch size and
+    sequence length as the runs; random weights and tokens; reference log-probs precomputed, as in the runs."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mcpo_jax import bench, models, sharding
+    from mcpo_jax.data.synthetic import TOKEN_LIMITS
+    from mcpo_jax.training import refcache
+    from mcpo_jax.training import state as state_lib
+    from mcpo_jax.training import step as step_lib
+
+    s = common.SCALES[scale]
+    config = models.preset_config("tiny", **s["model"])
+    mesh = sharding.make_mesh(1, -1, 1)
+    model = models.init_random(config, seed=seed, mesh=mesh)
+    graphdef, params, rest = state_lib.split_model(model)
+    param_sh = sharding.param_shardings(models.logical_axes(model), params, mesh)
+    tx, schedule = step_lib.make_optimizer(learning_rate=1e-7, total_steps=10**6, warmup_ratio=0.0, decay="constant")
+    state_sh = state_lib.state_shardings(tx, params, param_sh, mesh)
+    prompt_len = TOKEN_LIMITS["max_prompt_length"]
+    np_batch = bench.make_batch(prompts=int(s["batch"]), candidates=5, prompt_len=prompt_len,
+                                completion_len=TOKEN_LIMITS["max_length"] - prompt_len,
+                                vocab_size=config.vocab_size, seed=seed)
+    logps_fn = refcache.make_logps_fn(graphdef, rest, mesh, 128)
+    np_batch["ref_logps"] = np.asarray(logps_fn(params, np_batch["input_ids"], np_batch["attention_mask"],
+                                                np_batch["loss_mask"]))
+    keys = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index",
+                                  "ref_logps")
+    states, steps = {}, {}
+    for label, objective, sampler, c, m in CONTROLLED:
+        host = bench.pair_batch(np_batch) if c == 2 else dict(np_batch)
+        batch = sharding.global_batch({k: v[None] for k, v in host.items() if k in keys}, mesh, batch_axis=1)
+        cfg = step_lib.StepConfig(objective=objective, sampler=sampler, num_negatives=m, beta=common.BETA,
+                                  reference="precomputed")
+        st = state_lib.init_state(jax.tree.map(jnp.copy, params), tx, seed, shardings=state_sh)
+        fn = step_lib.make_train_step(cfg, graphdef, rest, tx, schedule)
+        compiled, _ = step_lib.compile_train_step(fn, st, None, batch, state_shardings=state_sh, ref_shardings=None,
+                                                  batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
+                                                  metric_shardings=sharding.replicated(mesh))
+        for _ in range(3):  # warm-up
+            st, _ = jax.block_until_ready(compiled(st, None, batch))
+        states[label], steps[label] = st, (compiled, batch)
+    times: dict[str, list[float]] = {label: [] for label, *_ in CONTROLLED}
+    for _ in range(rounds):
+        for label, *_ in CONTROLLED:
+            compiled, batch = steps[label]
+            for _ in range(steps_per_round):
+                t0 = time.perf_counter()
+                states[label], _ = jax.block_until_ready(compiled(states[label], None, batch))
+                times[label].append(time.perf_counter() - t0)
+    base = float(np.median(times[PAIRS]))
+    return {"scale": scale, "rounds": rounds, "steps_per_round": steps_per_round, "batch": int(s["batch"]),
+            "seq": TOKEN_LIMITS["max_length"], "host": common.host_info(),
+            "variants": [{"label": label, "median_ms": 1000 * float(np.median(times[label])),
+                          "p25_ms": 1000 * float(np.percentile(times[label], 25)),
+                          "p75_ms": 1000 * float(np.percentile(times[label], 75)),
+                          "ratio_to_pairs": float(np.median(times[label])) / base, "steps": len(times[label])}
+                         for label, *_ in CONTROLLED]}
+
+
+def controlled_markdown(rec: dict) -> str:
+    lines = ["| step variant | median ms / step | IQR (ms) | ratio to " + PAIRS + " |", "|---|---|---|---|"]
+    for v in rec["variants"]:
+        lines.append(f"| {v['label']} | {v['median_ms']:.1f} | {v['p25_ms']:.1f}–{v['p75_ms']:.1f} | "
+                     f"{v['ratio_to_pairs']:.2f} |")
+    return "\n".join(lines)
+
+
+def _controlled_main(argv):
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m mcpo_jax.experiments.cost --controlled")
+    p.add_argument("--controlled", action="store_true")
+    p.add_argument("--scale", default="small", choices=sorted(common.SCALES))
+    p.add_argument("--out", default=common.DEFAULT_OUT)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seeds", default="0")
+    args = p.parse_args(argv)
+    rec = controlled_timing(args.scale, rounds=args.rounds, seed=common.parse_seeds(args.seeds)[0])
+    path = os.path.join(os.path.abspath(args.out), args.scale, "cost", "controlled.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(controlled_markdown(rec))
+
+
 EXPERIMENT = common.Experiment(
     name="cost",
     title="Cost: wall time per step",
     cells=cells, tables=tables, description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    import sys
+
+    if "--controlled" in sys.argv[1:]:
+        _controlled_main(sys.argv[1:])
+    else:
+        common.main(EXPERIMENT)

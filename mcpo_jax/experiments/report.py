@@ -58,7 +58,7 @@ def plot_fig2(rec: dict, path: str) -> str | None:
             ss.append(100 * s)
         ax.errorbar([x + 0.06 * (i - 1.5) for x in xs], ms, yerr=ss, marker="o", capsize=3, label=row)
     ax.axhline(50, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("number of candidate negatives per prompt (highest-ranked removed first)")
+    ax.set_xlabel("candidates per prompt (highest-ranked removed first)")
     ax.set_ylabel("adjusted win rate vs SFT (%)")
     ax.set_xticks(xs)
     ax.invert_xaxis()
@@ -115,6 +115,15 @@ def _smooth(xs, k: int = 5):
     return out
 
 
+DIAGNOSTICS_NOTE = (
+    "Training diagnostics over the last 8 steps of each run (mean ± std over seeds): the reward of y0, "
+    "β·(log π(y0) − log π_SFT(y0)) (negative: the policy made the preferred answer *less* likely than the SFT "
+    "model did); the margin over the selected negatives; the reward accuracy on the batch; the entropy of the MC "
+    "kernel's weights (uniform over L candidates = log L, 1.61 for L = 5; computed for every sampler, used only "
+    "by MC); and how often the negative used was the best remaining candidate by the oracle's ranking (the "
+    "hardest negative by quality; 1/L for a uniform draw).")
+
+
 def diagnostics(rec: dict, last: int = 8) -> str | None:
     """Training-side numbers behind a table: over the last `last` steps of each run, the reward of y0
     (beta * log-ratio; < 0 means the policy made y0 less likely than the SFT model did), the margin over the
@@ -139,12 +148,17 @@ def diagnostics(rec: dict, last: int = 8) -> str | None:
         d.setdefault("entropy", []).append(mean("kernel/entropy"))
         hist = [sum(x) for x in zip(*[x["kernel/rank_hist"] for x in rows if "kernel/rank_hist" in x])]
         if hist and sum(hist) > 0 and r["kind"] == "offline":
-            d.setdefault("rank3", []).append(hist[3] / sum(hist))
+            best = 8 - int(r["overrides"].get("num_candidates", 5))  # 7 ranked answers, the L lowest kept
+            d.setdefault("best", []).append(hist[best] / sum(hist))
+            if r["overrides"].get("data.options.inject_noise"):
+                d.setdefault("noise", []).append(hist[0] / sum(hist))  # the noise candidate has rank -1
     if not per_row:
         return None
     cols = (("reward of y0 (β·r₀)", "chosen", 1.0, 2), ("margin", "margin", 1.0, 2),
             ("reward accuracy (%)", "acc", 100.0, 0), ("kernel entropy", "entropy", 1.0, 2),
-            ("negatives of rank 3 (%)", "rank3", 100.0, 0))
+            ("negative = best remaining candidate (%)", "best", 100.0, 0))
+    if any("noise" in d for d in per_row.values()):
+        cols += (("negative = noise candidate (%)", "noise", 100.0, 0),)
     lines = ["| run | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for label, d in per_row.items():
         cells = [common.format_cell(d.get(key, []), scale=scale, digits=digits) for _, key, scale, digits in cols]
@@ -159,18 +173,30 @@ def generated_section(found: dict[str, dict], fig_dir: str, doc_dir: str) -> str
         if rec is None:
             lines += [f"### {name}", "", "_not run (no results.json)_", ""]
             continue
+        own = {(r["key"], r["seed"]): r for r in rec["runs"]}  # a run shown in two rows counted once
+        minutes = sum(r.get("train_seconds", 0.0) for r in own.values()) / 60
         lines += [f"### {rec['title']}", "",
                   f"`python -m mcpo_jax.experiments.{name} --scale {rec['scale']} --seeds "
-                  f"{','.join(map(str, rec['seeds']))}` — {len(rec['runs'])} runs collected, "
-                  f"{rec['seconds'] / 60:.1f} min in this invocation (cached runs cost nothing)", ""]
+                  f"{','.join(map(str, rec['seeds']))}`: {len(rec['runs'])} (cell, seed) results; their training "
+                  f"took {minutes:.0f} min of wall time in all on the shared CPU (runs shared with other "
+                  "experiments included, evaluation and the SFT warm starts not).", ""]
         if rec.get("failures"):
             lines += [f"Failed runs: {rec['failures']}", ""]
         for t in rec["tables"]:
             lines += [f"**{t['title']}**", "", _table_md(t), ""]
+        controlled = os.path.join(rec["out"], "cost", "controlled.json")
+        if name == "cost" and os.path.exists(controlled):
+            from mcpo_jax.experiments import cost
+
+            with open(controlled) as f:
+                ctl = json.load(f)
+            lines += [f"**Controlled timing** (`python -m mcpo_jax.experiments.cost --controlled`): the trainer's "
+                      f"jitted step for each variant in one process, interleaved ({ctl['rounds']} rounds x "
+                      f"{ctl['steps_per_round']} steps each), batch {ctl['batch']}, T = {ctl['seq']}, reference "
+                      "log-probs precomputed as in the runs:", "", cost.controlled_markdown(ctl), ""]
         diag = diagnostics(rec) if name != "cost" else None
         if diag:
-            lines += [f"Training diagnostics, last 8 steps (mean ± std over seeds; {diagnostics.__doc__.split(':', 1)[1].strip()}",
-                      "", diag, ""]
+            lines += [DIAGNOSTICS_NOTE, "", diag, ""]
         figs = []
         if name == "fig2_sampling":
             figs.append(plot_fig2(rec, os.path.join(fig_dir, "fig2_sampling.png")))
