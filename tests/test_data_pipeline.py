@@ -130,6 +130,31 @@ def test_two_processes_disjoint_covering_and_same_global_batch(n):
         assert len(set(stream[start:start + n])) == n
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_micro_batches_hold_the_same_examples_whatever_the_process_count(count):
+    """Gradient accumulation: global micro-batch m of step k is the same set of rows with 1 or `count`
+    processes (each process's [m, b // m] reshaped batch holds its slice of every micro-batch)."""
+    ds = _dataset(n=26)
+    m, global_batch = 2, 8
+    kwargs = dict(seed=3, num_epochs=3, micro_batches=m)
+    single = _rows(make_batch_iterator(ds, batch_size=global_batch, process_index=0, process_count=1, **kwargs))
+    per_process = [_rows(make_batch_iterator(ds, batch_size=global_batch // count, process_index=p,
+                                             process_count=count, **kwargs)) for p in range(count)]
+    assert len(single) == len(per_process[0]) == num_batches(26, batch_size=8, num_epochs=3)
+    per = global_batch // count // m
+    for k, rows in enumerate(single):
+        for micro in range(m):
+            # process p's rows of micro-batch `micro`, concatenated in process order
+            joined = sum((per_process[p][k][micro * per:(micro + 1) * per] for p in range(count)), [])
+            assert joined == rows[micro * 4:(micro + 1) * 4], (k, micro)
+    # with one micro-batch the split is today's contiguous slice
+    one = _rows(make_batch_iterator(ds, batch_size=8, seed=3, num_epochs=3, process_index=0, process_count=1))
+    assert one == single
+    with pytest.raises(ValueError, match="micro_batches=3"):
+        make_batch_iterator(ds, batch_size=8, seed=3, num_epochs=1, micro_batches=3, process_index=0,
+                            process_count=1)
+
+
 def test_worker_processes_give_the_same_batches_and_resume():
     ds = _dataset(n=24)
     kwargs = dict(batch_size=4, seed=5, num_epochs=2, process_index=0, process_count=1)

@@ -400,10 +400,6 @@ def test_trainer_process_killed_mid_run_ends_the_job_with_a_clear_error(tmp_path
 
 
 @slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trainer bug: with gradient accumulation each process splits its own rows into micro-batches, so "
-    "micro-batch m holds different examples (and gets different kernel draws) with 1 and 2 processes; fix: "
-    "iterate the data per micro-batch (batch_size=micro_batch_size // process_count) and stack `accum` of them"))
 def test_trainer_gradient_accumulation_is_independent_of_the_process_count(tmp_path):
     require_trainer()
     losses = {}

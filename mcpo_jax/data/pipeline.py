@@ -56,9 +56,10 @@ def _absl_flags_ready() -> None:
 class _BatchFn:
     """Global batch number -> this process's batch dict (a picklable callable for grain workers)."""
 
-    def __init__(self, dataset, *, batch_size, seed, shuffle, process_index, process_count):
+    def __init__(self, dataset, *, batch_size, seed, shuffle, process_index, process_count, micro_batches=1):
         self.dataset = dataset
         self.batch_size = batch_size
+        self.micro_batches = micro_batches
         self.seed = seed
         self.shuffle = shuffle
         self.process_index = process_index
@@ -73,10 +74,13 @@ class _BatchFn:
         return perm
 
     def indices(self, k: int) -> np.ndarray:
-        """Example rows of this process's batch k."""
+        """Example rows of this process's batch k: its slice of each of the global batch's micro-batches."""
         n = len(self.dataset)
-        start = k * self.batch_size * self.process_count + self.process_index * self.batch_size
-        positions = np.arange(start, start + self.batch_size, dtype=np.int64)
+        b, m, count = self.batch_size, self.micro_batches, self.process_count
+        per = b // m
+        positions_MP = (k * b * count + np.arange(m, dtype=np.int64)[:, None] * per * count
+                        + self.process_index * per + np.arange(per, dtype=np.int64)[None, :])
+        positions = positions_MP.reshape(-1)
         epochs, offsets = np.divmod(positions, n)
         if not self.shuffle:
             return offsets
@@ -104,16 +108,24 @@ def make_batch_iterator(
     process_count: int | None = None,
     worker_count: int = 0,
     prefetch: int = 4,
+    micro_batches: int = 1,
 ) -> grain.DatasetIterator:
     """A checkpointable grain iterator over this process's batches (dicts of numpy arrays, leading dim b).
 
     Keys: input_ids / attention_mask / loss_mask [b, C, T], valid / ranks [b, C], fixed_index / example_id [b],
     and ref_logps [b, C] when the dataset has them. `batch_size` is the per-process batch size;
     `num_epochs=None` repeats forever. `process_index` / `process_count` default to JAX's.
+
+    `micro_batches` = m > 1 (gradient accumulation) splits each global batch into m global micro-batches of
+    consecutive stream positions, and this process's batch is its slice of each, in order: reshaped to
+    [m, b // m, ...], row m holds its part of global micro-batch m, which then does not depend on the
+    number of processes (the same examples, hence the same kernel draws, in each micro-batch).
     """
     process_index, process_count = _process_defaults(process_index, process_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if micro_batches < 1 or batch_size % micro_batches:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batches={micro_batches}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     if num_epochs is None:
@@ -132,6 +144,7 @@ def make_batch_iterator(
         shuffle=shuffle,
         process_index=process_index,
         process_count=process_count,
+        micro_batches=micro_batches,
     )
     ds = grain.MapDataset.range(total).map(fn)
     read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)

@@ -423,7 +423,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          async_save=bool(config.checkpoint.get("async_save", True)))
     iterator = data_lib.make_batch_iterator(train_ds, batch_size=per_process_batch, seed=int(config.seed),
                                             num_epochs=int(config.num_epochs), shuffle=True,
-                                            worker_count=int(config.data.get("worker_count", 0)))
+                                            worker_count=int(config.data.get("worker_count", 0)),
+                                            micro_batches=accum)
     start_step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
