@@ -414,10 +414,6 @@ def test_trainer_gradient_accumulation_is_independent_of_the_process_count(tmp_p
 
 
 @slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trainer bug: the SIGTERM stop flag is per process; a process that got the signal saves (a collective) "
-    "while the others run the next step, and the job hangs. Fix: decide to stop together, e.g. "
-    "multihost_utils.process_allgather(flag).any() after each step"))
 def test_trainer_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """A preemption notice reaches the hosts of a slice at different moments: the job must still stop
     cleanly (all processes save the same step and exit 0), never hang."""

@@ -279,6 +279,17 @@ class _StopFlag:
         self.signal = signal.Signals(signum).name
         log.warning("%s received: finishing the current step, then saving and exiting", self.signal)
 
+    def should_stop(self) -> bool:
+        """Whether every process stops after this step: a signal may reach one process of a multi-process
+        job only (preemption notices arrive host by host), and a process that saves (a collective) while
+        the others run the next step hangs the job. One tiny all-gather per step; none in one process."""
+        stop_now = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            stop_now = bool(multihost_utils.process_allgather(np.asarray(stop_now)).any())
+        return stop_now
+
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -515,12 +526,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.info("eval at step %d: %s", done, {k: round(v, 4) for k, v in ev.items()
                                                         if k in ("loss", "rewards/accuracies", "rewards/margins")})
             save_every = int(config.checkpoint.get("save_every", 0))
-            if (save_every and done % save_every == 0) or stop.signal or done == stop_after:
+            stop_now = stop.should_stop()
+            if (save_every and done % save_every == 0) or stop_now or done == stop_after:
                 checkpointer.save(done, state, iterator.get_state())
                 last_saved = done
-            if stop.signal:
-                summary.update(status="interrupted", signal=stop.signal, step=done,
-                               message=f"{stop.signal}: saved step {done} to {checkpointer.directory}; "
+            if stop_now:
+                received = stop.signal or "a signal on another process"
+                summary.update(status="interrupted", signal=received, step=done,
+                               message=f"{received}: saved step {done} to {checkpointer.directory}; "
                                        f"rerun with the same --workdir to resume")
                 log.warning(summary["message"])
                 break
