@@ -7,7 +7,9 @@ Exit status: 0 when training completed or was interrupted by SIGTERM/SIGINT (aft
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,6 +24,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from mcpo_jax import sharding
     from mcpo_jax.training import loop
 
@@ -34,6 +38,16 @@ def _main(argv):
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except BaseException:
+        if jax.process_count() <= 1:
+            raise
+        # Fail fast: a normal exit runs jax.distributed.shutdown, whose barrier waits (up to 300 s) for
+        # peers that are blocked in a collective waiting for this process. os._exit stops the heartbeats
+        # instead: the coordination service declares this process dead and every peer aborts.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if summary.get("status") == "interrupted":
         print(summary["message"], flush=True)
     return 0

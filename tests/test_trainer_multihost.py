@@ -3,10 +3,48 @@ the heartbeat setting, run folders under a URL (gs://)."""
 
 from __future__ import annotations
 
+import os
+import types
 
 import jax
+import pytest
 
+from mcpo_jax import sharding
 from mcpo_jax.training import loop
+
+
+# ------------------------------------------------------------------------- fail fast (train.py)
+
+
+class _Exit(Exception):
+    pass
+
+
+def test_error_on_one_process_of_many_exits_at_once(monkeypatch, capsys):
+    """A Python error in a multi-process run: traceback, then os._exit(1) (no 300 s shutdown barrier)."""
+    from mcpo_jax import train as cli
+
+    def boom(config, workdir):
+        raise RuntimeError("deliberate")
+
+    def fake_exit(code):
+        raise _Exit(code)
+
+    for name in ("_CONFIG", "_WORKDIR", "_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
+        monkeypatch.setattr(cli, name, types.SimpleNamespace(value=None))  # as if the flags were parsed
+    monkeypatch.setattr(loop, "train", boom)
+    monkeypatch.setattr(sharding, "initialize_distributed", lambda *a, **k: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(_Exit) as e:
+        cli._main(["train"])
+    assert e.value.args == (1,)
+    assert "RuntimeError: deliberate" in capsys.readouterr().err
+
+    # One process: the exception propagates as usual (absl prints it and exits 1).
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="deliberate"):
+        cli._main(["train"])
 
 
 # ------------------------------------------------------------------------- the stop decision
