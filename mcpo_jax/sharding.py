@@ -8,6 +8,7 @@ other module may import it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -145,13 +146,19 @@ def initialize_distributed(
     *,
     local_device_ids: Sequence[int] | None = None,
     initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: int | None = None,
 ) -> bool:
     """`jax.distributed.initialize` when this is a multi-process launch; a no-op otherwise.
 
     Arguments fall back to MCPO_COORDINATOR / MCPO_NUM_PROCESSES / MCPO_PROCESS_ID, then to
     JAX's own cluster detection (SLURM, TPU pods, Open MPI) when none is given. Returns True when
     the distributed runtime was started. CPU processes use gloo collectives.
+    `heartbeat_timeout_seconds` (default MCPO_HEARTBEAT_TIMEOUT, else JAX's 100): how long after a
+    process dies its peers abort instead of waiting in a collective (passed when the installed jax
+    takes it).
     """
+    if heartbeat_timeout_seconds is None:
+        heartbeat_timeout_seconds = int(os.environ.get("MCPO_HEARTBEAT_TIMEOUT") or 100)
     coordinator_address = coordinator_address or os.environ.get("MCPO_COORDINATOR")
     if num_processes is None and os.environ.get("MCPO_NUM_PROCESSES"):
         num_processes = int(os.environ["MCPO_NUM_PROCESSES"])
@@ -170,12 +177,18 @@ def initialize_distributed(
         return False
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    extra = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        extra["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
+    elif heartbeat_timeout_seconds != 100:
+        log.warning("this jax has no heartbeat_timeout_seconds: using its default, not %ds", heartbeat_timeout_seconds)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
         local_device_ids=local_device_ids,
         initialization_timeout=initialization_timeout,
+        **extra,
     )
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True

@@ -8,11 +8,10 @@ topology to the JSON path given as argv[1].
 Test hooks (environment):
   MCPO_TEST_DIE=<process>:<step>[:raise]  that process SIGKILLs itself (or raises) before that step,
                                           leaving its peers blocked in the step's collectives.
-  MCPO_TEST_HEARTBEAT=<seconds>           jax.distributed heartbeat timeout (JAX's default is 100 s;
-                                          `sharding.initialize_distributed` does not expose it yet).
+  MCPO_HEARTBEAT_TIMEOUT=<seconds>        jax.distributed heartbeat timeout, read by
+                                          `sharding.initialize_distributed` (JAX's default is 100 s).
 """
 
-import functools
 import json
 import os
 import signal
@@ -28,10 +27,6 @@ from mcpo_jax import sharding
 
 
 def main(out_path: str) -> None:
-    if os.environ.get("MCPO_TEST_HEARTBEAT"):
-        jax.distributed.initialize = functools.partial(
-            jax.distributed.initialize, heartbeat_timeout_seconds=int(os.environ["MCPO_TEST_HEARTBEAT"])
-        )
     started = sharding.initialize_distributed()
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=1)
 

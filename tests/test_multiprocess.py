@@ -85,7 +85,7 @@ def test_killed_process_makes_peers_abort_on_their_own(tmp_path):
     grace = 6 * HEARTBEAT_S
     code, output, wall, result = run_worker(
         tmp_path, "kill", num_processes=2, devices=2, grace=grace, timeout=grace + 30,
-        env={"MCPO_TEST_DIE": "1:1", "MCPO_TEST_HEARTBEAT": str(HEARTBEAT_S)},
+        env={"MCPO_TEST_DIE": "1:1", "MCPO_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)},
     )
     assert result is None
     assert code != 0, output
@@ -100,7 +100,7 @@ def test_failed_process_makes_launcher_stop_the_rest(tmp_path):
     """A Python error on process 1: the launcher stops process 0 at once and reports who failed."""
     code, output, wall, result = run_worker(
         tmp_path, "raise", num_processes=2, devices=2, grace=0,
-        env={"MCPO_TEST_DIE": "1:1:raise", "MCPO_TEST_HEARTBEAT": str(HEARTBEAT_S)},
+        env={"MCPO_TEST_DIE": "1:1:raise", "MCPO_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)},
     )
     assert result is None
     assert code == 1, output

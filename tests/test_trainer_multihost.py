@@ -64,3 +64,23 @@ def test_stop_decision_is_local_in_one_process_and_gathered_across_processes(mon
     assert not flag.should_stop() and calls == []  # one process: no collective at all
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert flag.should_stop() and calls == [False]  # stops with the others, though it got no signal
+
+
+# ------------------------------------------------------------------------- heartbeat
+
+
+def test_heartbeat_timeout_from_argument_or_environment(monkeypatch):
+    seen = []
+
+    def initialize(*, heartbeat_timeout_seconds=100, **kw):  # the installed jax takes the argument
+        seen.append(heartbeat_timeout_seconds)
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # no gloo switch in this test process
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setenv("MCPO_HEARTBEAT_TIMEOUT", "7")
+    assert sharding.initialize_distributed("localhost:1", 2, 0)
+    assert sharding.initialize_distributed("localhost:1", 2, 0, heartbeat_timeout_seconds=3)
+    monkeypatch.delenv("MCPO_HEARTBEAT_TIMEOUT")
+    assert sharding.initialize_distributed("localhost:1", 2, 0)
+    assert seen == [7, 3, 100]
