@@ -39,6 +39,7 @@ def _config():
     c = onmcpo.demo_online(demo.get_config("smoke"))
     c.warm_start = None  # start from the random tiny preset: the test is about the online plumbing
     c.reference = "online"
+    c.online.reference = "initial"  # exercises the trainer's reference_path (the demo itself uses segment_start)
     c.online.num_segments = 2
     c.online.num_prompts = 48
     c.online.temperatures = (0.6, 0.8, 1.0)  # K = 3: y0 + 2 candidates
