@@ -346,6 +346,16 @@ def segment_config(config, *, data_path: str, policy_path: str, tokenizer: str, 
     return c
 
 
+def _console_logging() -> None:
+    """INFO lines of mcpo_jax on the console (each segment's trainer run also writes its own train.log)."""
+    root = logging.getLogger("mcpo_jax")
+    root.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+
+
 def _completed(train_dir: str) -> bool:
     path = os.path.join(train_dir, "summary.json")
     if not os.path.exists(path) or not os.path.exists(os.path.join(train_dir, "hf", "config.json")):
@@ -369,7 +379,7 @@ def train_online(config, workdir: str) -> dict:
     o = config.online
     workdir = os.path.abspath(workdir)
     os.makedirs(os.path.join(workdir, "online"), exist_ok=True)
-    loop._setup_logging(workdir, shd.is_primary())
+    _console_logging()
     temperatures = tuple(float(t) for t in o.temperatures)
     if int(config.num_candidates) > len(temperatures) - 1:
         raise loop.ConfigError(f"num_candidates={config.num_candidates} but K - 1 = {len(temperatures) - 1} "
