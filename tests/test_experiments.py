@@ -25,7 +25,9 @@ EXPERIMENTS = {
     "table2_noise": (table2_noise.EXPERIMENT, ["SFT (start)", "DPO(-)", "DPO", "MC-PO"],
                      [m[0] for m in common.METRICS]),
     "table3_negatives": (table3_negatives.EXPERIMENT, ["RNCE", "MC-PO"], ["M = 1", "M = 2", "M = 3"]),
-    "online": (online.EXPERIMENT, ["SFT (start)", "OnMC-PO", "Online DPO", "MC-PO (offline)"],
+    "online": (online.EXPERIMENT, ["SFT (start)", "OnMC-PO (π_ref = SFT)", "Online DPO (π_ref = SFT)",
+                                   "OnMC-PO (π_ref = segment start)", "Online DPO (π_ref = segment start)",
+                                   "MC-PO (offline)"],
                [m[0] for m in common.METRICS] + ["steps"]),
     "cost": (cost.EXPERIMENT, None, None),
     "sensitivity": (sensitivity.EXPERIMENT, ["DPO", "MC-PO", "MC-PO Max", "MC-PO Min"],
@@ -101,9 +103,10 @@ def test_overrides_reach_the_trainer_config():
     cell = [c for c in fig2_sampling.cells("tiny") if c.row == "Min" and c.col == "3 negs"][0]
     c = common.po_config("tiny", 0, "/sft", cell.overrides)
     assert (c.objective, c.sampler, c.num_candidates) == ("mcpo", "min", 3)
-    c = common.online_config("tiny", 2, "/sft", [c for c in online.cells("tiny") if c.row == "Online DPO"][0].overrides)
-    assert (c.objective, c.sampler, c.online.seed, c.online.num_segments, c.online.judge) == ("dpo", "random", 2, 3,
-                                                                                              "oracle")
+    cell = [c for c in online.cells("tiny") if c.row == "Online DPO (π_ref = SFT)"][0]
+    c = common.online_config("tiny", 2, "/sft", cell.overrides)
+    assert (c.objective, c.sampler, c.online.seed, c.online.num_segments, c.online.judge, c.online.reference) == (
+        "dpo", "random", 2, 3, "oracle", "initial")
 
 
 # ------------------------------------------------------------------------------ miniature experiments
@@ -173,7 +176,7 @@ def test_miniature_experiment_tables(name, tmp_path, fake_trainer):
         ratio = [c for c in table["cells"] if c["col"].startswith("ratio")]
         assert all(c["values"] == [pytest.approx(1.0)] for c in ratio)
     if name == "online":
-        run = [r for r in record["runs"] if r["row"] == "OnMC-PO"][0]
+        run = [r for r in record["runs"] if r["row"] == "OnMC-PO (π_ref = SFT)"][0]
         assert len(run["segments"]) == 3 and run["steps"] == 9
 
 

@@ -442,6 +442,7 @@ class Runner:
             train_seconds = time.time() - t0
             answers = greedy_answers(policy, self.prompts)
             result = {
+                "git": git_state(),
                 "row": cell.row, "col": cell.col, "kind": cell.kind, "key": cell.key, "seed": seed,
                 "overrides": dict(cell.overrides), "scale": self.scale, "steps": steps,
                 "train_seconds": train_seconds,
@@ -594,10 +595,25 @@ def run_experiment(exp: Experiment, *, scale: str = "small", seeds: Sequence[int
     return record
 
 
+def git_state() -> dict:
+    """The commit the code ran at, and whether the tree had uncommitted changes (other people's, in a shared tree)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def host_info() -> dict:
     import jax
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"git": git_state(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
             "python": platform.python_version()}
 

@@ -4,7 +4,10 @@ Online: the training prompts are split into 3 equal segments; at the start of ea
 K = 6 answers per prompt (temperatures 0.6, 0.6, 0.8, 0.8, 1.0, 1.0), the oracle picks y0 by iterative pairwise
 ranking, the other (distinct) answers are the candidates, and the segment trains on them: OnMC-PO with the MC
 kernel, online DPO with a random negative. As many prompts as the offline data has rows, so the three runs
-take the same number of steps; offline MC-PO is Table 1's run (oracle-ranked fixed candidates).
+take the same number of steps; offline MC-PO is Table 1's run (oracle-ranked fixed candidates). pi_ref (the
+reference of the objective and of the MC kernel) is either the SFT policy throughout (App. B.1: the initial
+model is pi_ref and the kernel's proposal; the online driver's default) or the policy each segment starts from
+(the driver's `online.reference = "segment_start"`: every segment restarts with r = 0, a uniform kernel).
 
     python -m mcpo_jax.experiments.online [--scale small|gpu] [--seeds 0,1,2] [--out DIR]
 """
@@ -12,12 +15,19 @@ take the same number of steps; offline MC-PO is Table 1's run (oracle-ranked fix
 from mcpo_jax.experiments import common
 
 
+REFERENCES = (("SFT", "initial"), ("segment start", "segment_start"))
+
+
 def cells(scale: str):
-    return [
-        common.po_cell("OnMC-PO", "batched online", "mcpo", "mc", kind="online"),
-        common.po_cell("Online DPO", "batched online", "dpo", "random", kind="online"),
-        common.po_cell("MC-PO (offline)", "offline", "mcpo", "mc"),
-    ]
+    out = []
+    for label, ref in REFERENCES:
+        out += [
+            common.po_cell(f"OnMC-PO (π_ref = {label})", "batched online", "mcpo", "mc", kind="online",
+                           online__reference=ref),
+            common.po_cell(f"Online DPO (π_ref = {label})", "batched online", "dpo", "random", kind="online",
+                           online__reference=ref),
+        ]
+    return out + [common.po_cell("MC-PO (offline)", "offline", "mcpo", "mc")]
 
 
 def tables(cells, results):

@@ -1,6 +1,7 @@
 """Table 1 analogue: offline preference optimisation from the SFT model, every method with the same data.
 
-Pairwise baselines (DPO, SimPO, IPO, KTO, NCA, SPPO) get one uniformly random negative among the L = 5
+Pairwise baselines (the paper's ten: DPO, RPO, EXO, SimPO, CPO, BCO, KTO, APO-zero, SPPO, NCA, plus IPO)
+get one uniformly random negative among the L = 5
 candidates (the paper's protocol, Sec. 5.1); RNCE is the ranking-NCE objective with a random negative
 (M = 1: mathematically DPO's loss, Proposition 2.1, so its row checks the two code paths agree); MC-PO draws
 its negative with the MC kernel (Algorithm 1).
@@ -10,14 +11,19 @@ its negative with the MC kernel (Algorithm 1).
 
 from mcpo_jax.experiments import common
 
-METHODS = (  # (row, objective, sampler)
+METHODS = (  # (row, objective, sampler), in the paper's order (contrastive, then classification-based)
     ("DPO", "dpo", "random"),
     ("RNCE", "rnce", "random"),
+    ("RPO", "rpo", "random"),
+    ("EXO", "exo", "random"),
     ("SimPO", "simpo", "random"),
+    ("CPO", "cpo", "random"),
     ("IPO", "ipo", "random"),
+    ("BCO", "bco", "random"),
     ("KTO", "kto", "random"),
-    ("NCA", "nca", "random"),
+    ("APO", "apo_zero", "random"),
     ("SPPO", "sppo", "random"),
+    ("NCA", "nca", "random"),
     ("MC-PO", "mcpo", "mc"),
 )
 
