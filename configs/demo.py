@@ -8,7 +8,9 @@ the paper's Nectar setup, M = 1 negative drawn by the MC kernel). At the end the
 policy answer held-out prompts greedily and the oracle judges them: the printed win rate is the trained
 policy's adjusted win rate (Sec. 5.1) against the SFT policy.
 
-Variants: `:smoke` (a few steps, for tests), `:rnce` / `:dpo` (the same run with a random negative).
+Variants: `:smoke` (a few steps, for tests), `:rnce` / `:dpo` (the same run with a random negative),
+`:online` (OnMC-PO: after the SFT warm start, 3 segments of on-policy samples ranked by the oracle judge;
+`python -m mcpo_jax.train --config configs/demo.py:online --workdir /tmp/demo-online`).
 """
 
 import ml_collections
@@ -99,6 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.objective, c.sampler = "dpo", "random"
         elif variant == "online_reference":
             c.reference = "online"
+        elif variant == "online":  # OnMC-PO: 3 segments of on-policy samples ranked by the oracle (App. B.1)
+            from mcpo_jax.online.onmcpo import demo_online
+
+            demo_online(c)
         else:
-            raise ValueError(f"configs/demo.py: unknown variant {variant!r} (smoke, rnce, dpo, online_reference)")
+            raise ValueError(
+                f"configs/demo.py: unknown variant {variant!r} (smoke, rnce, dpo, online_reference, online)"
+            )
     return c

@@ -1,6 +1,7 @@
 """CLI: python -m mcpo_jax.train --config configs/X.py[:variant] --workdir DIR [--config.a.b=value ...]
 
-Parses the config and calls `mcpo_jax.training.loop.train`; nothing else lives here.
+Parses the config and calls `mcpo_jax.training.loop.train` (or, for configs with an `online` block,
+`mcpo_jax.online.onmcpo.train_online`); nothing else lives here.
 Exit status: 0 when training completed or was interrupted by SIGTERM/SIGINT (after saving),
 2 for a config error (reported before anything compiles), 3 when the loss became NaN/Inf.
 """
@@ -31,7 +32,12 @@ def _main(argv):
 
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        summary = loop.train(_CONFIG.value, _WORKDIR.value)
+        if _CONFIG.value.get("online"):  # OnMC-PO / online DPO: batched online segments (configs/*online*)
+            from mcpo_jax.online import onmcpo
+
+            summary = onmcpo.train_online(_CONFIG.value, _WORKDIR.value)
+        else:
+            summary = loop.train(_CONFIG.value, _WORKDIR.value)
     except loop.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
