@@ -3,14 +3,17 @@ the heartbeat setting, run folders under a URL (gs://)."""
 
 from __future__ import annotations
 
+import json
 import os
 import types
 
 import jax
 import pytest
+from etils.epath import testing as epath_testing
 
 from mcpo_jax import sharding
-from mcpo_jax.training import loop
+from mcpo_jax.training import files, loop
+from mcpo_jax.training import metrics as metrics_lib
 
 
 # ------------------------------------------------------------------------- fail fast (train.py)
@@ -84,3 +87,76 @@ def test_heartbeat_timeout_from_argument_or_environment(monkeypatch):
     monkeypatch.delenv("MCPO_HEARTBEAT_TIMEOUT")
     assert sharding.initialize_distributed("localhost:1", 2, 0)
     assert seen == [7, 3, 100]
+
+
+# ------------------------------------------------------------------------- URL workdirs
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://... paths served from tmp_path/gcs through etils' backend mock (no network)."""
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    def local(path):
+        path = os.fspath(path)
+        return str(root / path[len("gs://"):]) if path.startswith("gs://") else path
+
+    def remap(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def open_(fn, path, mode, *args, **kwargs):  # an object store has no folders to create first
+        if any(c in mode for c in "wax"):
+            os.makedirs(os.path.dirname(local(path)), exist_ok=True)
+        return fn(local(path), mode, *args, **kwargs)
+
+    def remap2(fn, src, dst, *args, **kwargs):
+        return fn(local(src), local(dst), *args, **kwargs)
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a resolved URL would show up here as cwd/gs:/...
+    with epath_testing.mock_epath(open=open_, exists=remap, isdir=remap, makedirs=remap, mkdir=remap,
+                                  listdir=remap, glob=remap, remove=remap, rmtree=remap, stat=remap,
+                                  copy=remap2, rename=remap2, replace=remap2):
+        yield root
+    assert not list(work.iterdir()), f"a URL was resolved against the cwd: {list(work.rglob('*'))}"
+
+
+def test_url_workdir_is_never_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(files.workdir_path("gs://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(files.workdir_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
+    assert os.fspath(files.workdir_path("run")) == str(tmp_path / "run")
+    assert not files.local_cache_dir("gs://bucket/run").startswith("gs:")
+    assert files.local_cache_dir("/x/run") == "/x/run/cache"
+
+
+def test_run_files_under_a_url(fake_gcs):
+    run = "gs://bucket/run"
+    writer = metrics_lib.MetricsWriter(run, tensorboard=False)
+    writer.write(1, {"loss": 0.7, "grad_norm": 1.0})
+    writer.close()
+    writer = metrics_lib.MetricsWriter(run, tensorboard=False)  # a resumed run appends
+    writer.write(2, {"loss": 0.6, "grad_norm": 0.9})
+    writer.close()
+    stored = fake_gcs / "bucket" / "run"
+    assert [r["step"] for r in map(json.loads, (stored / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert [r["loss"] for r in metrics_lib.read_jsonl(f"{run}/metrics.jsonl")] == [0.7, 0.6]
+    assert metrics_lib.plot_curves(run) == f"{run}/curves.png"
+    assert (stored / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    handler = loop._RunLogHandler(f"{run}/train.log")
+    handler.stream.write("hello\n")
+    handler.close()
+    assert (stored / "train.log").read_text() == "hello\n"
+
+
+def test_append_file_under_a_url_uploads_on_flush_at_most_every_interval(fake_gcs):
+    f = files.AppendFile("gs://bucket/log.txt", upload_every=3600)
+    target = fake_gcs / "bucket" / "log.txt"
+    f.write("a\n")
+    f.flush()
+    assert not target.exists()  # throttled: no upload per line
+    f.close()
+    assert target.read_text() == "a\n"

@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from mcpo_jax.training import files
+
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ def _decode_iterator_state(state: Any) -> Any:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.fspath(files.workdir_path(workdir) / "checkpoints")  # a URL is kept as is
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -58,7 +60,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, *, with_data: bool = True):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+        has_data = (files.workdir_path(self.directory) / str(step) / "data").is_dir()
         if with_data and has_data:
             items["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(int(step), args=ocp.args.Composite(**items))

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from mcpo_jax import kernel, losses, models
 from mcpo_jax import sharding as shd
 from mcpo_jax.training import checkpoint as ckpt_lib
+from mcpo_jax.training import files
 from mcpo_jax.training import metrics as metrics_lib
 from mcpo_jax.training import refcache
 from mcpo_jax.training import state as state_lib
@@ -295,7 +297,19 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _setup_logging(workdir: str, primary: bool):
+class _RunLogHandler(logging.StreamHandler):
+    """workdir/train.log (also under a URL)."""
+
+    def __init__(self, path):
+        super().__init__(files.AppendFile(path))
+        self.baseFilename = os.fspath(path)
+
+    def close(self):
+        self.stream.close()
+        super().close()
+
+
+def _setup_logging(run_dir, primary: bool):
     root = logging.getLogger("mcpo_jax")
     root.setLevel(logging.INFO)
     # orbax and grain log every save / read at INFO through absl; keep the console for the trainer.
@@ -306,9 +320,9 @@ def _setup_logging(workdir: str, primary: bool):
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(h)
-    path = os.path.join(workdir, "train.log")
-    if primary and not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
-        fh = logging.FileHandler(path)
+    path = os.fspath(run_dir / "train.log")
+    if primary and not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+        fh = _RunLogHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
 
@@ -328,9 +342,9 @@ def _run_warm_start(config, workdir) -> str:
     with sft.unlocked():
         for k, v in data_overrides.items():
             sft.data[k] = v
-    sft_dir = os.path.join(workdir, "sft")
-    hf_dir = os.path.join(sft_dir, "hf")
-    if os.path.exists(os.path.join(hf_dir, "config.json")) and os.path.exists(os.path.join(sft_dir, "summary.json")):
+    sft_dir = os.fspath(files.workdir_path(workdir) / "sft")
+    hf_dir = os.fspath(files.workdir_path(sft_dir) / "hf")
+    if (epath.Path(hf_dir) / "config.json").exists() and (epath.Path(sft_dir) / "summary.json").exists():
         log.info("warm start: reusing the SFT model in %s", hf_dir)
         return hf_dir
     log.info("warm start: SFT phase in %s", sft_dir)
@@ -344,10 +358,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train per `config` in `workdir` (resuming from its checkpoints); returns a summary dict."""
     config = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
     validate_config(config)
-    workdir = os.path.abspath(workdir)
+    run_dir = files.workdir_path(workdir)  # a local folder or a URL (gs://...), never resolved
+    workdir = os.fspath(run_dir)
     primary = shd.is_primary()
-    os.makedirs(workdir, exist_ok=True)
-    _setup_logging(workdir, primary)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir, primary)
 
     if config.get("warm_start"):
         with config.unlocked():
@@ -356,8 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 config.tokenizer = config.model.path
         config.warm_start = None
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
     rules = shd.rules_from_config(config.get("sharding_rules", None) and dict(config.sharding_rules))
     mesh = shd.mesh_from_config(config.mesh)
@@ -365,7 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("mesh %s (%d devices, %d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     tokenizer = build_tokenizer(config)
-    cache_dir = config.data.get("cache_dir") or os.path.join(workdir, "cache")
+    cache_dir = config.data.get("cache_dir") or files.local_cache_dir(workdir)
     train_ds, eval_ds, tok_args = build_datasets(config, tokenizer, cache_dir)
     log.info("data: %d train / %d eval examples, C=%d columns, T=%d", len(train_ds),
              0 if eval_ds is None else len(eval_ds), train_ds.num_columns, train_ds.max_length)
@@ -500,8 +514,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.error(msg)
                 summary.update(status="diverged", message=msg, step=step + 1, final_metrics=last)
                 if primary:
-                    with open(os.path.join(workdir, "summary.json"), "w") as f:
-                        json.dump(summary, f, indent=2, default=str)
+                    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
                 raise TrainingDiverged(msg)
             record = {k: v for k, v in metrics_lib.to_python(metrics).items() if k not in ("selected", "finite")}
             record.update(step_time=dt, tokens_per_sec=float(metrics["tokens"]) / max(dt, 1e-9),
@@ -556,8 +569,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if summary["status"] == "completed":
         policy = state_lib.merge_model(graphdef, state["params"], rest)
         if bool(config.get("export_hf", True)):
-            hf_dir = os.path.join(workdir, "hf")
-            models.save_pretrained(policy, hf_dir, tokenizer=tokenizer)
+            hf_dir = os.fspath(run_dir / "hf")
+            _export_hf(policy, hf_dir, tokenizer)
             summary["hf_export"] = hf_dir
             log.info("Hugging Face export: %s", hf_dir)
         if primary:
@@ -567,9 +580,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             summary["final_eval"] = final_eval.run(config, policy, tokenizer, mesh, rules)
     if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _export_hf(policy, hf_dir: str, tokenizer) -> None:
+    """save_pretrained writes local files: under a URL workdir, export to a local folder and copy it up."""
+    if not files.is_url(hf_dir):
+        models.save_pretrained(policy, hf_dir, tokenizer=tokenizer)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mcpo_hf_") as local:
+        models.save_pretrained(policy, local, tokenizer=tokenizer)
+        if shd.is_primary():
+            dest = epath.Path(hf_dir)
+            for path in sorted(epath.Path(local).rglob("*")):
+                if path.is_file():
+                    target = dest / os.path.relpath(path, local)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    path.copy(target, overwrite=True)
 
 
 def _param_axes(graphdef, params, rest):

@@ -5,6 +5,7 @@ Only the primary process writes; the others get a writer whose methods do nothin
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -13,6 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from mcpo_jax.training import files
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,12 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
 class MetricsWriter:
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.fspath(files.workdir_path(workdir) / "metrics.jsonl")
         self._tb = None
         self._file = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = files.AppendFile(self.path)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -74,16 +77,17 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str, split: str | None = "train") -> list[dict]:
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if split is None or r.get("split") == split]
 
 
 def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
     """PNG of the main training (and eval) curves; the last record of each step wins (resumes)."""
-    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"), split=None)
+    run_dir = files.workdir_path(workdir)
+    rows = read_jsonl(run_dir / "metrics.jsonl", split=None)
     if not rows:
         return None
     import matplotlib
@@ -105,7 +109,9 @@ def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
         if key == "loss":
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(workdir, out_name)
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    path = run_dir / out_name
+    path.write_bytes(png.getvalue())
+    return os.fspath(path)
