@@ -229,3 +229,24 @@ def test_real_miniature_run(tmp_path):
     assert np.isfinite(r["final_loss"]) and r["step_time_median"] > 0
     assert not os.path.exists(os.path.join(runner.run_dir(cell, 0), "checkpoints"))  # pruned
     assert runner.run(cell, 0) == r  # cached
+
+
+def test_every_scale_makes_valid_trainer_configs(tmp_path):
+    """The gpu scale cannot run here; at least its configs (and every experiment's cells) must validate."""
+    from mcpo_jax.training import loop
+
+    sft_path = str(tmp_path)  # validate_config only checks that the folder exists
+    cells = [c for exp in (table1_baselines, fig2_sampling, table2_noise, table3_negatives, online, cost,
+                           sensitivity) for c in exp.cells("gpu")]
+    for scale in ("gpu", "small"):
+        loop.validate_config(common.sft_config(scale, 0), device_count=1)
+        for cell in cells:
+            if cell.kind == "online":
+                config = common.online_config(scale, 0, sft_path, cell.overrides)
+            else:
+                config = common.po_config(scale, 0, sft_path, cell.overrides)
+            if config.data.source == "@pairs":
+                config.data.source = sft_path
+            loop.validate_config(config, device_count=1)
+    assert common.SCALES["gpu"]["model"]["num_hidden_layers"] > common.SCALES["small"]["model"].get(
+        "num_hidden_layers", 2)

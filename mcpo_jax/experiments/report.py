@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from mcpo_jax.experiments import common
 
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
@@ -81,6 +83,9 @@ def plot_curves(rec: dict, path: str, *, seed: int = 0, title: str = "") -> str 
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.cm.tab20(np.linspace(0, 1, 20)) if len(runs) > 10 else plt.cm.tab10(np.arange(10))
+    for ax in axes:
+        ax.set_prop_cycle(color=list(colors))
     for r in runs:
         steps, loss, acc, offset = [], [], [], 0
         for m in r.get("metrics_files", []):
@@ -95,7 +100,12 @@ def plot_curves(rec: dict, path: str, *, seed: int = 0, title: str = "") -> str 
         axes[0].plot(steps, loss, label=label, lw=1)
         axes[1].plot(steps, _smooth(acc), label=label, lw=1)
     axes[0].set_title("training loss (each objective on its own scale)")
-    axes[0].set_yscale("symlog")
+    lows = [min(ln.get_ydata()) for ln in axes[0].get_lines() if len(ln.get_ydata())]
+    highs = [max(ln.get_ydata()) for ln in axes[0].get_lines() if len(ln.get_ydata())]
+    if lows and min(lows) > 0 and max(highs) / min(lows) > 20:  # objectives of very different scales
+        axes[0].set_yscale("log")
+    if "online" in rec["experiment"]:
+        axes[1].set_title("reward accuracy on the batch (smoothed; online: 3 segments chained)")
     axes[1].set_title("reward accuracy on the training batch (smoothed)")
     for ax in axes:
         ax.set_xlabel("step")
