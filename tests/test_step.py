@@ -159,3 +159,72 @@ def test_golden_one_step_tiny_transformer():
 
 GOLDEN_LOSS = 1.1086039543151855
 GOLDEN_GRAD_NORM = 8.90254020690918
+
+
+PRUNABLE = [
+    dict(objective="dpo", sampler="random", num_negatives=1),  # the selection reads no log-probs
+    dict(objective="dpo", sampler="fixed", num_negatives=1, reference="precomputed"),
+    dict(objective="mcpo", sampler="mc", num_negatives=3),  # M = L: every candidate selected
+    dict(objective="mcpo", sampler="mc", num_negatives=2),  # y0 left out of the kernel's pass
+]
+
+
+def _flops(compiled):
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+@pytest.mark.parametrize("kw", PRUNABLE, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_pruned_passes_give_the_same_loss_and_gradient_with_less_work(kw):
+    """StepConfig.prune_passes (the default) leaves out the no-grad policy pass when the selection does not
+    depend on it and y0 from that pass when y0 cannot be a negative: same loss, gradient and update."""
+    graphdef, params, rest = st.split_model(ToyLM())
+    ref = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
+    tx, _ = S.make_optimizer(learning_rate=1e-2, total_steps=10, warmup_ratio=0.0)
+    state = st.init_state(params, tx, 7)
+    batch = toy_batch(b=4, c=4, accum=2, vocab=23)
+    if kw.get("reference") == "precomputed":
+        batch["ref_logps"] = np.stack([np.asarray(_host_logps(
+            ref, graphdef, rest, *(batch[k][i] for k in ("input_ids", "attention_mask", "loss_mask"))))
+            for i in range(2)])
+        ref = None
+    runs = {}
+    for prune in (False, True):
+        cfg = S.StepConfig(beta=0.5, prune_passes=prune, **kw)
+        compiled = jax.jit(S.make_train_step(cfg, graphdef, rest, tx)).lower(state, ref, batch).compile()
+        runs[prune] = (*compiled(state, ref, batch), _flops(compiled))
+    (s0, m0, f0), (s1, m1, f1) = runs[False], runs[True]
+    for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "rewards/accuracies", "tokens"):
+        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(m1["kernel/rank_hist"], m0["kernel/rank_hist"])
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s0["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The same negatives (as a set per example: with M = L they come in column order once pruned).
+    np.testing.assert_array_equal(np.sort(np.asarray(m1["selected"]), -1), np.sort(np.asarray(m0["selected"]), -1))
+    assert f1 < f0, (f1, f0)
+    # The kernel entropy is reported only when the kernel read the policy.
+    reads_policy = kw["sampler"] == "mc" and kw["num_negatives"] < 3
+    assert ("kernel/entropy" in m1) == reads_policy and "kernel/entropy" in m0
+
+
+def test_dpo_step_runs_one_model_pass_less():
+    """The compiled DPO step (random negative, precomputed reference) of a scanned-layer Llama: the no-grad policy
+    pass over all C rows (one layer loop in the optimized HLO) is gone."""
+    from mcpo_jax import models
+
+    config = models.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                max_position_embeddings=64, rms_norm_eps=1e-5)
+    model = models.init_random(config, seed=5)
+    graphdef, params, rest = st.split_model(model)
+    tx, _ = S.make_optimizer(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    state = st.init_state(params, tx, 1)
+    batch = toy_batch(b=4, c=4, t=12, vocab=32, seed=2, accum=1)
+    batch["ref_logps"] = np.zeros((1, 4, 4), np.float32)
+    loops = {}
+    for prune in (False, True):
+        cfg = S.StepConfig(objective="dpo", sampler="random", num_negatives=1, reference="precomputed",
+                           prune_passes=prune)
+        text = jax.jit(S.make_train_step(cfg, graphdef, rest, tx)).lower(state, None, batch).compile().as_text()
+        loops[prune] = sum(1 for line in text.splitlines() if " while(" in line)  # as bench.hlo_census counts
+    assert loops[True] == loops[False] - 1, loops

@@ -3,7 +3,8 @@
     batch (micro-batches [A, b, ...])
       for each micro-batch (lax.scan, gradient accumulation):
         1. log-probs of all C = 1 + L rows under the policy and the reference, no gradient
-           (or the reference column `ref_logps` precomputed by the trainer)
+           (or the reference column `ref_logps` precomputed by the trainer); the policy's only where the
+           kernel reads them: not at all for `fixed` / `random` or M = L, not y0 unless it can be picked
         2. kernel.select_negatives(fold_in(fold_in(base_key, step), micro), ...) -> [b, M]
         3. gather y0 + the M selected rows; value_and_grad of the objective on those rows only
       4. optax update with the exact global mean gradient; metrics as (sum, count) -> means
@@ -43,6 +44,10 @@ class StepConfig:
     reference: str = "online"  # "online" | "precomputed" | "none" (reference-free objectives)
     loss_hparams: tuple[tuple[str, Any], ...] = ()
     logprob_chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+    # Leave out model work whose result nothing reads: the no-grad policy pass when the selection does not
+    # depend on the policy, and y0 from that pass when the kernel cannot pick y0. Same loss and gradient;
+    # False runs every pass (the before/after reference for tests and the benchmark).
+    prune_passes: bool = True
 
     @property
     def needs_reference(self) -> bool:
@@ -51,6 +56,15 @@ class StepConfig:
     @property
     def is_sft(self) -> bool:
         return self.objective == "sft"
+
+    def selection_reads_policy(self, num_columns: int) -> bool:
+        """Whether the negatives depend on the policy's log-probs: not for `fixed` / `random`, nor when every
+        candidate is selected (M = L without y0: the selection is columns 1..L, whatever the kernel)."""
+        if self.is_sft or not self.prune_passes:
+            return not self.is_sft
+        if self.sampler in ("fixed", "random"):
+            return False
+        return not (self.num_negatives == num_columns - 1 and not self.include_preferred)
 
 
 def negatives_key(rng, step, micro):
@@ -81,21 +95,30 @@ def _gather_cols(x_BC, cols_BK):
 
 
 def select_columns(cfg: StepConfig, key, policy_BC, ref_BC, valid_BC, fixed_index_B):
-    """Columns [b, 1 + M] fed to the objective: y0 first, then the M selected negatives."""
-    b = valid_BC.shape[0]
+    """Columns [b, 1 + M] fed to the objective: y0 first, then the M selected negatives.
+
+    `policy_BC` is None when `cfg.selection_reads_policy(C)` is False."""
+    b, c = valid_BC.shape
     zero_B1 = jnp.zeros((b, 1), jnp.int32)
     if cfg.is_sft:
         return zero_B1, None
     if cfg.sampler == "fixed":
         neg_BM = fixed_index_B.astype(jnp.int32)[:, None]
     else:
+        strategy = cfg.sampler
+        if policy_BC is None:
+            # `random` reads only the shape and `valid`; with M = L every eligible column is selected (and,
+            # were a row short of candidates, the same tie-break fills it): "max" on a constant gives that
+            # set in column order.
+            policy_BC, ref_BC = jnp.zeros((b, c), jnp.float32), None
+            strategy = "random" if strategy == "random" else "max"
         neg_BM = kernel.select_negatives(
             key,
             policy_BC,
             ref_BC,
             beta=cfg.beta,
             num_negatives=cfg.num_negatives,
-            strategy=cfg.sampler,
+            strategy=strategy,
             include_preferred=cfg.include_preferred,
             valid=valid_BC,
         ).astype(jnp.int32)
@@ -113,21 +136,24 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
     def add(name, total, count):
         sums[name] = (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
 
-    # 1. No-gradient log-probs of every candidate (SFT only needs y0).
-    if cfg.is_sft:
-        policy_BC = ref_BC = None
-    else:
-        policy_BC = jax.lax.stop_gradient(
-            _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
-        )
+    # 1. No-gradient log-probs of every candidate the kernel reads (SFT only needs y0).
+    policy_BC = ref_BC = None
+    if cfg.selection_reads_policy(c):
+        if cfg.prune_passes and not cfg.include_preferred:
+            # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
+            rest_BL = _rows_logps(graphdef, params, rest, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:],
+                                  chunk)
+            policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
+        else:
+            policy_BC = _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
+        policy_BC = jax.lax.stop_gradient(policy_BC)
+    if not cfg.is_sft:
         if cfg.reference == "online":
             ref_BC = jax.lax.stop_gradient(
                 _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
             )
         elif cfg.reference == "precomputed":
             ref_BC = mb["ref_logps"].astype(jnp.float32)
-        else:
-            ref_BC = None
 
     # 2. The MC kernel (or max/min/random/fixed) picks the negatives.
     cols_BK, neg_BM = select_columns(cfg, key, policy_BC, ref_BC, valid_BC, mb.get("fixed_index"))
@@ -159,18 +185,20 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
         value_B = jnp.asarray(value_B, jnp.float32)
         if value_B.ndim == 1:
             add(name, jnp.sum(value_B), b)
-    # Tokens through the model this micro-batch (all C rows' no-grad pass; y0 only for SFT).
+    # Tokens of the examples this micro-batch (all C rows; y0 only for SFT), whatever passes ran.
     tokens = jnp.sum(mask_BCT[:, 0] if cfg.is_sft else mask_BCT)
     if cfg.is_sft:
         add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
         return grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32)
 
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
-    weights_BC = kernel.weights(
-        policy_BC, ref_BC, beta=cfg.beta, valid=valid_BC, include_preferred=cfg.include_preferred
-    )
-    entropy_B = -jnp.sum(jnp.where(weights_BC > 0, weights_BC * jnp.log(jnp.maximum(weights_BC, 1e-30)), 0.0), 1)
-    add("kernel/entropy", jnp.sum(entropy_B), b)
+    if policy_BC is not None:  # the MC weights' entropy; without the policy pass it is not computed
+        weights_BC = kernel.weights(
+            policy_BC, ref_BC, beta=cfg.beta, valid=valid_BC, include_preferred=cfg.include_preferred
+        )
+        entropy_B = -jnp.sum(jnp.where(weights_BC > 0, weights_BC * jnp.log(jnp.maximum(weights_BC, 1e-30)), 0.0),
+                             1)
+        add("kernel/entropy", jnp.sum(entropy_B), b)
     add("kernel/selected_is_y0", jnp.sum((neg_BM == 0).astype(jnp.float32)), neg_BM.size)
     ranks_BM = _gather_cols(mb["ranks"], neg_BM) if "ranks" in mb else jnp.full_like(neg_BM, -1)
     bins_BM = jnp.clip(ranks_BM, 0, RANK_BINS - 1)
