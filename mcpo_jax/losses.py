@@ -23,7 +23,15 @@ NLL = -log pi(y0) / |y0| (per-token mean cross-entropy of y0), sg = stop_gradien
 The paper ran its baselines through TRL (Appendix B.2, Table 5). The formulas here follow TRL's
 implementation as of early 2025 (TRL 0.13 - 0.15: ``DPOTrainer.dpo_loss``, ``CPOTrainer.cpo_loss``,
 ``KTOTrainer.kto_loss``, ``BCOTrainer.bco_loss``); each docstring says where the paper's Table 5 writes
-something else. Metrics follow TRL's names: ``rewards/chosen`` (reward of y0), ``rewards/rejected`` (mean
+something else.
+
+Provenance: every baseline was checked line by line against TRL's own source as released on PyPI (the
+ordinary ``pip download trl==X`` wheels, whose files are the tagged source): 0.12.2 (Dec 2024), 0.13.0
+(16 Dec 2024), 0.14.0 (29 Jan 2025, wheel sha256 2407df4ea0e9...), 0.15.2 (Feb 2025) and 0.16.0
+(Mar 2025). ``dpo_loss``, ``cpo_loss`` and ``kto_loss`` are formula-identical in all five (0.12.2 lacks
+only ``discopop``, unused here); the stored GitHub index held just one pre-2024 version of
+huggingface/trl's dpo_trainer.py, so no git commit is cited (wheels carry none). "TRL @ v0.14.0" in a
+docstring below means that release's file, with the same text in 0.13.0 and 0.15.2. Metrics follow TRL's names: ``rewards/chosen`` (reward of y0), ``rewards/rejected`` (mean
 reward of the valid negatives), ``rewards/margins`` (their difference) and ``rewards/accuracies`` (1 if
 y0's reward exceeds every valid negative's), computed from the same log-probs the loss uses, plus a few
 objective-specific terms (``nll``, ``kl``, ``delta``).
@@ -143,8 +151,28 @@ class _Inputs:
         return self.policy - self.ref
 
     def nll_y0(self):
-        """Per-token mean NLL of y0 (TRL's cross-entropy over the chosen completion tokens)."""
+        """Per-example mean NLL of y0: -log pi(y0) / |y0| (used by ``sft``)."""
         return -self.policy[:, 0] / self.lengths[:, 0]
+
+    def nll_term(self, reduction):
+        """The supervised term of RPO / CPO / CPO-SimPO, per example, in TRL's batch reduction.
+
+        ``reduction="token"`` (TRL): TRL adds one scalar, the cross-entropy averaged over *all* chosen
+        completion tokens of the batch, sum_b -log pi(y0_b) / sum_b |y0_b|. Here row b gets
+        -log pi(y0_b) / mean_b' |y0_b'| (the mean over the rows with a valid pair), so the mean of the
+        per-example terms over those rows is exactly TRL's token mean (longer completions weigh more).
+        ``reduction="example"``: -log pi(y0_b) / |y0_b|, each example's own token mean (a batch mean
+        that weighs examples equally; not TRL's).
+        """
+        if reduction == "example":
+            return self.nll_y0()
+        if reduction != "token":
+            raise ValueError(f"nll_reduction must be 'token' (TRL) or 'example', got {reduction!r}")
+        rows = self.has_negative
+        count = jnp.sum(rows)
+        tokens = jnp.sum(jnp.where(rows, self.lengths[:, 0], 0.0))
+        mean_len = jax.lax.stop_gradient(jnp.where(count > 0, tokens / jnp.maximum(count, 1), 1.0))
+        return -self.policy[:, 0] / mean_len
 
 
 def _reward_metrics(rewards_BC: Array, valid_BC: Array) -> dict[str, Array]:
@@ -227,7 +255,10 @@ rnce = _register("rnce", uses_ref=True, uses_lengths=False, pairwise=False)(_mcp
 @_register("dpo", uses_ref=True, uses_lengths=False, pairwise=True)
 def dpo(x: _Inputs, beta, *, label_smoothing=0.0):
     """DPO (TRL loss_type="sigmoid"; cDPO with label_smoothing):
-    -(1 - eps) log sigma(beta z) - eps log sigma(-beta z).  Matches Table 5 (which has eps = 0)."""
+    -(1 - eps) log sigma(beta z) - eps log sigma(-beta z).  Matches Table 5 (which has eps = 0).
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), ``dpo_loss`` "sigmoid" branch
+    (same in 0.12.2 - 0.16.0): z = (pi_c - pi_r) - (ref_c - ref_r) on summed log-probs; matches."""
     rewards = beta * x.logratios
     logits = x.logratios[:, 0] - x.logratios[:, 1]
     return _smoothed_sigmoid_loss(beta * logits, label_smoothing), _reward_metrics(rewards, x.valid)
@@ -238,7 +269,11 @@ def ipo(x: _Inputs, beta):
     """IPO (TRL loss_type="ipo"):  (z_avg - 1 / (2 beta))^2  with
     z_avg = (s_0 - s_1) - (s_ref_0 - s_ref_1), i.e. TRL divides both policy and reference log-probs by the
     completion length for IPO (``all_logps / loss_mask.sum(-1)``); the rewards in the metrics use the same
-    averaged log-probs, as TRL's do. Not in Table 5."""
+    averaged log-probs, as TRL's do. Not in Table 5.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025): ``dpo_loss`` "ipo" branch and
+    ``concatenated_forward`` (the length division, applied to the reference pass too via
+    ``compute_ref_log_probs``); same in 0.12.2 - 0.16.0; matches."""
     avg_ratios = x.logratios / x.lengths
     logits = avg_ratios[:, 0] - avg_ratios[:, 1]
     return (logits - 1.0 / (2.0 * beta)) ** 2, _reward_metrics(beta * avg_ratios, x.valid)
@@ -246,7 +281,10 @@ def ipo(x: _Inputs, beta):
 
 @_register("hinge", uses_ref=True, uses_lengths=False, pairwise=True)
 def hinge(x: _Inputs, beta):
-    """Hinge / SLiC (TRL loss_type="hinge"):  max(0, 1 - beta z). Not in Table 5."""
+    """Hinge / SLiC (TRL loss_type="hinge"):  max(0, 1 - beta z). Not in Table 5.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "hinge" branch
+    (``torch.relu(1 - self.beta * logits)``, same in 0.12.2 - 0.16.0); matches."""
     logits = x.logratios[:, 0] - x.logratios[:, 1]
     return jax.nn.relu(1.0 - beta * logits), _reward_metrics(beta * x.logratios, x.valid)
 
@@ -254,7 +292,10 @@ def hinge(x: _Inputs, beta):
 @_register("robust", uses_ref=True, uses_lengths=False, pairwise=True)
 def robust(x: _Inputs, beta, *, label_smoothing=0.0):
     """Robust DPO (TRL loss_type="robust", rDPO, unbiased under label-flip rate eps < 1/2):
-    ((1 - eps)(-log sigma(beta z)) + eps log sigma(-beta z)) / (1 - 2 eps). Not in Table 5."""
+    ((1 - eps)(-log sigma(beta z)) + eps log sigma(-beta z)) / (1 - 2 eps). Not in Table 5.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "robust" branch (note the + on
+    the eps term, unlike cDPO; same in 0.12.2 - 0.16.0); matches."""
     if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"objective 'robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     logits = beta * (x.logratios[:, 0] - x.logratios[:, 1])
@@ -264,17 +305,28 @@ def robust(x: _Inputs, beta, *, label_smoothing=0.0):
 
 
 @_register("rpo", uses_ref=True, uses_lengths=True, pairwise=True)
-def rpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0):
+def rpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0, nll_reduction="token"):
     """RPO (TRL DPOTrainer with loss_type="sigmoid" and rpo_alpha = lam):  DPO + lam * NLL(y0).
 
-    NLL(y0) is TRL's ``nll_loss``: the token-averaged cross-entropy of the chosen completion. TRL averages it
-    over all chosen tokens of the (per-device) batch; here it is averaged per example (-log pi(y0) / |y0|), so
-    the batch mean weighs examples equally rather than by length. Table 5 writes the regulariser as
+    NLL(y0) is TRL's ``nll_loss``: ``F.cross_entropy`` over the chosen half of the batch, i.e. the mean over
+    *all* chosen completion tokens of the batch, sum_b -log pi(y0_b) / sum_b |y0_b|, one scalar added to
+    every example's DPO loss. With the default ``nll_reduction="token"`` each row gets
+    -log pi(y0_b) / mean_b |y0_b| so that the batch mean of the loss is exactly TRL's
+    mean(DPO) + lam * token-mean NLL (see ``_Inputs.nll_term``); ``nll_reduction="example"`` uses each
+    example's own token mean instead (weighs examples equally). The per-example ``nll`` metric is this
+    per-row term, so its batch mean is TRL's ``nll_loss``. Table 5 writes the regulariser as
     -lam log(pi(y0) / pi_ref(y0)) (a log-ratio, not normalised by length); TRL, followed here, uses the NLL.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025): ``concatenated_forward``
+    (``output["nll_loss"] = F.cross_entropy(flatten(chosen_logits), flatten(chosen_labels), ignore_index=0)``
+    with ``labels[~loss_mask] = 0``) and ``get_batch_loss_metrics`` (``losses + rpo_alpha * nll_loss``, then
+    ``losses.mean()``); same in 0.12.2 - 0.16.0. Not reproduced: TRL's ``ignore_index=0`` also drops real
+    completion tokens whose id is 0, and TRL's token mean is per device / per micro-batch where this one is
+    over the rows given to the function. Changed (this review): the NLL was a per-example mean.
     """
     rewards = beta * x.logratios
     logits = x.logratios[:, 0] - x.logratios[:, 1]
-    nll = x.nll_y0()
+    nll = jnp.where(x.has_negative, x.nll_term(nll_reduction), 0.0)
     loss = _smoothed_sigmoid_loss(beta * logits, label_smoothing) + lam * nll
     metrics = _reward_metrics(rewards, x.valid)
     metrics["nll"] = jax.lax.stop_gradient(nll)
@@ -287,6 +339,10 @@ def exo(x: _Inputs, beta, *, label_smoothing=0.0):
     sigma(u) (log sigma(u) - log(1 - eps)) + sigma(-u) (log sigma(-u) - log eps),
     where eps = label_smoothing, replaced by 1e-3 when it is 0 (as TRL does).
     Table 5 differs: it writes logits = r_0 only (no y1 term) and drops the log(1 - eps), log eps constants.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "exo_pair" branch: logits = z (the
+    DPO logits, with the y1 term), beta inside both sigmoids, ``math.log(1 - eps)`` / ``math.log(eps)``
+    constants (same in 0.12.2 - 0.16.0); matches. (TRL writes the 1e-3 back into ``self.label_smoothing``.)
     """
     eps = jnp.where(jnp.asarray(label_smoothing) == 0, 1e-3, label_smoothing).astype(x.dtype)
     u = beta * (x.logratios[:, 0] - x.logratios[:, 1])
@@ -306,6 +362,13 @@ def bco(x: _Inputs, beta, *, delta=None):
     Table 5 writes the second term as -log sigma(-beta r_1 - delta) (sign of delta flipped); TRL's sign is
     used here. BCOTrainer averages the chosen and rejected terms over 2B items; this is their per-pair sum
     (DPOTrainer's bco_pair), i.e. twice BCOTrainer's scale.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "bco_pair" branch
+    (``rewards = cat(beta r_c, beta r_r).mean().detach(); self.running.update(rewards); delta =
+    self.running.mean``; ``RunningMoments.update`` in trl/trainer/utils.py weights each update by its
+    element count, here 1, so after n steps delta is the plain mean of the n batch means on one process) and
+    trl/trainer/bco_trainer.py ``bco_loss`` @ v0.14.0 (same delta and terms, plus the optional UDM density
+    ratio weights on the rejected terms, not reproduced); same in 0.12.2 - 0.16.0; matches.
     """
     rewards = beta * x.logratios
     if delta is None:
@@ -328,6 +391,17 @@ def kto(x: _Inputs, beta, *, kl=None, desirable_weight=1.0, undesirable_weight=1
     KTOTrainer averages desirable and undesirable terms over 2B items; this is their per-pair sum.
     Table 5 writes -log sigma(beta r_0 - Delta) - log sigma(-beta r_1 - Delta) (log-sigmoid form, Delta not
     multiplied by beta); TRL's 1 - sigmoid form is used here.
+
+    Checked against TRL trl/trainer/kto_trainer.py @ v0.14.0 (Jan 2025), ``kto_loss`` loss_type="kto":
+    ``kl = (policy_KL_logps - reference_KL_logps).mean().detach()``, gathered over processes, ``.clamp(min=0)``;
+    chosen ``1 - sigmoid(beta (r_c - kl))``, rejected ``1 - sigmoid(beta (kl - r_r))``, weighted by
+    desirable / undesirable_weight; the KL completions are the batch's completions rotated by one prompt
+    (mismatched pairs). Same in 0.12.2 - 0.16.0 (0.12.2 / 0.13.0 gather with ``gather`` instead of
+    ``gather_for_metrics``). Matches, with the matched-pair KL proxy above as the only difference. In early
+    2025 KTO was only KTOTrainer: DPOTrainer's old ``loss_type="kto_pair"`` raises "Support for kto_pair
+    has been removed in DPOTrainer. Please use KTOTrainer." in 0.12.2 - 0.16.0. That removed variant
+    (TRL <= 0.8) used cross-half, *non-detached* estimates, chosen vs max(0, mean r_1) and rejected vs
+    max(0, mean r_0); it is not what the paper could have run and is not implemented.
     """
     rewards = beta * x.logratios
     if kl is None:
@@ -343,7 +417,11 @@ def kto(x: _Inputs, beta, *, kl=None, desirable_weight=1.0, undesirable_weight=1
 @_register("apo_zero", uses_ref=True, uses_lengths=False, pairwise=True)
 def apo_zero(x: _Inputs, beta):
     """APO-zero (TRL loss_type="apo_zero", APO paper Eq. 7):  (1 - sigma(beta r_0)) + sigma(beta r_1).
-    Table 5 writes a log-sigmoid form -log sigma(beta r_0) + log sigma(beta r_1); TRL's sigmoid form is used."""
+    Table 5 writes a log-sigmoid form -log sigma(beta r_0) + log sigma(beta r_1); TRL's sigmoid form is used.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "apo_zero" branch
+    (``1 - F.sigmoid(beta * chosen_logratios) + F.sigmoid(beta * rejected_logratios)``, same in
+    0.12.2 - 0.16.0); matches."""
     rewards = beta * x.logratios
     loss = (1.0 - jax.nn.sigmoid(rewards[:, 0])) + jax.nn.sigmoid(rewards[:, 1])
     return loss, _reward_metrics(rewards, x.valid)
@@ -352,7 +430,10 @@ def apo_zero(x: _Inputs, beta):
 @_register("apo_down", uses_ref=True, uses_lengths=False, pairwise=True)
 def apo_down(x: _Inputs, beta):
     """APO-down (TRL loss_type="apo_down", APO paper Eq. 8):  sigma(beta r_0) + (1 - sigma(beta (r_0 - r_1))).
-    Not distinguished in Table 5 (which lists one APO form, see ``apo_zero``)."""
+    Not distinguished in Table 5 (which lists one APO form, see ``apo_zero``).
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "apo_down" branch
+    (``F.sigmoid(beta r_c) + 1 - F.sigmoid(beta (r_c - r_r))``, same in 0.12.2 - 0.16.0); matches."""
     rewards = beta * x.logratios
     loss = jax.nn.sigmoid(rewards[:, 0]) + (1.0 - jax.nn.sigmoid(rewards[:, 0] - rewards[:, 1]))
     return loss, _reward_metrics(rewards, x.valid)
@@ -361,7 +442,11 @@ def apo_down(x: _Inputs, beta):
 @_register("sppo", uses_ref=True, uses_lengths=False, pairwise=True)
 def sppo(x: _Inputs, beta):
     """SPPO, hard labels (TRL loss_type="sppo_hard"):  (r_0 - 1/(2 beta))^2 + (r_1 + 1/(2 beta))^2.
-    Table 5 writes the targets as +-0.5 beta; TRL (and the SPPO paper, eta = 1/beta) use +-0.5 / beta."""
+    Table 5 writes the targets as +-0.5 beta; TRL (and the SPPO paper, eta = 1/beta) use +-0.5 / beta.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "sppo_hard" branch
+    (``(a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2`` on the unscaled log-ratios a, b; same in
+    0.12.2 - 0.16.0); matches."""
     half = 0.5 / beta
     loss = (x.logratios[:, 0] - half) ** 2 + (x.logratios[:, 1] + half) ** 2
     return loss, _reward_metrics(beta * x.logratios, x.valid)
@@ -370,7 +455,10 @@ def sppo(x: _Inputs, beta):
 @_register("nca", uses_ref=True, uses_lengths=False, pairwise=True)
 def nca(x: _Inputs, beta):
     """NCA (TRL loss_type="nca_pair"):
-    -log sigma(beta r_0) - 0.5 log sigma(-beta r_0) - 0.5 log sigma(-beta r_1).  Matches Table 5."""
+    -log sigma(beta r_0) - 0.5 log sigma(-beta r_0) - 0.5 log sigma(-beta r_1).  Matches Table 5.
+
+    Checked against TRL trl/trainer/dpo_trainer.py @ v0.14.0 (Jan 2025), "nca_pair" branch (same in
+    0.12.2 - 0.16.0); matches."""
     rewards = beta * x.logratios
     loss = (-jax.nn.log_sigmoid(rewards[:, 0]) - 0.5 * jax.nn.log_sigmoid(-rewards[:, 0])
             - 0.5 * jax.nn.log_sigmoid(-rewards[:, 1]))
@@ -382,17 +470,27 @@ def nca(x: _Inputs, beta):
 
 
 @_register("simpo", uses_ref=False, uses_lengths=True, pairwise=True)
-def simpo(x: _Inputs, beta, *, gamma=DEFAULT_GAMMA, lam=0.0, label_smoothing=0.0):
+def simpo(x: _Inputs, beta, *, gamma=DEFAULT_GAMMA, lam=0.0, label_smoothing=0.0, nll_reduction="token"):
     """SimPO (TRL CPOTrainer loss_type="simpo"; cpo_alpha = lam, 0 for pure SimPO):
     -(1 - eps) log sigma(u) - eps log sigma(-u) + lam * NLL(y0),   u = beta (s_0 - s_1) - gamma.
 
     gamma is the absolute margin (TRL subtracts simpo_gamma / beta before multiplying by beta). Rewards in
     the metrics are beta * s_i, as in TRL. Matches Table 5 for lam = 0. With lam > 0 this is TRL's
     "CPO-SimPO", which is what Table 5's CPO row writes (length-normalised, with gamma, plus lam * NLL).
+    NLL(y0) is TRL's batch token mean, as in ``cpo`` (``nll_reduction``, see ``_Inputs.nll_term``).
+    Note TRL's CPOConfig defaults are cpo_alpha = 1.0 and simpo_gamma = 0.5; the defaults here are the
+    paper's (lam = 0 for SimPO, gamma = 10, Appendix B.2).
+
+    Checked against TRL trl/trainer/cpo_trainer.py @ v0.14.0 (Jan 2025): ``cpo_loss`` "simpo" branch
+    (``logits = (pi_c - pi_r) - simpo_gamma / beta``, then the smoothed sigmoid of ``beta * logits``),
+    ``concatenated_forward`` (``average_log_prob=self.loss_type in ["ipo", "simpo"]``; the NLL is
+    ``nn.CrossEntropyLoss()`` over the chosen half, labels -100 on prompt and padding, i.e. the batch token
+    mean) and ``get_batch_loss_metrics`` (``losses.mean() + cpo_alpha * nll_loss``); same in
+    0.12.2 - 0.16.0. Matches; changed (this review): the NLL was a per-example mean.
     """
     avg = x.policy / x.lengths
     u = beta * (avg[:, 0] - avg[:, 1]) - gamma
-    nll = x.nll_y0()
+    nll = jnp.where(x.has_negative, x.nll_term(nll_reduction), 0.0)
     loss = _smoothed_sigmoid_loss(u, label_smoothing) + lam * nll
     metrics = _reward_metrics(beta * avg, x.valid)
     metrics["nll"] = jax.lax.stop_gradient(nll)
@@ -400,7 +498,7 @@ def simpo(x: _Inputs, beta, *, gamma=DEFAULT_GAMMA, lam=0.0, label_smoothing=0.0
 
 
 @_register("cpo", uses_ref=False, uses_lengths=True, pairwise=True)
-def cpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0):
+def cpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0, nll_reduction="token"):
     """CPO (TRL CPOTrainer loss_type="sigmoid", cpo_alpha = lam):
     -(1 - eps) log sigma(beta (log pi(y0) - log pi(y1))) - eps log sigma(-...) + lam * NLL(y0),
     on summed log-probs. Rewards in the metrics are beta log pi(y_i), as in TRL.
@@ -408,10 +506,18 @@ def cpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0):
     Table 5's CPO row is length-normalised with a margin gamma and a -lam * beta * s_0 term; TRL's CPO
     (followed here) has neither normalisation nor margin (TRL ignores simpo_gamma for loss_type="sigmoid")
     and its supervised term is the token-mean NLL. Table 5's form is ``simpo`` with ``lam`` > 0.
-    NLL(y0) is averaged per example; TRL averages it over all chosen tokens of the batch.
+    NLL(y0) is TRL's: the mean over all chosen completion tokens of the batch (``nll_reduction="token"``,
+    see ``_Inputs.nll_term``; ``"example"`` for each example's own token mean).
+
+    Checked against TRL trl/trainer/cpo_trainer.py @ v0.14.0 (Jan 2025): ``cpo_loss`` "sigmoid" branch
+    (``logits = policy_chosen_logps - policy_rejected_logps`` on summed log-probs, since
+    ``average_log_prob`` is only set for ipo / simpo; ``simpo_gamma`` unused), the NLL in
+    ``concatenated_forward`` (``nn.CrossEntropyLoss()`` over the chosen half: batch token mean) and
+    ``get_batch_loss_metrics`` (``losses.mean() + self.cpo_alpha * policy_nll_loss``); same in
+    0.12.2 - 0.16.0. Matches; changed (this review): the NLL was a per-example mean.
     """
     logits = beta * (x.policy[:, 0] - x.policy[:, 1])
-    nll = x.nll_y0()
+    nll = jnp.where(x.has_negative, x.nll_term(nll_reduction), 0.0)
     loss = _smoothed_sigmoid_loss(logits, label_smoothing) + lam * nll
     metrics = _reward_metrics(beta * x.policy, x.valid)
     metrics["nll"] = jax.lax.stop_gradient(nll)
@@ -420,9 +526,10 @@ def cpo(x: _Inputs, beta, *, lam=DEFAULT_LAMBDA, label_smoothing=0.0):
 
 @_register("sft", uses_ref=False, uses_lengths=True, pairwise=False)
 def sft(x: _Inputs, beta):
-    """SFT on y0:  NLL(y0) = -log pi(y0) / |y0|, the per-token mean cross-entropy (TRL SFTTrainer's loss
-    per sequence; the same term RPO and CPO add). Accepts any number of negatives and ignores them (their
-    rewards beta log pi(y_i) only appear in the metrics)."""
+    """SFT on y0:  NLL(y0) = -log pi(y0) / |y0|, each example's per-token mean cross-entropy. Accepts any
+    number of negatives and ignores them (their rewards beta log pi(y_i) only appear in the metrics).
+    Unlike ``rpo`` / ``cpo`` (TRL's batch token mean, since this review) this stays a per-example mean
+    (the trainer's SFT stage is not a TRL baseline of the paper and tests/test_step.py pins this form)."""
     nll = x.nll_y0()
     metrics = _reward_metrics(beta * x.policy, x.valid)
     metrics["nll"] = jax.lax.stop_gradient(nll)

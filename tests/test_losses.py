@@ -57,10 +57,23 @@ def np_metrics(rew, valid):
             "rewards/accuracies": acc}
 
 
+def np_trl_nll(p, lengths, ok, reduction):
+    """TRL's supervised term (RPO's nll_loss, CPO's policy_nll_loss): F.cross_entropy over the chosen
+    tokens of the whole batch = sum of -log pi(y0) over the pair rows / their total token count, one scalar
+    added to every row. Per row we return the share whose mean over the pair rows is that scalar (rows
+    without a pair get 0, like their loss); ``reduction="example"`` = each row's own token mean."""
+    if reduction == "example":
+        return np.where(ok, -p[:, 0] / lengths[:, 0], 0.0)
+    batch_token_mean = np.sum(-p[ok, 0]) / np.sum(lengths[ok, 0])
+    share = -p[:, 0] / np.sum(-p[ok, 0]) * batch_token_mean * ok.sum()
+    return np.where(ok, share, 0.0)
+
+
 def np_reference(name, p, r, lengths, valid, beta, **hp):
     """(loss [B], metrics) in float64, straight from each objective's formula."""
     ratio = p - r
     ok = valid[:, 1] if p.shape[1] > 1 else np.zeros(len(p), bool)
+    red = hp.get("nll_reduction", "token")
     z = ratio[:, 0] - ratio[:, 1] if p.shape[1] > 1 else None
     ls = hp.get("label_smoothing", 0.0)
     rew = beta * ratio
@@ -81,7 +94,7 @@ def np_reference(name, p, r, lengths, valid, beta, **hp):
     elif name == "robust":
         loss = ((1 - ls) * -logsig(beta * z) + ls * logsig(-beta * z)) / (1 - 2 * ls)
     elif name == "rpo":
-        nll = -p[:, 0] / lengths[:, 0]
+        nll = np_trl_nll(p, lengths, ok, red)
         loss = -(1 - ls) * logsig(beta * z) - ls * logsig(-beta * z) + hp["lam"] * nll
         extra["nll"] = nll
     elif name == "exo":
@@ -112,12 +125,12 @@ def np_reference(name, p, r, lengths, valid, beta, **hp):
     elif name == "simpo":
         s = p / lengths
         u = beta * (s[:, 0] - s[:, 1]) - hp["gamma"]
-        nll = -s[:, 0]
+        nll = np_trl_nll(p, lengths, ok, red)
         loss = -(1 - ls) * logsig(u) - ls * logsig(-u) + hp.get("lam", 0.0) * nll
         rew, extra["nll"] = beta * s, nll
     elif name == "cpo":
         u = beta * (p[:, 0] - p[:, 1])
-        nll = -p[:, 0] / lengths[:, 0]
+        nll = np_trl_nll(p, lengths, ok, red)
         loss = -(1 - ls) * logsig(u) - ls * logsig(-u) + hp["lam"] * nll
         rew, extra["nll"] = beta * p, nll
     elif name == "sft":
@@ -134,12 +147,14 @@ CASES = [
     ("dpo", {}), ("dpo", {"label_smoothing": 0.2}),
     ("ipo", {}), ("hinge", {}), ("robust", {"label_smoothing": 0.15}),
     ("rpo", {"lam": 0.1}), ("rpo", {"lam": 0.7, "label_smoothing": 0.1}),
+    ("rpo", {"lam": 0.4, "nll_reduction": "example"}),
     ("exo", {}), ("exo", {"label_smoothing": 0.1}),
     ("bco", {}), ("bco", {"delta": 0.3}),
     ("kto", {}), ("kto", {"kl": 0.7, "desirable_weight": 1.3, "undesirable_weight": 0.6}),
     ("apo_zero", {}), ("apo_down", {}), ("sppo", {}), ("nca", {}),
     ("simpo", {"gamma": 1.0}), ("simpo", {"gamma": 0.5, "lam": 0.3, "label_smoothing": 0.1}),
     ("cpo", {"lam": 0.1}), ("cpo", {"lam": 1.0, "label_smoothing": 0.2}),
+    ("cpo", {"lam": 0.5, "nll_reduction": "example"}),
     ("sft", {}),
 ]
 
@@ -282,8 +297,11 @@ def test_jit_vmap_and_finite_difference_gradient(name):
     hp["beta"] = 0.2
     fn = losses.get(name)
     args = _f32(p, r, lengths) + [jnp.asarray(valid)]
-    eager, _ = fn(args[0], args[1], lengths=args[2], valid=args[3], **hp)
     halves = lambda x: x.reshape(2, B // 2, -1)
+    # Per half: rpo / cpo / simpo normalise their NLL by the batch's token count (TRL), so each vmapped
+    # half is its own batch.
+    eager = jnp.concatenate([fn(*[halves(x)[h] for x in args[:2]], lengths=halves(args[2])[h],
+                                valid=halves(args[3])[h], **hp)[0] for h in range(2)])
     mapped, metrics = jax.jit(jax.vmap(lambda a, b_, c, d: fn(a, b_, lengths=c, valid=d, **hp)))(
         *[halves(x) for x in args])
     np.testing.assert_allclose(np.asarray(mapped).reshape(-1), np.asarray(eager), rtol=1e-6, atol=1e-6)
@@ -351,3 +369,29 @@ def test_bco_running_delta_helpers():
     for value in (1.0, 2.0, 6.0):
         mean, count = losses.running_mean_update(mean, count, value)
     assert (mean, count) == (3.0, 3.0)
+
+
+@pytest.mark.parametrize("name", ["rpo", "cpo", "simpo"])
+def test_nll_batch_mean_is_trl_token_mean(name):
+    """TRL's batch loss: mean over pairs of the preference term + lam * (sum of chosen-token NLL / number
+    of chosen tokens), computed here from token-level log-probs of ragged completions (no per-sequence
+    shortcut); the objective's per-example losses must average to exactly that."""
+    rng = np.random.default_rng(11)
+    n, beta, lam = 8, 0.3, 0.7
+    lens = rng.integers(1, 40, size=(n, 2))
+    tok = [[-rng.uniform(0.01, 4.0, size=lens[i, j]) for j in range(2)] for i in range(n)]  # per-token log-probs
+    p = np.array([[t.sum() for t in row] for row in tok])
+    r = p + rng.normal(0.0, 3.0, size=p.shape)
+    all_chosen_tokens = np.concatenate([row[0] for row in tok])
+    trl_nll = -all_chosen_tokens.mean()  # F.cross_entropy(..., reduction="mean") over the chosen half
+    hp = {"lam": lam} if name != "simpo" else {"lam": lam, "gamma": 0.5}
+    loss, metrics = losses.get(name)(*_f32(p, r), beta=beta, lengths=jnp.asarray(lens, jnp.float32), **hp)
+    no_nll, _ = losses.get(name)(*_f32(p, r), beta=beta, lengths=jnp.asarray(lens, jnp.float32), **{**hp, "lam": 0.0})
+    np.testing.assert_allclose(float(jnp.mean(loss)), float(jnp.mean(no_nll)) + lam * trl_nll, rtol=1e-5)
+    np.testing.assert_allclose(float(jnp.mean(metrics["nll"])), trl_nll, rtol=1e-5)
+    # the per-example reduction differs whenever lengths differ
+    ex, _ = losses.get(name)(*_f32(p, r), beta=beta, lengths=jnp.asarray(lens, jnp.float32),
+                             nll_reduction="example", **hp)
+    assert abs(float(jnp.mean(ex)) - float(jnp.mean(loss))) > 1e-3
+    with pytest.raises(ValueError, match="nll_reduction"):
+        losses.get(name)(*_f32(p, r), beta=beta, lengths=jnp.asarray(lens, jnp.float32), nll_reduction="sum", **hp)
