@@ -30,7 +30,8 @@ EXPERIMENTS = {
                                    "MC-PO (offline)"],
                [m[0] for m in common.METRICS] + ["steps"]),
     "cost": (cost.EXPERIMENT, None, None),
-    "sensitivity": (sensitivity.EXPERIMENT, ["DPO", "MC-PO", "MC-PO Max", "MC-PO Min"],
+    "sensitivity": (sensitivity.EXPERIMENT, ["DPO", "MC-PO", "MC-PO Max", "MC-PO Min", "OnMC-PO (π_ref = SFT)",
+                                             "Online DPO (π_ref = SFT)"],
                     ["lr 2e-3, β 0.1 (main)", "lr 2e-4, β 0.1", "lr 2e-3, β 0.01"]),
 }
 
