@@ -131,7 +131,8 @@ DIAGNOSTICS_NOTE = (
     "model did); the margin over the selected negatives; the reward accuracy on the batch; the entropy of the MC "
     "kernel's weights (uniform over L candidates = log L, 1.61 for L = 5; computed for every sampler, used only "
     "by MC); and how often the negative used was the best remaining candidate by the oracle's ranking (the "
-    "hardest negative by quality; 1/L for a uniform draw).")
+    "hardest negative by quality; 1/L for a uniform draw). SimPO and CPO have no reference: their 'reward' is "
+    "the trainer's β·log π(y0) (per token for SimPO), not a log-ratio, so their first column is not comparable.")
 
 
 def diagnostics(rec: dict, last: int = 8) -> str | None:
