@@ -1,5 +1,6 @@
 """Judges: verdict parsing (malformed, adversarial), both-order evaluation, iterative and full ranking."""
 
+import pathlib
 import re
 
 import numpy as np
@@ -65,8 +66,18 @@ def test_parse_verdict_last_tag_and_malformed():
         assert J.parse_verdict(bad) == "invalid", bad
 
 
+def _paper_text():
+    # shared/ lies beside the checkout (developers and CI alike).
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for candidate in (root.parent / "shared", root / "shared"):
+        path = candidate / "paper" / "arxiv-2502.04567.txt"
+        if path.exists():
+            return path
+    pytest.skip("the paper text (../shared/paper) is not beside this checkout")
+
+
 def test_paper_prompt_is_verbatim():
-    with open("/work/shared/paper/arxiv-2502.04567.txt", encoding="utf-8") as f:
+    with open(_paper_text(), encoding="utf-8") as f:
         paper = next(line for line in f if line.startswith("You are a helpful assistant, that ranks models"))
     assert " ".join(J.PAPER_JUDGE_INSTRUCTION.split()) == " ".join(paper.split())
     filled = J.PAPER_JUDGE_TEMPLATE.format(question="Q?", answer_a="one", answer_b="two")
