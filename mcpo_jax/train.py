@@ -32,12 +32,13 @@ def _main(argv):
 
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        if _CONFIG.value.get("online"):  # OnMC-PO / online DPO: batched online segments (configs/*online*)
+        config = _CONFIG.value
+        if config is not None and config.get("online"):  # OnMC-PO / online DPO: batched online segments
             from mcpo_jax.online import onmcpo
 
-            summary = onmcpo.train_online(_CONFIG.value, _WORKDIR.value)
+            summary = onmcpo.train_online(config, _WORKDIR.value)
         else:
-            summary = loop.train(_CONFIG.value, _WORKDIR.value)
+            summary = loop.train(config, _WORKDIR.value)
     except loop.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
