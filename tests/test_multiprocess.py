@@ -249,9 +249,6 @@ AUDIT = REPO / "tests" / "_multiprocess_audit"
 
 # Each trainer run costs 15-40 s of CPU on a small machine (two processes compiling the step): the 2 x 2 vs
 # 1 x 4 comparison runs by default, the runs around checkpoints, resume and SIGTERM are opt-in.
-slow = pytest.mark.skipif(not os.environ.get("MCPO_SLOW_TESTS"),
-                          reason="multi-process trainer runs (several minutes): set MCPO_SLOW_TESTS=1")
-
 # Cheaper XLA CPU compiles (about 40 % less compile time on the tiny step); every run compared uses them.
 FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
 
@@ -324,7 +321,6 @@ def trainer_runs(tmp_path_factory):
     return runs
 
 
-@slow
 def test_trainer_two_processes_match_one_process(trainer_runs):
     two, one = train_records(trainer_runs["two"]), train_records(trainer_runs["one"])
     assert [r["step"] for r in two] == [1, 2, 3] and [r["step"] for r in one] == [1, 2, 3]
@@ -338,7 +334,6 @@ def test_trainer_two_processes_match_one_process(trainer_runs):
     assert (summary["status"], summary["start_step"], summary["step"]) == ("completed", 2, 3)
 
 
-@slow
 def test_trainer_checkpoint_restores_on_one_process(trainer_runs):
     """The 2-process checkpoint of step 2, restored by 1 process on 4 devices (arrays resharded across a
     different process layout), continues exactly: its step 3 is the 2-process run's step 3."""
@@ -350,7 +345,6 @@ def test_trainer_checkpoint_restores_on_one_process(trainer_runs):
     assert (summary["status"], summary["start_step"]) == ("completed", 2)
 
 
-@slow
 def test_trainer_writes_single_files_from_process_zero_only(trainer_runs):
     workdir, root = trainer_runs["two"], trainer_runs["root"]
     for run in ("audit_two_a", "audit_two_b"):
@@ -426,7 +420,6 @@ def test_trainer_two_processes_x_two_devices_train_as_one_process_x_four(tmp_pat
     assert "all 2 process(es) finished OK" in results[2][1]
 
 
-@slow
 def test_trainer_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     """A preemption notice reaches the hosts of a slice at different moments: the job must still stop
     cleanly (all processes save the same step and exit 0), never hang."""
