@@ -21,6 +21,7 @@ RUNTIME = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "jinja2>=3.1",  # chat templates (transformers apply_chat_template)
     "absl-py>=2.0",
 ]
 
