@@ -1,11 +1,11 @@
 """OnMC-PO, the paper's batched online setup (Sec. 3.2, Sec. 5.1 (3), App. B.1): Llama-3.1-8B-Instruct on
 UltraFeedback prompts, S = 3 segments, each regenerating its preference data from the current policy.
 
-    python -m mcpo_jax.online.onmcpo --config configs/online_ultrafeedback.py --workdir runs/uf-onmcpo \
+    python -m mcpo_jax.train --config configs/online_ultrafeedback.py --workdir runs/uf-onmcpo \
         --config.online.judge=llm:/models/Llama-3.1-70B-Instruct
-    python -m mcpo_jax.online.onmcpo --config configs/online_ultrafeedback.py:dpo --workdir runs/uf-online-dpo
+    python -m mcpo_jax.train --config configs/online_ultrafeedback.py:dpo --workdir runs/uf-online-dpo
 
-Per segment (App. B.1 "instruct setup" recipe, repeated from the segment's starting checkpoint): 6 completions
+One optimizer trajectory cut into segments; per segment: 6 completions
 per prompt (2 each at temperatures 0.6, 0.8, 1.0), the winner of an iterative pairwise ranking by
 Llama-3.1-70B-Instruct (L - 1 = 5 comparisons, both orders judged) is y0, the other 5 are the candidates; the
 trainer then runs MC-PO (M = 1 negative drawn by the MC kernel, L = 5) on them. The prompt pool is shuffled once
@@ -20,8 +20,9 @@ Variants:
   and every variant of configs/ultrafeedback.py / configs/nectar.py (m2, precomputed, ...).
 
 Not in the paper (our choices): max_new_tokens 512 (= data.max_completion_length); the judge's own answer
-capped at 512 tokens and decoded greedily; the reference of each segment is the policy it starts from (each
-segment is one trainer run initialised from the previous segment's export).
+capped at 512 tokens and decoded greedily; AdamW state and the lr schedule continue across segments (the paper
+describes one run of 450 steps whose data is regenerated at steps 150 and 300). pi_ref is the initial
+(Instruct) policy throughout (App. B.1), the schema's default online.reference="initial".
 """
 
 import importlib.util
@@ -38,19 +39,18 @@ def _load(name):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    from mcpo_jax.online.onmcpo import online_defaults
-
     variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
     passthrough = [v for v in variants if v not in ("dpo", "full_ranking", "smoke")]
     c = _load("ultrafeedback").get_config(",".join(passthrough) or None)
     c.name = "uf-onmcpo"
     c.model.path = "meta-llama/Llama-3.1-8B-Instruct"  # Sec. 5.1 instruct / batched online setups
-    c.data.source = "online"  # replaced per segment by the segment's generated rows (pairs format)
+    c.data.source = ""  # each segment trains on its generated rows (pairs format)
     c.data.format = "pairs"
     c.data.options = ml_collections.ConfigDict()
+    c.data.eval_fraction = 0.0
     c.num_candidates = 5  # App. B.1: 6 samples = y0 + 5 candidates
 
-    c.online = online_defaults()
+    c.online.enabled = True
     c.online.prompts = "openbmb/UltraFeedback"  # Sec. 5.1: prompts from UltraFeedback
     c.online.prompt_field = "instruction"
     c.online.judge = "llm:meta-llama/Llama-3.1-70B-Instruct"  # App. B.1: iterative pairwise ranking judge
@@ -84,9 +84,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.online.prompts = "synthetic"
             c.online.prompt_field = ""
             c.online.num_prompts = 96
-            c.online.judge = "oracle"
+            c.online.judge = "oracle:sorting"
             c.online.max_new_tokens = TOKEN_LIMITS["max_completion_length"]
             c.online.max_prompt_tokens = TOKEN_LIMITS["max_prompt_length"]
             c.online.generation_batch_size = 192
-            c.online.final_eval = ml_collections.ConfigDict({"num_prompts": 32, "seed": 1, "max_new_tokens": 8})
+            c.final_eval.judge = "oracle:sorting"
+            c.final_eval.prompts = "task:sorting"
+            c.final_eval.num_prompts = 32
+            c.final_eval.max_new_tokens = TOKEN_LIMITS["max_completion_length"]
     return c

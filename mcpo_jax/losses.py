@@ -92,7 +92,17 @@ def get(name: str) -> Objective:
     try:
         return _OBJECTIVES[name]
     except KeyError:
-        raise ValueError(f"unknown objective {name!r}; known objectives: {', '.join(NAMES)}") from None
+        raise ValueError(f"unknown objective {name!r}; known objectives: {', '.join(names())}") from None
+
+
+def names() -> tuple[str, ...]:
+    """Every registered objective name (the built-ins first)."""
+    return tuple(_OBJECTIVES)
+
+
+def is_pairwise(name: str) -> bool:
+    """Whether ``name`` reads exactly one negative (y0 vs y1)."""
+    return name in PAIRWISE
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """CLI: python -m mcpo_jax.train --config configs/X.py[:variant] --workdir DIR [--config.a.b=value ...]
 
-Parses the config and calls `mcpo_jax.training.loop.train` (or, for configs with an `online` block,
-`mcpo_jax.online.onmcpo.train_online`); nothing else lives here.
-Exit status: 0 when training completed or was interrupted by SIGTERM/SIGINT (after saving),
-2 for a config error (reported before anything compiles), 3 when the loss became NaN/Inf.
+Parses the config and calls `mcpo_jax.pipeline.run`; nothing else lives here.
+Exit status: 0 when the run completed, or was interrupted by SIGTERM/SIGINT (after saving; the message says how
+to resume); 2 for a problem the user can fix (config, data, missing model or tokenizer, a changed config on an
+existing workdir), reported as one message before anything compiles where it can be checked; 3 when the loss
+became NaN/Inf; 130 on a second Ctrl-C (exits at once).
 """
 
 from __future__ import annotations
@@ -15,36 +16,50 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/X.py[:variant]", lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/X.py[:variant]; keys: --config.KEY=value "
+                                          "(python -m mcpo_jax.train --config configs/demo.py --helpconfig lists "
+                                          "every key with its value)", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, export; reused to resume.")
+_HELPCONFIG = flags.DEFINE_bool("helpconfig", False, "Print every config key with its value and exit.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
+def _user_errors():
+    """The exception types whose message is the whole story (no traceback): exit 2."""
+    from mcpo_jax.data.example import DataError
+    from mcpo_jax.training.config import ConfigError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
+    if _HELPCONFIG.value:
+        from mcpo_jax.training.config import base_config
 
-    from mcpo_jax import sharding
-    from mcpo_jax.training import loop
+        print(_CONFIG.value or base_config())
+        return 0
+    if _CONFIG.value is None or not _WORKDIR.value:
+        print("error: --config and --workdir are required (python -m mcpo_jax.train --config configs/demo.py "
+              "--workdir /tmp/demo)", file=sys.stderr)
+        return 2
+    from mcpo_jax import pipeline, sharding
+    from mcpo_jax.training.loop import TrainingDiverged
 
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    try:
-        config = _CONFIG.value
-        if config is not None and config.get("online"):  # OnMC-PO / online DPO: batched online segments
-            from mcpo_jax.online import onmcpo
+    import jax
 
-            summary = onmcpo.train_online(config, _WORKDIR.value)
-        else:
-            summary = loop.train(config, _WORKDIR.value)
-    except loop.ConfigError as e:
+    try:
+        summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
+    except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except loop.TrainingDiverged as e:
+        return _exit(2)
+    except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return _exit(3)
     except BaseException:
         if jax.process_count() <= 1:
             raise
@@ -60,10 +75,31 @@ def _main(argv):
     return 0
 
 
+def _exit(code: int) -> int:
+    import jax
+
+    if jax.process_count() > 1:  # peers may wait in a collective for this process: do not block in shutdown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _parse_flags(argv):
+    """absl's parser, with a config error (an unknown key in an override, a wrong type) as one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # the config file raised (an unknown variant, a typo in the file)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main():
     """Console entry point (`mcpo-train`, `python -m mcpo_jax.train`)."""
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

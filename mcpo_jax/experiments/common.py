@@ -172,22 +172,20 @@ def po_config(scale: str, seed: int, sft_path: str, overrides: Sequence[tuple[st
 def online_config(scale: str, seed: int, sft_path: str, overrides: Sequence[tuple[str, Any]] = ()):
     """OnMC-PO / online DPO (App. B.1 batched online): 3 segments, K = 6 samples at 0.6/0.8/1.0, oracle judge."""
     from mcpo_jax.data.synthetic import TOKEN_LIMITS
-    from mcpo_jax.online.onmcpo import online_defaults
 
     s = SCALES[scale]
     c = po_config(scale, seed, sft_path)
-    with c.unlocked():
-        c.online = online_defaults()
+    c.data.source = ""
     o = c.online
+    o.enabled = True
     o.prompts = "synthetic"
     o.num_prompts = int(s["online_prompts"])  # as many prompts as offline rows: the same number of steps
-    o.judge = "oracle"
+    o.judge = "oracle:sorting"
     o.ranking = "winner"  # iterative pairwise ranking (App. B.1)
     o.max_new_tokens = TOKEN_LIMITS["max_completion_length"]
     o.max_prompt_tokens = TOKEN_LIMITS["max_prompt_length"]
     o.generation_batch_size = int(s["generation_batch"])
     o.seed = int(seed)
-    o.final_eval = {"num_prompts": 0, "seed": 1, "max_new_tokens": TOKEN_LIMITS["max_completion_length"]}
     c.num_candidates = len(o.temperatures) - 1
     apply_overrides(c, overrides)
     return c
@@ -249,15 +247,12 @@ def setup_jax(out: str) -> None:
 
 
 def _train(config, workdir):
-    from mcpo_jax.training import loop
+    from mcpo_jax import pipeline
 
-    return loop.train(config, workdir)  # looked up per call: tests replace loop.train
+    return pipeline.run(config, workdir)  # looked up per call: tests replace pipeline.run
 
 
-def _train_online(config, workdir):
-    from mcpo_jax.online import onmcpo
-
-    return onmcpo.train_online(config, workdir)
+_train_online = _train
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -421,12 +416,12 @@ class Runner:
                     raise RuntimeError(f"{cell.key} seed {seed}: online run ended with {summary.get('status')!r}")
                 policy = summary["final_policy"]
                 segs = sorted(d for d in os.listdir(os.path.join(wd, "online")) if d.startswith("segment_"))
-                metrics = [os.path.join(wd, "online", d, "train", "metrics.jsonl") for d in segs]
+                metrics = [os.path.join(wd, "metrics.jsonl")]  # one trajectory: one metrics file
                 extra["segments"] = [_read_json(os.path.join(wd, "online", d, "stats.json")) for d in segs]
                 extra["generation_seconds"] = sum(s.get("sample_seconds", 0.0) + s.get("judge_seconds", 0.0)
                                                   for s in extra["segments"])
-                steps = sum((seg.get("train") or {}).get("total_steps") or 0 for seg in summary["segments"])
-                final = (summary["segments"][-1].get("train") or {}).get("final_metrics") or {}
+                steps = summary.get("total_steps")
+                final = summary.get("final_metrics") or {}
             else:
                 config = po_config(self.scale, seed, sft, cell.overrides,
                                    cache_dir=os.path.join(self.out, "cache", f"seed{seed}"))

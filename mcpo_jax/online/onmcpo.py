@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mcpo_jax.online.judges import Judge, iterative_pairwise_ranking, round_robin_ranking
+from mcpo_jax.judges import Judge, iterative_pairwise_ranking, round_robin_ranking
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
     """
     import jax
 
-    from mcpo_jax.evaluate import decode_completion, encode_prompts, left_pad
+    from mcpo_jax.data.text import decode_completion, encode_prompts, left_pad
     from mcpo_jax.online.generate import generate, stop_ids, to_host
 
     eos_ids = stop_ids(model, tokenizer)
@@ -220,93 +220,31 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     return stats
 
 
-# -- config ------------------------------------------------------------------------------------------------------
-def online_defaults():
-    """``config.online``: the knobs of the batched online setup (paper values where it gives them)."""
-    import ml_collections
-
-    o = ml_collections.ConfigDict()
-    o.num_segments = 3  # App. B.1: the training steps are divided equally into three segments
-    o.temperatures = PAPER_TEMPERATURES  # App. B.1: two completions at each of 0.6, 0.8, 1.0 (K = 6)
-    o.top_p = 1.0
-    o.max_new_tokens = 512
-    o.max_prompt_tokens = 0  # 0 = data.max_prompt_length
-    o.generation_batch_size = 64  # rows (prompt x temperature) per generate call
-    o.ranking = "winner"  # App. B.1: iterative pairwise ranking (L - 1 comparisons); "full" = complete order
-    o.judge = "oracle"  # oracle | reward:module:function | llm:MODEL_DIR (paper: Llama-3.1-70B-Instruct)
-    o.judge_max_new_tokens = 512
-    o.judge_batch_size = 8
-    o.judge_dtype = "bfloat16"
-    o.prompts = ""  # "synthetic" | a JSON/JSONL file | a hub dataset id (e.g. openbmb/UltraFeedback)
-    o.prompt_split = "train"
-    o.prompt_field = ""  # "" = auto: prompt, instruction, turns, messages
-    o.num_prompts = 0  # 0 = all
-    o.seed = 0
-    # The reference model (pi_ref) of every segment's objective and MC kernel: "initial" = the initial policy
-    # throughout (App. B.1 names the Instruct model as pi_ref and as the kernel's proposal; the trainer's
-    # `reference_path`); "segment_start" = the policy the segment starts from, so r_theta = 0 for every
-    # candidate when a segment starts and the MC kernel begins each segment uniform.
-    o.reference = "initial"
-    # After the last segment: adjusted win rate of the final policy against the initial one (synthetic task:
-    # held-out prompts judged by the oracle). num_prompts = 0 disables it.
-    o.final_eval = ml_collections.ConfigDict({"num_prompts": 0, "seed": 1, "max_new_tokens": 64})
-    return o
-
-
-def demo_online(c):
-    """Turn the synthetic demo config (configs/demo.py) into its online variant: OnMC-PO on the sorting task.
-
-    After the SFT warm start, 3 segments; each samples K = 6 answers per training prompt from the current
-    policy at the paper's temperatures, the oracle picks y0 by iterative pairwise ranking, and MC-PO trains on
-    the segment's data; the final policy is compared with the SFT policy on held-out prompts by the oracle.
-    """
-    from mcpo_jax.data.synthetic import TOKEN_LIMITS
-
-    c.online = online_defaults()
-    c.online.prompts = "synthetic"
-    c.online.num_prompts = 1536  # 512 per segment, 1 epoch: 16 steps of 32 per segment
-    c.online.judge = "oracle"
-    c.online.max_new_tokens = TOKEN_LIMITS["max_completion_length"]
-    c.online.max_prompt_tokens = TOKEN_LIMITS["max_prompt_length"]
-    c.online.generation_batch_size = 768
-    c.online.final_eval = {"num_prompts": 256, "seed": 1, "max_new_tokens": TOKEN_LIMITS["max_completion_length"]}
-    c.num_candidates = len(c.online.temperatures) - 1  # y0 = the winner, the other 5 are candidates
-    # On-policy data needs a gentler step than the offline demo's 2e-3 (measured, seed 0, oracle win rate of the
-    # final policy against the SFT policy on 256 held-out prompts): 2e-3 -> 0.20 (the samples got worse every
-    # segment), 5e-4 -> 0.53, 1e-3 -> 0.56 (seeds 0, 1, 2: 0.564, 0.553, 0.592; online DPO 0.479, 0.535, 0.555).
-    c.optimizer.learning_rate = 1e-3
-    # pi_ref = each segment's starting policy: with the SFT policy as pi_ref in every segment (the default for
-    # the paper's config), the same runs got 0.475, 0.441, 0.328 (OnMC-PO) and 0.484, 0.469 (online DPO):
-    # at this step size the samples got worse in the last segment.
-    c.online.reference = "segment_start"
-    c.data.eval_fraction = 0.0
-    c.eval_every = 0
-    c.final_eval = None  # the online driver evaluates against the initial policy itself
-    return c
-
-
 # -- driver ------------------------------------------------------------------------------------------------------
 def load_online_prompts(o) -> list:
-    """The prompt pool of ``config.online``: synthetic training prompts, a file, or a hub dataset."""
-    source, n = o.prompts, int(o.get("num_prompts", 0) or 0)
-    if not source:
-        raise ValueError("online.prompts is empty: 'synthetic', a JSON/JSONL prompt file or a hub dataset id")
+    """The prompt pool of ``config.online``: a registered task's prompts ("task:NAME"; "synthetic" = the sorting
+    task's training prompts), a prompts file, or a hub dataset."""
+    source, n = o.prompts, int(o.num_prompts)
     if source == "synthetic":
         from mcpo_jax.data import synthetic
 
-        return [r["prompt"] for r in synthetic.sft_rows(n or 1024, seed=int(o.get("seed", 0)))]
+        return [r["prompt"] for r in synthetic.sft_rows(n or 1024, seed=int(o.seed))]
+    if source.startswith("task:"):
+        from mcpo_jax.data import tasks
+
+        return list(tasks.get(source[len("task:"):]).prompts(n or 1024, int(o.seed)))
     if os.path.exists(source):
-        from mcpo_jax.evaluate import load_prompts
+        from mcpo_jax.data.text import load_prompts
 
         prompts = [p["instruction"] for p in load_prompts(source)]
     else:
         import datasets
 
-        ds = datasets.load_dataset(source, split=o.get("prompt_split", "train"))
-        field = o.get("prompt_field") or next((f for f in ("prompt", "instruction") if f in ds.column_names), None)
+        ds = datasets.load_dataset(source, split=o.prompt_split)
+        field = o.prompt_field or next((f for f in ("prompt", "instruction") if f in ds.column_names), None)
         if field is None:
             raise ValueError(f"online.prompts={source!r}: no 'prompt'/'instruction' column "
-                             f"(columns {ds.column_names}); set online.prompt_field")
+                             f"(columns {ds.column_names}); set --config.online.prompt_field")
         prompts = list(ds[field])
     return prompts[:n] if n else prompts
 
@@ -319,211 +257,95 @@ def segment_prompts(prompts: Sequence[Any], num_segments: int, seed: int) -> lis
     return [[prompts[i] for i in part] for part in np.array_split(order, num_segments)]
 
 
-def segment_config(config, *, data_path: str, policy_path: str, tokenizer: str, num_steps: int | None,
-                   reference_path: str | None = None):
-    """The trainer config of one segment: the current policy, the segment's generated rows, and (when given)
-    a reference model other than the starting policy."""
-    import ml_collections
+def segment_config(config, data_path: str):
+    """The trainer config of a segment's data: the generated rows in the ``pairs`` format."""
+    from mcpo_jax.training.config import prepare
 
-    c = ml_collections.ConfigDict(config.to_dict())
+    c = config.copy_and_resolve_references()
     with c.unlocked():
-        if reference_path is not None:
-            c.reference_path = reference_path
-        if "online" in c:
-            del c["online"]
-        c.warm_start = None
-        c.final_eval = None
-        c.model.path = policy_path
-        c.model.preset = ""
-        c.tokenizer = tokenizer
         c.data.source = data_path
         c.data.format = "pairs"
+        c.data.options = type(c.data.options)()
         c.data.min_candidates = 1  # a prompt may keep fewer than K - 1 distinct candidates
-        c.data.cache_dir = ""
-        c.export_hf = True
-        if num_steps is not None:
-            c.max_steps = num_steps
-    return c
+        c.data.eval_source = ""
+        c.data.eval_fraction = 0.0
+    return prepare(c)
 
 
-def _console_logging() -> None:
-    """INFO lines of mcpo_jax on the console (each segment's trainer run also writes its own train.log)."""
-    root = logging.getLogger("mcpo_jax")
-    root.setLevel(logging.INFO)
-    if not logging.getLogger().handlers and not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-
-
-def _completed(train_dir: str) -> bool:
-    path = os.path.join(train_dir, "summary.json")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(train_dir, "hf", "config.json")):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("status") == "completed"
-
-
-def train_online(config, workdir: str) -> dict:
-    """Batched online training (OnMC-PO, or online DPO with ``objective=dpo, sampler=random``).
-
-    ``config`` is a trainer config (configs/*.py) with an ``online`` section (:func:`online_defaults`).
-    Resumable: rerunning with the same workdir skips finished segments, reuses generated data and resumes
-    an interrupted segment from its checkpoints.
+def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
+    """Batched online training (OnMC-PO, or online DPO with ``objective=dpo, sampler=random``) as ONE optimizer
+    trajectory: the run's steps (``max_steps``, else what the prompts give) are cut into
+    ``online.num_segments`` equal segments; each starts by sampling from the current policy and judging, then
+    trains its steps. AdamW state, step counter and lr schedule carry across segments; a rerun resumes from
+    the last checkpoint (mid-segment included) with the segment's saved data.
     """
     from mcpo_jax import models
     from mcpo_jax import sharding as shd
-    from mcpo_jax.online.judges import make_judge
-    from mcpo_jax.training import loop
+    from mcpo_jax.judges import make_judge
+    from mcpo_jax.training import build, files, loop
 
     o = config.online
     workdir = os.path.abspath(workdir)
     os.makedirs(os.path.join(workdir, "online"), exist_ok=True)
-    _console_logging()
     temperatures = tuple(float(t) for t in o.temperatures)
-    if int(config.num_candidates) > len(temperatures) - 1:
-        raise loop.ConfigError(f"num_candidates={config.num_candidates} but K - 1 = {len(temperatures) - 1} "
-                               "candidates per prompt (online.temperatures)")
-    if o.ranking not in ("winner", "full"):
-        raise loop.ConfigError(f"online.ranking={o.ranking!r}: 'winner' or 'full'")
-    reference_mode = o.get("reference", "segment_start")
-    if reference_mode not in ("segment_start", "initial"):
-        raise loop.ConfigError(f"online.reference={reference_mode!r}: 'segment_start' or 'initial'")
-    if reference_mode == "initial":
-        from mcpo_jax.training.config import base_config
-
-        if "reference_path" not in base_config():
-            raise loop.ConfigError("online.reference='initial' needs the trainer's `reference_path` config knob "
-                                   "(a reference model other than model.path), which this trainer lacks")
-
-    # The initial policy: the warm start's SFT export, the configured folder, or a random preset saved once.
-    if config.get("warm_start"):
-        run_warm_start = getattr(loop, "run_warm_start", None) or loop._run_warm_start
-        initial = run_warm_start(config, workdir)
-    elif config.model.get("path"):
-        initial = config.model.path
-    else:
+    initial = start_path
+    if not initial:  # a random preset: saved once, so pi_ref and the final evaluation can load it
         initial = os.path.join(workdir, "online", "initial")
         if not os.path.exists(os.path.join(initial, "config.json")):
             mesh = shd.mesh_from_config(config.mesh)
-            models.save_pretrained(loop.build_model(config.model, mesh, shd.rules_from_config(None)), initial,
-                                   tokenizer=loop.build_tokenizer(config))
+            if shd.is_primary():
+                models.save_pretrained(build.build_model(config.model, mesh, shd.rules_from_config(None)), initial,
+                                       tokenizer=build.build_tokenizer(config))
         _barrier("onmcpo:initial")
-    tokenizer_name = config.get("tokenizer") or initial
-    tok_config = dict(config.to_dict(), tokenizer=tokenizer_name)
-    import ml_collections
-
-    tokenizer = loop.build_tokenizer(ml_collections.ConfigDict(tok_config))
-    prompts = load_online_prompts(o)
-    parts = segment_prompts(prompts, int(o.num_segments), int(o.seed))
-    max_steps = int(config.get("max_steps", -1) or -1)
-    bounds = segment_bounds(max_steps, int(o.num_segments)) if max_steps > 0 else None
-    dtype = loop.DTYPES[config.model.get("dtype", "float32")]
-    score_fn = None
-    if o.prompts == "synthetic":
-        from mcpo_jax.data.synthetic import oracle_score as score_fn
-    max_prompt_tokens = int(o.get("max_prompt_tokens", 0) or 0) or int(config.data.max_prompt_length)
-
-    policy, segments = initial, []
-    for s, part in enumerate(parts):
-        sdir = segment_dir(workdir, s)
-        train_dir = os.path.join(sdir, "train")
-        if _completed(train_dir):
-            log.info("online: segment %d already trained (%s)", s, train_dir)
-            policy = os.path.join(train_dir, "hf")
-            segments.append({"segment": s, "policy": policy, "resumed": "done"})
-            continue
-        data_path = os.path.join(sdir, "data.jsonl")
-        if not os.path.exists(data_path):
-            log.info("online: segment %d: sampling %d x %d completions from %s", s, len(part), len(temperatures),
-                     policy)
-            mesh = shd.mesh_from_config(config.mesh)
-            judge_kwargs = {}
-            if o.judge.startswith("llm:"):
-                judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
-                                    dtype=loop.DTYPES[o.get("judge_dtype", "bfloat16")], mode=o.ranking, mesh=mesh)
-            stats = make_segment_data(lambda: models.from_pretrained(policy, dtype=dtype, mesh=mesh), tokenizer,
-                                      lambda: make_judge(o.judge, **judge_kwargs), part, sdir,
-                                      temperatures=temperatures, max_new_tokens=int(o.max_new_tokens),
+    tokenizer = build.build_tokenizer(config, model_path=initial)
+    parts = segment_prompts(load_online_prompts(o), int(o.num_segments), int(o.seed))
+    planned = [loop.planned_steps(config, len(p)) for p in parts]
+    total = int(config.max_steps) if int(config.max_steps) > 0 else sum(planned)
+    bounds = segment_bounds(total, int(o.num_segments))
+    trainer = loop.Trainer(config, workdir, total_steps=total, stop=stop, model_path=initial)
+    cache_dir = config.data.cache_dir or files.local_cache_dir(workdir)
+    judge_kwargs = {}
+    if o.judge.startswith("llm:"):
+        judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
+                            dtype=build.DTYPES[o.judge_dtype], mode=o.ranking, mesh=trainer.mesh)
+    max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
+    segments, result = [], {"status": "completed"}
+    try:
+        for s, ((begin, end), part) in enumerate(zip(bounds, parts)):
+            if trainer.step >= end:
+                segments.append({"segment": s, "steps": [begin, end], "resumed": "done"})
+                continue
+            sdir = segment_dir(workdir, s)
+            if o.reference == "segment_start" and trainer.step_cfg.needs_reference:
+                ref_dir = os.path.join(sdir, "reference")  # the policy at the segment's start (resume reloads it)
+                if not os.path.exists(os.path.join(ref_dir, "config.json")):
+                    trainer.export(ref_dir, tokenizer)
+                    _barrier(f"onmcpo:reference:{s}")
+                trainer.set_reference(ref_dir)
+            log.info("online: segment %d, steps [%d, %d) of %d", s, begin, end, total)
+            stats = make_segment_data(trainer.policy(), tokenizer, lambda: make_judge(o.judge, **judge_kwargs),
+                                      part, sdir, temperatures=temperatures, max_new_tokens=int(o.max_new_tokens),
                                       top_p=float(o.top_p), batch_size=int(o.generation_batch_size),
                                       seed=int(o.seed) * 1000 + s, ranking=o.ranking,
                                       use_chat_template=bool(config.data.use_chat_template),
-                                      max_prompt_tokens=max_prompt_tokens, score_fn=score_fn)
-            log.info("online: segment %d data: %s", s, {k: v for k, v in stats.items() if k != "judge_stats"})
-        else:
-            log.info("online: segment %d: reusing %s", s, data_path)
-        with open(os.path.join(sdir, "stats.json"), encoding="utf-8") as f:
-            stats = json.load(f)
-        steps = None if bounds is None else bounds[s][1] - bounds[s][0]
-        seg_cfg = segment_config(config, data_path=data_path, policy_path=policy, tokenizer=tokenizer_name,
-                                 num_steps=steps, reference_path=initial if reference_mode == "initial" else None)
-        summary = loop.train(seg_cfg, train_dir)
-        segments.append({"segment": s, "data": stats, "train": {k: summary.get(k) for k in
-                                                                ("status", "total_steps", "final_metrics")}})
-        if summary.get("status") != "completed":
-            log.warning("online: segment %d ended with status %s; rerun to resume", s, summary.get("status"))
-            return {"status": summary.get("status"), "segments": segments, "workdir": workdir,
-                    "message": f"online segment {s}: {summary.get('message') or summary.get('status')}; rerun "
-                               f"with the same workdir to resume"}
-        policy = summary["hf_export"]
-
-    result = {"status": "completed", "initial_policy": initial, "final_policy": policy, "segments": segments,
-              "workdir": workdir}
-    fe = o.get("final_eval") or {}
-    if int(fe.get("num_prompts", 0) or 0) > 0 and o.prompts == "synthetic":
-        result["final_eval"] = synthetic_final_eval(policy, initial, tokenizer, dtype=dtype,
-                                                    num_prompts=int(fe.num_prompts), seed=int(fe.seed),
-                                                    max_new_tokens=int(fe.max_new_tokens))
-        log.info("online: final policy vs initial policy, oracle adjusted win rate %.3f [%.3f, %.3f]",
-                 result["final_eval"]["win_rate"], result["final_eval"]["ci_low"], result["final_eval"]["ci_high"])
-    if shd.is_primary():
-        with open(os.path.join(workdir, "online", "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, default=str)
+                                      max_prompt_tokens=max_prompt_tokens)
+            if stop.should_stop():
+                result.update(status="interrupted", signal=stop.signal or "a signal on another process",
+                              step=trainer.step)
+                break
+            seg_cfg = segment_config(config, os.path.join(sdir, "data.jsonl"))
+            train_ds, _ = build.build_datasets(seg_cfg, tokenizer, cache_dir)
+            trainer.precompute_reference({f"segment_{s}": train_ds}, cache_dir)
+            out = trainer.train(train_ds, None, start_step=begin, end_step=end)
+            segments.append({"segment": s, "steps": [begin, end], "data": stats, "final_metrics": out["final_metrics"]})
+            result.update({k: v for k, v in out.items() if k != "final_metrics"},
+                          final_metrics=out["final_metrics"])
+            if out["status"] != "completed":
+                break
+        result.update(total_steps=total, segments=segments, initial_policy=initial, compile=trainer.compile_info)
+        if result["status"] == "completed" and config.export_hf:
+            result["hf_export"] = trainer.export(os.path.join(workdir, "hf"), tokenizer)
+            result["final_policy"] = result["hf_export"]
+    finally:
+        trainer.close()
     return result
-
-
-def synthetic_final_eval(policy_path: str, baseline_path: str, tokenizer, *, dtype, num_prompts: int, seed: int,
-                         max_new_tokens: int) -> dict:
-    """Greedy answers of both policies to held-out sorting prompts; oracle adjusted win rate + scores."""
-    from mcpo_jax import models
-    from mcpo_jax.data import synthetic
-    from mcpo_jax.evaluate import generate_outputs, win_rate
-    from mcpo_jax.online.judges import oracle_judge
-
-    prompts = synthetic.prompts(num_prompts, seed)
-    outs = {}
-    for name, path in (("policy", policy_path), ("baseline", baseline_path)):
-        model = models.from_pretrained(path, dtype=dtype)
-        outs[name] = generate_outputs(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=256)
-        del model
-    result = win_rate(oracle_judge(), prompts, outs["policy"], outs["baseline"])
-    out = result.summary()
-    for name, answers in outs.items():
-        out[f"{name}_oracle_score"] = float(np.mean([synthetic.oracle_score(p, a) for p, a in zip(prompts, answers)]))
-        out[f"{name}_exact"] = float(np.mean([a.strip() == synthetic.answer(p) for p, a in zip(prompts, answers)]))
-    out["examples"] = [{"prompt": p, "policy": a, "baseline": b}
-                       for p, a, b in list(zip(prompts, outs["policy"], outs["baseline"]))[:5]]
-    return out
-
-
-def main(argv=None):
-    """python -m mcpo_jax.online.onmcpo --config configs/online_ultrafeedback.py --workdir DIR [--config.x=v]"""
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file("config", None, "configs/X.py[:variant]", lock_config=False)
-    workdir_flag = flags.DEFINE_string("workdir", None, "run folder (reused to resume)")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {args[1:]}")
-        result = train_online(config_flag.value, workdir_flag.value)
-        print(json.dumps({k: v for k, v in result.items() if k != "segments"}, indent=1, default=str))
-        return 0 if result["status"] in ("completed", "interrupted") else 1
-
-    app.run(_main, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

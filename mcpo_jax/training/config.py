@@ -1,11 +1,40 @@
-"""The trainer's config schema: every knob with its default (configs/*.py start from `base_config()`).
+"""The run config's one owner: the schema with every default, validation, and locking.
 
-Defaults are the paper's base setup where it has one (Sec. 5.1, Appendix B.1 / B.2).
+    config = base_config()          # every knob, paper defaults (Sec. 5.1, App. B.1 / B.2)
+    ... configs/*.py and --config.a.b=value overrides set values ...
+    config = prepare(config)        # validate (every problem listed at once) -> locked copy
+
+Code downstream reads attributes (`config.data.max_length`), never `.get(key, default)`: a default lives here
+only. A key that is not in the schema is an error naming the closest known key, so a misspelt
+`--config.optimizer.learnig_rate=...` stops the run before anything is built. The free-form blocks
+(`model.overrides`, `data.options`, `loss_hparams`, `sharding_rules`) take any key.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
+from typing import Any
+
 import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+SAMPLERS = ("mc", "max", "min", "random", "fixed")
+# Blocks whose keys are free: reader options, model-config overrides, objective hyper-parameters, axis rules.
+FREE_FORM = ("model.overrides", "data.options", "loss_hparams", "sharding_rules")
+# Keys that do not change what a run computes: a rerun in the same workdir may change them freely
+# (anything else differing from the saved config.json is refused unless resume_policy says otherwise).
+RERUN_FREE = ("name", "log_every", "eval_every", "eval_batches", "progress_bar", "tensorboard", "export_hf",
+              "checkpoint", "debug", "final_eval", "mesh", "sharding_rules", "data.worker_count",
+              "data.cache_dir", "reference_cache_dir", "resume_policy", "model.remat", "logprob_chunk_size",
+              "compilation_cache_dir")
+RESUME_POLICIES = ("refuse", "restart")
+JUDGE_KINDS = ("oracle", "rule", "llm", "reward")
+
+
+class ConfigError(ValueError):
+    """The config cannot run; raised before any model is loaded or step compiled."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,12 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Data (Sec. 5.1): Nectar, rank 1 = y0, rank 2 dropped, 5 candidates.
     c.data = ml_collections.ConfigDict()
-    c.data.source = ""
-    c.data.format = "nectar"
+    c.data.source = ""  # a file, folder, hub dataset id, or "synthetic" / "synthetic_sft" (data.synthetic)
+    c.data.format = "nectar"  # nectar | ultrafeedback | ultrafeedback_binarized | pairs | ranked
     c.data.split = "train"
-    c.data.options = ml_collections.ConfigDict()
+    c.data.options = ml_collections.ConfigDict()  # reader options (drop_ranks, parse_turns, inject_noise, ...)
     c.data.min_candidates = ml_collections.FieldReference(None, field_type=int)
-    c.data.on_bad_example = "skip"
+    c.data.on_bad_example = "skip"  # skip | error
     c.data.max_examples = 0  # 0 = all
     c.data.eval_source = ""
     c.data.eval_split = "test"
@@ -47,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_candidates = 6
 
     # Objective and sampler (Sec. 3.1, Algorithm 1).
-    c.objective = "mcpo"  # any name in mcpo_jax.losses.NAMES
+    c.objective = "mcpo"  # any registered name in mcpo_jax.losses
     c.sampler = "mc"  # mc | max | min | random | fixed
     c.num_candidates = 5  # L
     c.num_negatives = 1  # M
@@ -55,8 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.include_preferred = False  # kernel may draw y0 (Algorithm 1 literally; zero gradient for M = 1)
     c.loss_hparams = ml_collections.ConfigDict()  # e.g. lam=0.1 (RPO/CPO), gamma=10 (SimPO)
     c.reference = "online"  # online | precomputed
-    # pi_ref: "" = the initial policy (frozen copy); or a Hugging Face folder / hub id of the same architecture
-    # (e.g. the Instruct model across OnMC-PO segments, App. B.1).
+    # pi_ref: "" = the initial policy (frozen copy); or a Hugging Face folder / hub id of the same architecture.
     c.reference_path = ""
     c.reference_cache_dir = ""
     c.logprob_chunk_size = 128
@@ -65,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # examples per optimizer step (global)
     c.micro_batch_size = 8  # examples per accumulation step (global); accumulation = batch / micro
     c.num_epochs = 2
-    c.max_steps = -1  # > 0 caps the number of steps
+    c.max_steps = -1  # > 0 caps the number of steps (online: the length of the whole run)
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-6
     c.optimizer.warmup_ratio = 0.1
@@ -74,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
-    c.optimizer.max_grad_norm = 1.0
+    c.optimizer.max_grad_norm = 1.0  # 0 = no clipping
 
     # Parallelism: mesh axes (one may be -1 = all remaining devices), logical-axis rule overrides.
     c.mesh = ml_collections.ConfigDict()
@@ -89,14 +117,322 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
     c.log_every = 10
-    c.eval_every = 0  # 0 = only... never; > 0 = every N steps and at the end
+    c.eval_every = 0  # 0 = never; > 0 = every N steps and at the end
     c.eval_batches = 0  # 0 = the whole eval split
     c.progress_bar = True
     c.tensorboard = True
     c.export_hf = True
+    c.compilation_cache_dir = ""  # "" = no persistent XLA compilation cache; a folder reuses compiles across runs
+    # A rerun in a workdir whose saved config.json differs in a key that changes the run (data, model, batch,
+    # objective, ...): "refuse" (list the differing keys, touch nothing) or "restart" (move the old run's files
+    # to workdir/previous/<time>/ and start anew).
+    c.resume_policy = "refuse"
+
+    # Phase 1, optional: an SFT warm start in workdir/sft whose export is the policy's start. Its value holds
+    # only the keys it overrides (any key of this schema: objective, data.source, optimizer.learning_rate, ...).
     c.warm_start = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
-    c.final_eval = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
+
+    # Batched online training (OnMC-PO, Sec. 3.2 / App. B.1): ONE optimizer trajectory of `max_steps` steps (or
+    # what the prompts give), cut into `num_segments` equal segments; at the start of each the current policy
+    # samples K = len(temperatures) completions per prompt, the judge ranks them, and the segment trains on them.
+    c.online = ml_collections.ConfigDict()
+    c.online.enabled = False
+    c.online.num_segments = 3  # App. B.1: the training steps are divided equally into three segments
+    c.online.temperatures = (0.6, 0.6, 0.8, 0.8, 1.0, 1.0)  # App. B.1: two completions at each (K = 6)
+    c.online.top_p = 1.0
+    c.online.max_new_tokens = 512
+    c.online.max_prompt_tokens = 0  # 0 = data.max_prompt_length
+    c.online.generation_batch_size = 64  # rows (prompt x temperature) per generate call
+    c.online.ranking = "winner"  # App. B.1: iterative pairwise ranking (K - 1 comparisons); "full" = whole order
+    c.online.judge = "oracle:sorting"  # oracle:TASK | rule:TASK | llm:MODEL_DIR | reward:module:function
+    c.online.judge_max_new_tokens = 512
+    c.online.judge_batch_size = 8
+    c.online.judge_dtype = "bfloat16"
+    c.online.prompts = ""  # "task:NAME" | "synthetic" | a JSON/JSONL/text file | a hub dataset id
+    c.online.prompt_split = "train"
+    c.online.prompt_field = ""  # "" = auto: prompt, instruction, turns, messages
+    c.online.num_prompts = 0  # 0 = all
+    c.online.seed = 0
+    # pi_ref of every segment: "initial" = the initial policy throughout (App. B.1 names the Instruct model as
+    # pi_ref and as the kernel's proposal); "segment_start" = the policy each segment starts from.
+    c.online.reference = "initial"
+
+    # Last phase, optional: the trained policy against a baseline (default: the policy training started from),
+    # greedy answers to held-out prompts, judged both ways; adjusted win rate (Sec. 5.1) with a bootstrap CI.
+    c.final_eval = ml_collections.ConfigDict()
+    c.final_eval.judge = ""  # "" = no final evaluation; oracle:TASK | rule:TASK | llm:MODEL_DIR | reward:...
+    c.final_eval.prompts = ""  # "task:NAME" (held-out prompts of a registered task) or a prompts file
+    c.final_eval.num_prompts = 256
+    c.final_eval.seed = 1
+    c.final_eval.max_new_tokens = 512
+    c.final_eval.batch_size = 64
+    c.final_eval.baseline_path = ""  # "" = the policy this run's preference training started from
+    c.final_eval.use_chat_template = True
+
     c.debug = ml_collections.ConfigDict()
     c.debug.stop_after_steps = -1  # tests: stop (and save) after N steps, as if preempted
     c.debug.nan_at_step = -1  # tests: poison the params before step N
     return c
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} for every leaf; free-form blocks are one leaf (their dict)."""
+    out = {}
+    items = d.items() if hasattr(d, "items") else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if key in FREE_FORM or not hasattr(v, "items"):
+            out[key] = v.to_dict() if hasattr(v, "to_dict") else v
+        else:
+            out.update(_flat(v, key + "."))
+    return out
+
+
+_SCHEMA_KEYS: frozenset[str] | None = None
+
+
+def _schema_keys() -> frozenset[str]:
+    global _SCHEMA_KEYS
+    if _SCHEMA_KEYS is None:
+        flat = _flat(base_config())
+        blocks = {k.rsplit(".", i)[0] for k in flat for i in range(1, k.count(".") + 1)}
+        _SCHEMA_KEYS = frozenset(flat) | frozenset(blocks)
+    return _SCHEMA_KEYS
+
+
+def _unknown_keys(d, prefix: str = "") -> list[str]:
+    """Problems for keys of `d` that the schema does not have (with the closest known key)."""
+    known = _schema_keys()
+    problems = []
+    for k, v in (d.items() if hasattr(d, "items") else ()):
+        key = f"{prefix}{k}"
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            problems.append(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        elif key not in FREE_FORM and key != "warm_start" and hasattr(v, "items"):
+            problems.extend(_unknown_keys(v, key + "."))
+    return problems
+
+
+def _get(d, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def num_columns(config) -> int:
+    """C = 1 + L (+1 for Table 2's injected noise candidate, which comes on top of the L)."""
+    return 1 + int(config.num_candidates) + (1 if config.data.options.get("inject_noise", False) else 0)
+
+
+def resolve_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with the one -1 axis filled in; ValueError naming the problem otherwise."""
+    sizes = [int(data), int(fsdp), int(tensor)]
+    named = dict(zip(("data", "fsdp", "tensor"), sizes))
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {named}")
+    for name, s in named.items():
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {named}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} ({named}) but there are "
+                         f"{num_devices} devices")
+    return tuple(sizes)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.count("/") != 1 or os.sep in value.split("/", 1)[-1]
+
+
+def _check_model_path(field: str, value: str, errors: list[str]) -> None:
+    if not value or os.path.isdir(os.path.expanduser(value)):
+        return
+    if _looks_like_path(value):
+        errors.append(f"{field}={value!r}: no such folder")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached(value):
+        errors.append(f"{field}={value!r}: no such folder and the hub is offline (HF_HUB_OFFLINE=1); "
+                      f"pass a local folder (--config.{field}=/path/to/folder)")
+
+
+def _hub_cached(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _check_judge(field: str, spec: str, errors: list[str]) -> None:
+    kind = spec.split(":", 1)[0]
+    if kind not in JUDGE_KINDS or ":" not in spec or not spec.split(":", 1)[1]:
+        errors.append(f"{field}={spec!r}: expected one of {', '.join(k + ':...' for k in JUDGE_KINDS)} "
+                      "(e.g. oracle:sorting, rule:instructions, llm:/models/judge)")
+
+
+def validate(config, *, device_count: int | None = None, process_count: int | None = None) -> None:
+    """Every check that needs no model or data; raises one ConfigError listing every problem."""
+    from mcpo_jax import losses, models
+
+    errors = _unknown_keys(config)
+    if config.get("warm_start") is not None:
+        errors.extend(p.replace("unknown key '", "unknown key 'warm_start.") for p in _unknown_keys(config.warm_start))
+
+    objective, sampler = config.objective, config.sampler
+    known_objectives = losses.names()
+    if objective not in known_objectives:
+        errors.append(f"objective={objective!r} is unknown; known: {', '.join(known_objectives)} "
+                      "(or register one with mcpo_jax.losses.register)")
+    if sampler not in SAMPLERS:
+        errors.append(f"sampler={sampler!r} is unknown; known: {', '.join(SAMPLERS)}")
+    L, M = int(config.num_candidates), int(config.num_negatives)
+    if L < 1:
+        errors.append(f"num_candidates (L) must be >= 1, got {L}")
+    if objective != "sft" and objective in known_objectives:
+        columns = num_columns(config) - 1
+        eligible = columns + (1 if config.include_preferred else 0)
+        if M < 1 or M > eligible:
+            errors.append(f"num_negatives (M) = {M} must be between 1 and num_candidates (L) = {columns}"
+                          f"{' + 1 (y0 included)' if config.include_preferred else ''}")
+        if losses.is_pairwise(objective) and M != 1:
+            errors.append(f"objective={objective!r} is pairwise: it needs num_negatives=1, got {M}")
+        if sampler == "fixed" and M != 1:
+            errors.append(f"sampler='fixed' (the dataset's own rejected) gives one negative; num_negatives={M}")
+    if config.reference not in ("online", "precomputed"):
+        errors.append(f"reference={config.reference!r}: use 'online' or 'precomputed'")
+    if float(config.beta) <= 0:
+        errors.append(f"beta must be > 0, got {config.beta}")
+    batch, micro = int(config.batch_size), int(config.micro_batch_size)
+    if batch < 1 or micro < 1 or batch % micro:
+        errors.append(f"batch_size={batch} must be a positive multiple of micro_batch_size={micro} "
+                      "(gradient accumulation = batch_size / micro_batch_size)")
+    if device_count is None or process_count is None:
+        import jax
+
+        device_count = jax.device_count() if device_count is None else device_count
+        process_count = jax.process_count() if process_count is None else process_count
+    try:
+        data, fsdp, _ = resolve_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, device_count)
+        dp = data * fsdp
+        if micro >= 1 and micro % dp:
+            errors.append(f"micro_batch_size={micro} is not divisible by the data-parallel size {dp} "
+                          f"(mesh data={data} x fsdp={fsdp})")
+        if dp % process_count:
+            errors.append(f"mesh data x fsdp = {dp} is not a multiple of the {process_count} processes: each "
+                          "process must hold whole batch shards (use more data/fsdp ways, fewer tensor ways)")
+        if micro >= 1 and micro % process_count:
+            errors.append(f"micro_batch_size={micro} is not divisible by the {process_count} processes")
+    except ValueError as e:
+        errors.append(str(e))
+    if not config.model.path and not config.model.preset and config.warm_start is None:
+        errors.append("model: set model.path (a Hugging Face folder or hub id) or model.preset")
+    _check_model_path("model.path", config.model.path, errors)
+    _check_model_path("reference_path", config.reference_path, errors)
+    if config.model.preset and config.model.preset not in models.PRESETS:
+        errors.append(f"model.preset={config.model.preset!r} is unknown; known: {sorted(models.PRESETS)}")
+    for key in ("dtype", "param_dtype"):
+        if config.model[key] not in DTYPES:
+            errors.append(f"model.{key}={config.model[key]!r}: use one of {', '.join(DTYPES)}")
+    if config.optimizer.decay not in ("linear", "cosine", "constant"):
+        errors.append(f"optimizer.decay={config.optimizer.decay!r}: linear, cosine or constant")
+    if float(config.optimizer.learning_rate) <= 0:
+        errors.append(f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}")
+    if not 0 <= float(config.optimizer.warmup_ratio) < 1:
+        errors.append(f"optimizer.warmup_ratio must be in [0, 1), got {config.optimizer.warmup_ratio}")
+    if config.resume_policy not in RESUME_POLICIES:
+        errors.append(f"resume_policy={config.resume_policy!r}: {' or '.join(RESUME_POLICIES)}")
+    if config.data.on_bad_example not in ("skip", "error"):
+        errors.append(f"data.on_bad_example={config.data.on_bad_example!r}: 'skip' or 'error'")
+    if not config.data.source and not config.online.enabled:
+        errors.append("data.source is empty (a file, folder, hub dataset id or 'synthetic')")
+    if int(config.num_epochs) < 1 and int(config.max_steps) < 1:
+        errors.append("num_epochs must be >= 1 (or set max_steps)")
+    if config.online.enabled:
+        _validate_online(config, errors)
+    if config.final_eval.judge:
+        _check_judge("final_eval.judge", config.final_eval.judge, errors)
+        if not config.final_eval.prompts:
+            errors.append("final_eval.prompts is empty: 'task:NAME' or a prompts file "
+                          f"(final_eval.judge={config.final_eval.judge!r} is set)")
+        if int(config.final_eval.num_prompts) < 1:
+            errors.append(f"final_eval.num_prompts must be >= 1, got {config.final_eval.num_prompts}")
+        _check_model_path("final_eval.baseline_path", config.final_eval.baseline_path, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_online(config, errors: list[str]) -> None:
+    o = config.online
+    temps = list(o.temperatures)
+    if len(temps) < 2:
+        errors.append(f"online.temperatures={tuple(temps)}: need at least 2 (K completions per prompt)")
+    bad = [t for t in temps if not isinstance(t, (int, float)) or t < 0 or t != t]
+    if bad:
+        errors.append(f"online.temperatures={tuple(temps)}: every temperature must be a number >= 0 "
+                      f"(0 = greedy), got {bad}")
+    if temps and int(config.num_candidates) > len(temps) - 1:
+        errors.append(f"num_candidates={config.num_candidates} but online.temperatures gives K - 1 = "
+                      f"{len(temps) - 1} candidates per prompt")
+    if int(o.num_segments) < 1:
+        errors.append(f"online.num_segments must be >= 1, got {o.num_segments}")
+    if o.ranking not in ("winner", "full"):
+        errors.append(f"online.ranking={o.ranking!r}: 'winner' (iterative pairwise) or 'full'")
+    if o.reference not in ("initial", "segment_start"):
+        errors.append(f"online.reference={o.reference!r}: 'initial' or 'segment_start'")
+    if not 0 < float(o.top_p) <= 1:
+        errors.append(f"online.top_p must be in (0, 1], got {o.top_p}")
+    if int(o.max_new_tokens) < 1:
+        errors.append(f"online.max_new_tokens must be >= 1, got {o.max_new_tokens}")
+    if not o.prompts:
+        errors.append("online.prompts is empty: 'task:NAME', 'synthetic', a prompts file or a hub dataset id")
+    _check_judge("online.judge", o.judge, errors)
+    if o.judge_dtype not in DTYPES:
+        errors.append(f"online.judge_dtype={o.judge_dtype!r}: use one of {', '.join(DTYPES)}")
+
+
+def prepare(config, **kwargs) -> ml_collections.ConfigDict:
+    """A validated, locked deep copy of `config` (see `validate`)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    validate(config, **kwargs)
+    config.lock()
+    return config
+
+
+def with_overrides(config, overrides) -> ml_collections.ConfigDict:
+    """A copy of `config` with the (nested) keys of `overrides` set: the warm start's SFT phase."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for key, value in _flat(overrides).items():
+        parent, _, leaf = key.rpartition(".")
+        node = _get(out, parent) if parent else out
+        with node.unlocked():
+            node[leaf] = value
+    return out
+
+
+def run_defining_diff(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between two config dicts and change what the run computes."""
+    a, b = _flat(saved), _flat(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == free or key.startswith(free + ".") for free in RERUN_FREE):
+            continue
+        va, vb = _normalize(a.get(key, "<absent>")), _normalize(b.get(key, "<absent>"))
+        if va != vb:
+            diffs.append(f"{key}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def _normalize(v):
+    if isinstance(v, (list, tuple)):
+        return [_normalize(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _normalize(x) for k, x in sorted(v.items())}
+    return v

@@ -76,6 +76,17 @@ class MetricsWriter:
             self._tb = None
 
 
+def drop_after(path, step: int) -> None:
+    """Remove the records of steps after `step` (a resumed run redoes them: each step is logged once)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len([line for line in lines if line.strip()]):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def read_jsonl(path: str, split: str | None = "train") -> list[dict]:
     path = epath.Path(path)
     if not path.exists():

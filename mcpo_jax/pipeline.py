@@ -1,0 +1,227 @@
+"""A run, phase by phase: `run(config, workdir) -> summary` (what `python -m mcpo_jax.train` calls).
+
+    prepare      validate the config (every problem at once) and lock it; check the workdir's saved config
+    warm start   optional SFT phase in workdir/sft; its Hugging Face export is where the policy starts
+    train        offline preference training (training/loop.py), or online segments (online/onmcpo.py):
+                 one optimizer trajectory either way
+    export       workdir/hf, a Hugging Face folder; curves.png
+    final eval   optional: the policy against its starting point (or final_eval.baseline_path), greedy answers to
+                 held-out prompts judged by config.final_eval.judge; adjusted win rate (evaluate.py)
+
+Ctrl-C / SIGTERM in any phase: the trainer saves, nothing else starts, and the run exits 0 with the command that
+resumes it; a second one exits at once. A rerun in the same workdir resumes where the run stopped; a rerun
+whose config changes what the run computes (data, model, batch, objective, ...) is refused with the differing
+keys unless `resume_policy="restart"`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import jax
+from etils import epath
+
+from mcpo_jax import sharding as shd
+from mcpo_jax.training import build, files
+from mcpo_jax.training import config as cfg_lib
+from mcpo_jax.training import loop
+from mcpo_jax.training import metrics as metrics_lib
+from mcpo_jax.training.config import ConfigError
+from mcpo_jax.training.signals import StopFlag
+
+log = logging.getLogger("mcpo_jax.train")
+
+
+def run(config, workdir: str, *, stop: StopFlag | None = None) -> dict:
+    """Every phase of the run described by `config`, in `workdir` (resumed if it holds one); its summary."""
+    config = cfg_lib.prepare(config)
+    run_dir = files.workdir_path(workdir)
+    workdir = os.fspath(run_dir)
+    primary = shd.is_primary()
+    check_workdir(config, run_dir, primary)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, primary)
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+    summary = read_summary(run_dir)
+    own_stop = stop is None
+    stop = (stop or StopFlag()).install() if own_stop else stop
+    try:
+        summary.update(workdir=workdir, status="running")
+        start = warm_start(config, workdir, stop)
+        if isinstance(start, dict):  # the SFT phase did not complete
+            summary.update(start)
+            return summary
+        if config.online.enabled:
+            from mcpo_jax.online import onmcpo
+
+            result = onmcpo.train_online(config, workdir, start_path=start, stop=stop)
+        else:
+            result = train_offline(config, workdir, start_path=start, stop=stop)
+        summary.update(result)
+        if result["status"] != "completed":
+            return summary
+        if primary:
+            summary["plot"] = metrics_lib.plot_curves(workdir)
+        if config.final_eval.judge and not stop.should_stop():
+            summary["final_eval"] = final_evaluation(config, summary, start_path=start)
+    finally:
+        if summary.get("status") == "interrupted":
+            summary["message"] = (f"{summary.get('signal', 'a signal')}: saved step {summary.get('step')}; resume "
+                                  f"with: {resume_command(workdir)}")
+            log.warning(summary["message"])
+        if primary:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if own_stop:
+            stop.restore()
+    return summary
+
+
+def train_offline(config, workdir: str, *, start_path: str, stop: StopFlag) -> dict:
+    """Preference (or SFT) training on config.data from `start_path` ("" = model.path / the preset)."""
+    run_dir = files.workdir_path(workdir)
+    tokenizer = build.build_tokenizer(config, model_path=start_path)
+    cache_dir = config.data.cache_dir or files.local_cache_dir(workdir)
+    train_ds, eval_ds = build.build_datasets(config, tokenizer, cache_dir)
+    log.info("data: %d train / %d eval examples, C=%d columns, T=%d", len(train_ds),
+             0 if eval_ds is None else len(eval_ds), train_ds.num_columns, train_ds.max_length)
+    trainer = loop.Trainer(config, workdir, total_steps=loop.planned_steps(config, len(train_ds)), stop=stop,
+                           model_path=start_path or None)
+    try:
+        out: dict[str, Any] = {"total_steps": trainer.total_steps, "start_step": trainer.step}
+        out["reference_cache"] = trainer.precompute_reference({"train": train_ds, "eval": eval_ds}, cache_dir)
+        out.update(trainer.train(train_ds, eval_ds))
+        out["compile"] = trainer.compile_info or None
+        if out["status"] == "completed" and config.export_hf:
+            out["hf_export"] = trainer.export(os.fspath(run_dir / "hf"), tokenizer)
+            log.info("Hugging Face export: %s", out["hf_export"])
+    finally:
+        trainer.close()
+    return out
+
+
+def warm_start(config, workdir: str, stop: StopFlag):
+    """The optional SFT phase: the path the policy starts from ("" = none), or its summary if it stopped."""
+    if config.warm_start is None:
+        return config.model.path
+    sft = cfg_lib.with_overrides(config, config.warm_start)
+    with sft.unlocked():
+        sft.warm_start = None
+        sft.online.enabled = False
+        sft.final_eval.judge = ""
+    sft = cfg_lib.prepare(sft)
+    sft_dir = files.workdir_path(workdir) / "sft"
+    hf_dir = sft_dir / "hf"
+    done = read_summary(sft_dir)
+    if done.get("status") == "completed" and (hf_dir / "config.json").exists():
+        log.info("warm start: reusing the SFT model in %s", hf_dir)
+        return os.fspath(hf_dir)
+    log.info("warm start: SFT phase in %s", sft_dir)
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    result = train_offline(sft, os.fspath(sft_dir), start_path=config.model.path, stop=stop)
+    (sft_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    if result["status"] != "completed":
+        return {**result, "phase": "warm_start"}
+    return result["hf_export"]
+
+
+def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
+    """The final policy vs the baseline (final_eval.baseline_path, else the policy training started from)."""
+    from mcpo_jax import evaluate, models
+
+    fe = config.final_eval
+    dtype = build.DTYPES[config.model.dtype]
+    rules = shd.rules_from_config(config.sharding_rules.to_dict() or None)
+    mesh = shd.mesh_from_config(config.mesh)
+    policy_path = summary.get("hf_export") or summary.get("final_policy")
+    if not policy_path:
+        raise ConfigError("final_eval needs the trained policy's export: keep --config.export_hf=true")
+    tokenizer = build.build_tokenizer(config, model_path=start_path)
+    policy = models.from_pretrained(policy_path, dtype=dtype, mesh=mesh, rules=rules)
+    baseline_path = fe.baseline_path or summary.get("initial_policy") or start_path
+    baseline = (models.from_pretrained(baseline_path, dtype=dtype, mesh=mesh, rules=rules) if baseline_path
+                else build.build_model(config.model, mesh, rules))
+    result = evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, workdir=summary["workdir"])
+    log.info("final evaluation (%s, %d prompts): adjusted win rate %.1f%% (%d wins / %d ties / %d losses) vs %s",
+             fe.judge, result["num_prompts"], 100 * result["win_rate"], result["wins"], result["ties"],
+             result["losses"], baseline_path or "the initial model")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ workdir
+
+
+def read_summary(run_dir) -> dict:
+    path = epath.Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_workdir(config, run_dir, primary: bool) -> None:
+    """A workdir with a saved config.json: a rerun resumes; a rerun that changes the run is refused (nothing
+    written) or, with resume_policy="restart", the old run's files move to workdir/previous/<time>/."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    diffs = cfg_lib.run_defining_diff(json.loads(saved_path.read_text()), config.to_dict())
+    if not diffs:
+        return
+    if config.resume_policy == "refuse":
+        raise ConfigError(
+            f"{os.fspath(run_dir)} holds a run whose config differs in keys that change what it computes:\n    "
+            + "\n    ".join(diffs) + "\n  resume with the saved config, use another --workdir, or pass "
+            "--config.resume_policy=restart to move the old run to workdir/previous/ and start anew")
+    if primary:
+        dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for child in list(run_dir.iterdir()):
+            if child.name != "previous":
+                child.rename(dest / child.name)
+        log.warning("resume_policy=restart: the previous run moved to %s", dest)
+
+
+def resume_command(workdir: str) -> str:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--workdir")]
+    head = "python -m mcpo_jax.train" if sys.argv and sys.argv[0].endswith(("train.py", "mcpo-train")) else None
+    if head is None:
+        return f"rerun with the same workdir ({workdir})"
+    return " ".join([head, *map(shlex.quote, argv), "--workdir", shlex.quote(workdir)])
+
+
+class _RunLogHandler(logging.StreamHandler):
+    """workdir/train.log (also under a URL)."""
+
+    def __init__(self, path):
+        super().__init__(files.AppendFile(path))
+        self.baseFilename = os.fspath(path)
+
+    def close(self):
+        self.stream.close()
+        super().close()
+
+
+def setup_logging(run_dir, primary: bool) -> None:
+    root = logging.getLogger("mcpo_jax")
+    root.setLevel(logging.INFO)
+    root.propagate = False  # one console line per record (absl's root handler would print it again)
+    # orbax and grain log every save / read at INFO through absl; keep the console for the trainer.
+    for name in ("absl", "orbax", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'"
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    path = os.fspath(run_dir / "train.log")
+    if primary and not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+        fh = _RunLogHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
