@@ -38,9 +38,10 @@ from mcpo_jax.training.signals import StopFlag
 log = logging.getLogger("mcpo_jax.train")
 
 
-def run(config, workdir: str, *, stop: StopFlag | None = None) -> dict:
-    """Every phase of the run described by `config`, in `workdir` (resumed if it holds one); its summary."""
-    config = cfg_lib.prepare(config)
+def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[str, ...] = ()) -> dict:
+    """Every phase of the run described by `config`, in `workdir` (resumed if it holds one); its summary.
+    `problems`: config problems found before (the CLI's overrides of unknown keys), reported with the rest."""
+    config = cfg_lib.prepare(config, problems=problems)
     run_dir = files.workdir_path(workdir)
     workdir = os.fspath(run_dir)
     primary = shd.is_primary()
@@ -66,7 +67,7 @@ def run(config, workdir: str, *, stop: StopFlag | None = None) -> dict:
             result = onmcpo.train_online(config, workdir, start_path=start, stop=stop)
         else:
             result = train_offline(config, workdir, start_path=start, stop=stop)
-        summary.update(result)
+        summary.update({k: v for k, v in result.items() if v is not None})  # a rerun keeps what it did not redo
         if result["status"] != "completed":
             return summary
         if primary:
@@ -100,9 +101,12 @@ def train_offline(config, workdir: str, *, start_path: str, stop: StopFlag) -> d
         out["reference_cache"] = trainer.precompute_reference({"train": train_ds, "eval": eval_ds}, cache_dir)
         out.update(trainer.train(train_ds, eval_ds))
         out["compile"] = trainer.compile_info or None
+        hf_dir = run_dir / "hf"
         if out["status"] == "completed" and config.export_hf:
-            out["hf_export"] = trainer.export(os.fspath(run_dir / "hf"), tokenizer)
-            log.info("Hugging Face export: %s", out["hf_export"])
+            if out["start_step"] < trainer.total_steps or not (hf_dir / "config.json").exists():
+                trainer.export(os.fspath(hf_dir), tokenizer)
+                log.info("Hugging Face export: %s", hf_dir)
+            out["hf_export"] = os.fspath(hf_dir)
     finally:
         trainer.close()
     return out
@@ -150,6 +154,7 @@ def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
     baseline = (models.from_pretrained(baseline_path, dtype=dtype, mesh=mesh, rules=rules) if baseline_path
                 else build.build_model(config.model, mesh, rules))
     result = evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, workdir=summary["workdir"])
+    result.update(judge=fe.judge, baseline=baseline_path or "the initial model")
     log.info("final evaluation (%s, %d prompts): adjusted win rate %.1f%% (%d wins / %d ties / %d losses) vs %s",
              fe.judge, result["num_prompts"], 100 * result["win_rate"], result["wins"], result["ties"],
              result["losses"], baseline_path or "the initial model")

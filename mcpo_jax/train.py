@@ -53,7 +53,7 @@ def _main(argv):
     import jax
 
     try:
-        summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
+        summary = pipeline.run(_CONFIG.value, _WORKDIR.value, problems=tuple(_UNKNOWN_OVERRIDES))
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return _exit(2)
@@ -72,6 +72,11 @@ def _main(argv):
         os._exit(1)
     if summary.get("status") == "interrupted":
         print(summary["message"], flush=True)
+    fe = summary.get("final_eval")
+    if fe:
+        print(f"{fe['judge']} adjusted win rate of the trained policy vs {fe['baseline']}: {100 * fe['win_rate']:.1f}% "
+              f"({fe['wins']} wins / {fe['ties']} ties / {fe['losses']} losses on {fe['num_prompts']} held-out "
+              "prompts)", flush=True)
     return 0
 
 
@@ -85,10 +90,25 @@ def _exit(code: int) -> int:
     return code
 
 
+_UNKNOWN_OVERRIDES: list[str] = []
+
+
 def _parse_flags(argv):
-    """absl's parser, with a config error (an unknown key in an override, a wrong type) as one line, exit 2."""
+    """absl's parser, with a config error (an unknown key in an override, a wrong type) as one line, exit 2.
+    Overrides of keys the schema lacks are set aside and reported with every other problem of the config."""
+    from mcpo_jax.training.config import unknown_key_problem
+
+    kept = []
+    for arg in argv:
+        key = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
+        problem = key and unknown_key_problem(key)
+        if problem:
+            _UNKNOWN_OVERRIDES.append(problem)
+        else:
+            kept.append(arg)
+    sys.argv[:] = kept  # config_flags reads the overrides from sys.argv itself
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(kept)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from mcpo_jax.training import loop
+from mcpo_jax import pipeline
+from mcpo_jax.training import build, loop
+from mcpo_jax.training.config import ConfigError, validate
 from mcpo_jax.training import metrics as metrics_lib
 
 from _train_fixtures import tiny_config
@@ -40,7 +42,7 @@ def _train_rows(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    summary = loop.train(tiny_config(), workdir)
+    summary = pipeline.run(tiny_config(), workdir)
     return workdir, summary
 
 
@@ -66,9 +68,9 @@ def test_full_run_logs_everything(full_run):
 
 def test_resume_is_exact(full_run, tmp_path):
     workdir, _ = full_run
-    part = loop.train(tiny_config(**{"debug.stop_after_steps": 3}), str(tmp_path))
+    part = pipeline.run(tiny_config(**{"debug.stop_after_steps": 3}), str(tmp_path))
     assert part["status"] == "stopped" and part["step"] == 3
-    resumed = loop.train(tiny_config(), str(tmp_path))
+    resumed = pipeline.run(tiny_config(), str(tmp_path))
     assert resumed["start_step"] == 3 and resumed["status"] == "completed"
     assert part["reference_cache"] == {"train": "computed", "eval": "computed"}
     assert resumed["reference_cache"] == {"train": "hit", "eval": "hit"}  # keyed cache reused across runs
@@ -82,7 +84,7 @@ def test_resume_is_exact(full_run, tmp_path):
 
 def test_precomputed_reference_equals_online(full_run, tmp_path):
     workdir, _ = full_run
-    online = loop.train(tiny_config(reference="online", **{"debug.stop_after_steps": 2}), str(tmp_path))
+    online = pipeline.run(tiny_config(reference="online", **{"debug.stop_after_steps": 2}), str(tmp_path))
     assert online["status"] == "stopped"
     want, got = _train_rows(workdir), _train_rows(str(tmp_path))
     for step in (1, 2):
@@ -94,7 +96,7 @@ def test_precomputed_reference_equals_online(full_run, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.TrainingDiverged, match=r"non-finite loss.*step 4.*last good checkpoint \(step 2\)"):
-        loop.train(tiny_config(**{"debug.nan_at_step": 3}), str(tmp_path))
+        pipeline.run(tiny_config(**{"debug.nan_at_step": 3}), str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(os.path.join(tmp_path, "checkpoints")) if s.isdigit())
     assert steps == [2]
     assert max(_train_rows(str(tmp_path))) == 3
@@ -105,9 +107,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-c",
            "import sys; sys.path.insert(0, 'tests'); from _train_fixtures import tiny_config; "
-           "from mcpo_jax.training import loop; import time, jax; "
+           "from mcpo_jax import pipeline; import time, jax; "
            "c = tiny_config(**{'num_epochs': 200, 'eval_every': 0, 'checkpoint.save_every': 0}); "
-           "s = loop.train(c, sys.argv[1]); print('STATUS', s['status'], s['step']); print(s['message'])",
+           "s = pipeline.run(c, sys.argv[1]); print('STATUS', s['status'], s['step']); print(s['message'])",
            str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(tmp_path, "metrics.jsonl")
@@ -140,15 +142,15 @@ def test_config_errors_before_anything_compiles(overrides, message, tmp_path, mo
     def boom(*a, **k):
         raise AssertionError("built a model for an invalid config")
 
-    monkeypatch.setattr(loop, "build_model", boom)
-    with pytest.raises(loop.ConfigError) as e:
-        loop.train(tiny_config(**overrides), str(tmp_path))
+    monkeypatch.setattr(build, "build_model", boom)
+    with pytest.raises(ConfigError) as e:
+        pipeline.run(tiny_config(**overrides), str(tmp_path))
     assert message in str(e.value)
 
 
 def test_batch_not_divisible_by_data_parallel_size():
-    with pytest.raises(loop.ConfigError, match="not divisible by the data-parallel size 8"):
-        loop.validate_config(tiny_config(), device_count=8)
+    with pytest.raises(ConfigError, match="not divisible by the data-parallel size 8"):
+        validate(tiny_config(), device_count=8, process_count=1)
 
 
 def test_cli_reports_config_error_with_exit_code_2(tmp_path):
@@ -172,7 +174,7 @@ def test_reference_path_is_the_reference(full_run, tmp_path):
     for seed in (0, 1):
         folder = str(tmp_path / f"ref{seed}")
         models.save_pretrained(models.init_random(models.preset_config("tiny", **overrides), seed=seed), folder)
-        out = loop.train(tiny_config(reference_path=folder, **{"debug.stop_after_steps": 1}), str(tmp_path / f"run{seed}"))
+        out = pipeline.run(tiny_config(reference_path=folder, **{"debug.stop_after_steps": 1}), str(tmp_path / f"run{seed}"))
         assert out["reference_cache"]["train"] == "computed"
         results[seed] = _train_rows(str(tmp_path / f"run{seed}"))[1]
     want = _train_rows(workdir)[1]

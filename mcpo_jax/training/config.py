@@ -217,6 +217,16 @@ def _unknown_keys(d, prefix: str = "") -> list[str]:
     return problems
 
 
+def unknown_key_problem(dotted: str) -> str | None:
+    """The problem with a `--config.KEY=value` override whose KEY the schema lacks (None when it is known)."""
+    key = dotted[len("warm_start."):] if dotted.startswith("warm_start.") else dotted
+    known = _schema_keys()
+    if key in known or any(key.startswith(free + ".") for free in FREE_FORM):
+        return None
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"unknown key {dotted!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
 def _get(d, dotted: str):
     for part in dotted.split("."):
         d = d[part]
@@ -278,11 +288,13 @@ def _check_judge(field: str, spec: str, errors: list[str]) -> None:
                       "(e.g. oracle:sorting, rule:instructions, llm:/models/judge)")
 
 
-def validate(config, *, device_count: int | None = None, process_count: int | None = None) -> None:
-    """Every check that needs no model or data; raises one ConfigError listing every problem."""
+def validate(config, *, device_count: int | None = None, process_count: int | None = None,
+             problems: tuple[str, ...] = ()) -> None:
+    """Every check that needs no model or data; raises one ConfigError listing every problem (`problems`:
+    ones found before, e.g. command-line overrides of unknown keys)."""
     from mcpo_jax import losses, models
 
-    errors = _unknown_keys(config)
+    errors = list(problems) + _unknown_keys(config)
     if config.get("warm_start") is not None:
         errors.extend(p.replace("unknown key '", "unknown key 'warm_start.") for p in _unknown_keys(config.warm_start))
 

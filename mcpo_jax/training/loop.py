@@ -169,8 +169,6 @@ class Trainer:
                 metric_shardings=shd.replicated(self.mesh))
             self._compiled[key] = compiled
             self.compile_info = info
-            log.info("step compiled in %.1fs for input_ids %s; memory_analysis: %s", info["compile_seconds"],
-                     tuple(batch["input_ids"].shape), {k: v for k, v in info.items() if k != "compile_seconds"})
         return self._compiled[key]
 
     def train(self, train_ds, eval_ds=None, *, start_step: int = 0, end_step: int | None = None) -> dict:
