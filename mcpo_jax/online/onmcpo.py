@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mcpo_jax.online.judges import Judge, iterative_pairwise_ranking, round_robin_ranking
+from mcpo_jax.judges import Judge, iterative_pairwise_ranking, round_robin_ranking
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
     """
     import jax
 
-    from mcpo_jax.evaluate import decode_completion, encode_prompts, left_pad
+    from mcpo_jax.data.text import decode_completion, encode_prompts, left_pad
     from mcpo_jax.online.generate import generate, stop_ids, to_host
 
     eos_ids = stop_ids(model, tokenizer)
@@ -233,7 +233,7 @@ def online_defaults():
     o.max_prompt_tokens = 0  # 0 = data.max_prompt_length
     o.generation_batch_size = 64  # rows (prompt x temperature) per generate call
     o.ranking = "winner"  # App. B.1: iterative pairwise ranking (L - 1 comparisons); "full" = complete order
-    o.judge = "oracle"  # oracle | reward:module:function | llm:MODEL_DIR (paper: Llama-3.1-70B-Instruct)
+    o.judge = "oracle:sorting"  # oracle:TASK | rule:TASK | reward:module:function | llm:MODEL_DIR (paper: Llama-3.1-70B-Instruct)
     o.judge_max_new_tokens = 512
     o.judge_batch_size = 8
     o.judge_dtype = "bfloat16"
@@ -265,7 +265,7 @@ def demo_online(c):
     c.online = online_defaults()
     c.online.prompts = "synthetic"
     c.online.num_prompts = 1536  # 512 per segment, 1 epoch: 16 steps of 32 per segment
-    c.online.judge = "oracle"
+    c.online.judge = "oracle:sorting"
     c.online.max_new_tokens = TOKEN_LIMITS["max_completion_length"]
     c.online.max_prompt_tokens = TOKEN_LIMITS["max_prompt_length"]
     c.online.generation_batch_size = 768
@@ -296,7 +296,7 @@ def load_online_prompts(o) -> list:
 
         return [r["prompt"] for r in synthetic.sft_rows(n or 1024, seed=int(o.get("seed", 0)))]
     if os.path.exists(source):
-        from mcpo_jax.evaluate import load_prompts
+        from mcpo_jax.data.text import load_prompts
 
         prompts = [p["instruction"] for p in load_prompts(source)]
     else:
@@ -373,7 +373,7 @@ def train_online(config, workdir: str) -> dict:
     """
     from mcpo_jax import models
     from mcpo_jax import sharding as shd
-    from mcpo_jax.online.judges import make_judge
+    from mcpo_jax.judges import make_judge
     from mcpo_jax.training import loop
 
     o = config.online
@@ -484,26 +484,15 @@ def train_online(config, workdir: str) -> dict:
 
 def synthetic_final_eval(policy_path: str, baseline_path: str, tokenizer, *, dtype, num_prompts: int, seed: int,
                          max_new_tokens: int) -> dict:
-    """Greedy answers of both policies to held-out sorting prompts; oracle adjusted win rate + scores."""
+    """Oracle adjusted win rate of the final policy over the initial one on held-out sorting prompts (a thin
+    call into the one evaluation path, `evaluate.final_evaluation`, until the pipeline runs it)."""
     from mcpo_jax import models
-    from mcpo_jax.data import synthetic
-    from mcpo_jax.evaluate import generate_outputs, win_rate
-    from mcpo_jax.online.judges import oracle_judge
+    from mcpo_jax.evaluate import final_evaluation
 
-    prompts = synthetic.prompts(num_prompts, seed)
-    outs = {}
-    for name, path in (("policy", policy_path), ("baseline", baseline_path)):
-        model = models.from_pretrained(path, dtype=dtype)
-        outs[name] = generate_outputs(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=256)
-        del model
-    result = win_rate(oracle_judge(), prompts, outs["policy"], outs["baseline"])
-    out = result.summary()
-    for name, answers in outs.items():
-        out[f"{name}_oracle_score"] = float(np.mean([synthetic.oracle_score(p, a) for p, a in zip(prompts, answers)]))
-        out[f"{name}_exact"] = float(np.mean([a.strip() == synthetic.answer(p) for p, a in zip(prompts, answers)]))
-    out["examples"] = [{"prompt": p, "policy": a, "baseline": b}
-                       for p, a, b in list(zip(prompts, outs["policy"], outs["baseline"]))[:5]]
-    return out
+    block = {"judge": "oracle:sorting", "prompts": "task:sorting", "num_prompts": num_prompts, "seed": seed,
+             "max_new_tokens": max_new_tokens, "batch_size": 256, "baseline_path": "", "use_chat_template": True}
+    return final_evaluation(block, models.from_pretrained(policy_path, dtype=dtype), tokenizer,
+                            baseline=models.from_pretrained(baseline_path, dtype=dtype))
 
 
 def main(argv=None):
