@@ -1,18 +1,19 @@
-"""Win-rate evaluation: generate answers for a prompt set, judge them against a baseline's answers.
+"""Win-rate evaluation, the one path: generate answers for a prompt set, judge them against a baseline's answers.
 
 The paper's metric (Sec. 5.1) is the adjusted win rate (N_cand + N_tie / 2) / (N_cand + N_base + N_tie) with
 an LLM judge. Pairs the judge could not parse are reported as ``invalid`` and left out of the denominator.
 
     # answers in AlpacaEval's output format (instruction, output, generator), usable by external evaluators
-    python -m mcpo_jax.evaluate --model runs/x/export --prompts alpaca_eval.json --output runs/x/alpaca.json
+    python -m mcpo_jax.evaluate --model runs/x/hf --prompts alpaca_eval.json --output runs/x/alpaca.json
     # adjusted win rate with a bootstrap CI against a baseline's answers, with any judge
     python -m mcpo_jax.evaluate --candidate runs/x/alpaca.json --baseline gpt4_turbo.json \
         --judge llm:/models/judge --results runs/x/winrate.json
 
-Prompt files: JSON (a list) or JSONL rows holding ``instruction`` (AlpacaEval), ``turns`` = [{"content": ...}]
-(Arena-Hard question files), ``prompt`` (Arena-Hard v2) or ``messages`` (chat). Library functions
-(``adjusted_win_rate``, ``bootstrap_ci``, ``win_rate``, ``generate_outputs``) are used by the online loop and
-the experiments.
+Prompt files: see ``mcpo_jax.data.text.load_prompts`` (JSON/JSONL rows with ``instruction`` | ``turns`` |
+``prompt`` | ``messages``, or text lines). In code: :func:`evaluate_models` (greedy answers of two models, judged),
+:func:`final_evaluation` (a config's ``final_eval`` block, used at the end of a run), :func:`win_rate` (answers
+already there), :func:`generate_outputs`, :func:`adjusted_win_rate`, :func:`bootstrap_ci`. The training loop,
+the online driver and the experiments all evaluate through these.
 """
 
 from __future__ import annotations
