@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -43,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mcpo_jax.online.generate import generation_throughput
 
 PEAK_TFLOPS_H200_BF16 = 989.0  # dense bf16, datasheet (the anchor's PEAK)
 VARIANTS = ("dpo", "dpo_precomputed_ref", "mcpo", "mcpo_precomputed_ref")
@@ -372,57 +373,6 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
         on_row(rows)
         del compiled
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation (the OnMC-PO sampler)
-
-
-def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens: int, vocab_size: int,
-                          warmup: int = 1, steps: int = 3, seed: int = 0) -> dict[str, Any]:
-    """Prefill and decode tokens/s of `mcpo_jax.online.generate` (the sampler OnMC-PO uses).
-
-    generate() is one call, so the two phases are told apart by difference: a call with
-    `max_new_tokens=1` is the prefill (plus one sampled token), and the extra time of
-    `new_tokens` over 1 is the decode of new_tokens - 1 tokens. Each timed call is a median of
-    `steps` after `warmup` calls (compilation excluded). EOS is disabled so every row decodes
-    every token.
-    """
-    try:
-        online = importlib.import_module("mcpo_jax.online.generate")
-        generate = online.generate
-    except (ImportError, AttributeError) as e:
-        return {"skipped": f"mcpo_jax.online.generate is not available yet ({e!r})"}
-    rng = np.random.default_rng(seed + 1)
-    ids = jnp.asarray(rng.integers(0, vocab_size, size=(batch_size, prompt_len), dtype=np.int32))
-    mask = jnp.ones((batch_size, prompt_len), jnp.int32)
-    key = jax.random.key(seed)
-
-    def timed(n):
-        def call(_):
-            return generate(model, ids, mask, max_new_tokens=n, temperature=1.0, top_p=1.0, key=key, eos_id=None)
-
-        t0 = time.perf_counter()
-        jax.block_until_ready(call(None))  # compiles
-        first = time.perf_counter() - t0
-        _, ts = time_loop(call, None, warmup=warmup, steps=steps)
-        return first, statistics.median(ts)
-
-    first_1, t_1 = timed(1)
-    first_n, t_n = timed(new_tokens)
-    decode_s = t_n - t_1 if new_tokens > 1 and t_n > t_1 else None  # None: within the noise of the prefill
-    return {
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "prefill_s": t_1,
-        "prefill_tok_per_s": batch_size * prompt_len / t_1,
-        "decode_s": decode_s,
-        "decode_tok_per_s": batch_size * (new_tokens - 1) / decode_s if decode_s else None,
-        "total_s": t_n,
-        "generated_tok_per_s": batch_size * new_tokens / t_n,
-        "first_call_s": {"1": first_1, str(new_tokens): first_n},
-    }
 
 
 # ----------------------------------------------------------------------------------------------

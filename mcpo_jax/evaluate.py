@@ -1,18 +1,19 @@
-"""Win-rate evaluation: generate answers for a prompt set, judge them against a baseline's answers.
+"""Win-rate evaluation, the one path: generate answers for a prompt set, judge them against a baseline's answers.
 
 The paper's metric (Sec. 5.1) is the adjusted win rate (N_cand + N_tie / 2) / (N_cand + N_base + N_tie) with
 an LLM judge. Pairs the judge could not parse are reported as ``invalid`` and left out of the denominator.
 
     # answers in AlpacaEval's output format (instruction, output, generator), usable by external evaluators
-    python -m mcpo_jax.evaluate --model runs/x/export --prompts alpaca_eval.json --output runs/x/alpaca.json
+    python -m mcpo_jax.evaluate --model runs/x/hf --prompts alpaca_eval.json --output runs/x/alpaca.json
     # adjusted win rate with a bootstrap CI against a baseline's answers, with any judge
     python -m mcpo_jax.evaluate --candidate runs/x/alpaca.json --baseline gpt4_turbo.json \
         --judge llm:/models/judge --results runs/x/winrate.json
 
-Prompt files: JSON (a list) or JSONL rows holding ``instruction`` (AlpacaEval), ``turns`` = [{"content": ...}]
-(Arena-Hard question files), ``prompt`` (Arena-Hard v2) or ``messages`` (chat). Library functions
-(``adjusted_win_rate``, ``bootstrap_ci``, ``win_rate``, ``generate_outputs``) are used by the online loop and
-the experiments.
+Prompt files: see ``mcpo_jax.data.text.load_prompts`` (JSON/JSONL rows with ``instruction`` | ``turns`` |
+``prompt`` | ``messages``, or text lines). In code: :func:`evaluate_models` (greedy answers of two models, judged),
+:func:`final_evaluation` (a config's ``final_eval`` block, used at the end of a run), :func:`win_rate` (answers
+already there), :func:`generate_outputs`, :func:`adjusted_win_rate`, :func:`bootstrap_ci`. The training loop,
+the online driver and the experiments all evaluate through these.
 """
 
 from __future__ import annotations
@@ -26,75 +27,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mcpo_jax.online.judges import A, B, INVALID, TIE, Judge
+from mcpo_jax.data import tasks
+from mcpo_jax.data.text import decode_completion, encode_prompts, left_pad, load_prompts, read_rows, row_prompt
+from mcpo_jax.judges import A, B, INVALID, TIE, Judge, judge_task, make_judge
 
 
-# -- prompt and output files -------------------------------------------------------------------------------------
-def _read_rows(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, expected an object")
-    return rows
-
-
-def _row_prompt(row: dict, where: str):
-    if "instruction" in row:
-        instruction = row["instruction"]
-        if row.get("input"):  # Alpaca-style instruction + input
-            instruction = f"{instruction}\n\n{row['input']}"
-        return instruction
-    if "turns" in row:
-        turns = row["turns"]
-        if not turns or not isinstance(turns, list):
-            raise ValueError(f"{where}: 'turns' must be a non-empty list")
-        if len(turns) > 1:
-            raise ValueError(f"{where}: {len(turns)} turns; only single-turn questions can be answered in one go")
-        turn = turns[0]
-        return turn["content"] if isinstance(turn, dict) else str(turn)
-    if "prompt" in row and isinstance(row["prompt"], str):
-        return row["prompt"]
-    if "messages" in row:
-        return list(row["messages"])
-    raise ValueError(f"{where}: no prompt field; expected 'instruction', 'turns', 'prompt' or 'messages' "
-                     f"(got keys {sorted(row)})")
-
-
-def load_prompts(path: str) -> list[dict]:
-    """Rows ``{"instruction": str | messages, "id": ..., "dataset": ...}`` from an eval prompt file."""
+# -- answer files ----------------------------------------------------------------------------------------------
+def load_outputs(path: str) -> list[dict]:
+    """AlpacaEval-format answer rows ({instruction, output, generator, ...}) in file order, duplicates kept."""
     out = []
-    for i, row in enumerate(_read_rows(path)):
-        instruction = _row_prompt(row, f"{path}: row {i}")
-        ident = row.get("question_id", row.get("uid", row.get("id", i)))
-        out.append({"instruction": instruction, "id": ident,
-                    "dataset": row.get("dataset", row.get("category", os.path.basename(path)))})
-    return out
-
-
-def load_outputs(path: str) -> dict[str, dict]:
-    """AlpacaEval-format answers keyed by instruction text (the key AlpacaEval itself matches on)."""
-    out = {}
-    for i, row in enumerate(_read_rows(path)):
+    for i, row in enumerate(read_rows(path)):
         if "output" not in row:
             raise ValueError(f"{path}: row {i} has no 'output' (AlpacaEval outputs need instruction + output)")
-        out[_key(_row_prompt(row, f"{path}: row {i}"))] = row
+        out.append({**row, "instruction": row_prompt(row, f"{path}: row {i}")})
     return out
 
 
 def _key(instruction) -> str:
     return instruction if isinstance(instruction, str) else json.dumps(instruction, sort_keys=True)
+
+
+def model_name(path: str) -> str:
+    """A model folder's display name: its run's name for an export folder called ``hf`` (``runs/demo/hf`` ->
+    ``demo``), the folder name otherwise."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return parts[-2] if parts[-1] == "hf" and len(parts) > 1 else parts[-1]
 
 
 def write_outputs(path: str, prompts: Sequence[dict], outputs: Sequence[str], generator: str) -> None:
@@ -107,50 +64,6 @@ def write_outputs(path: str, prompts: Sequence[dict], outputs: Sequence[str], ge
 
 
 # -- generation --------------------------------------------------------------------------------------------------
-def encode_prompts(tokenizer, instructions: Sequence[Any], *, use_chat_template: bool = True,
-                   max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Token ids per prompt: the chat template with a generation prompt when the tokenizer has one."""
-    chat = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
-    rows = []
-    for inst in instructions:
-        if chat:
-            messages = inst if not isinstance(inst, str) else [{"role": "user", "content": inst}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            if not isinstance(inst, str):
-                raise ValueError("chat-message prompts need a tokenizer with a chat template")
-            ids = tokenizer(inst)["input_ids"]
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = ids[-max_prompt_tokens:]  # keep the end, where the question and generation prompt are
-        rows.append(list(ids))
-    return rows
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None,
-             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded [B, W] ids and mask; W = ``width`` or the longest row, rounded up to ``multiple``
-    (fewer distinct shapes, fewer compilations)."""
-    width = max(width or 0, max(len(r) for r in rows))
-    width = -(-width // multiple) * multiple
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def decode_completion(tokenizer, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
-    """Text of one generated row, cut at its first EOS."""
-    ids = [int(t) for t in ids]
-    for n, t in enumerate(ids):
-        if t in eos_ids:
-            ids = ids[:n]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_tokens: int = 512,
                      batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      use_chat_template: bool = True, max_prompt_tokens: int | None = None) -> list[str]:
@@ -211,6 +124,13 @@ def bootstrap_ci(verdicts: Sequence[str], *, num_samples: int = 1000, confidence
 
 @dataclasses.dataclass
 class WinRate:
+    """Adjusted win rate of a candidate over a baseline, its bootstrap CI and the verdict counts.
+
+    ``scores`` holds per-side task metrics when the prompts belong to a registered task (``policy_score``,
+    ``baseline_score``: mean task score; ``policy_exact``, ``baseline_exact``: fraction of perfect answers);
+    ``prompts`` / ``candidate`` / ``baseline`` keep the judged answers when they were generated here.
+    """
+
     win_rate: float
     ci_low: float
     ci_high: float
@@ -219,9 +139,15 @@ class WinRate:
     n_tie: int
     n_invalid: int
     verdicts: list = dataclasses.field(repr=False, default_factory=list)
+    scores: dict = dataclasses.field(default_factory=dict)
+    prompts: list = dataclasses.field(repr=False, default_factory=list)
+    candidate: list = dataclasses.field(repr=False, default_factory=list)
+    baseline: list = dataclasses.field(repr=False, default_factory=list)
 
     def summary(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "verdicts"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("verdicts", "scores", "prompts", "candidate", "baseline")}
+        return {**out, "num_prompts": len(self.verdicts), **self.scores}
 
 
 def win_rate_from_verdicts(verdicts: Sequence[str], *, num_bootstrap: int = 1000, confidence: float = 0.95,
@@ -233,15 +159,180 @@ def win_rate_from_verdicts(verdicts: Sequence[str], *, num_bootstrap: int = 1000
 
 
 def win_rate(judge: Judge, prompts: Sequence[Any], candidate: Sequence[str], baseline: Sequence[str], *,
-             num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> WinRate:
+             num_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
+             task: tasks.Task | None = None) -> WinRate:
     """Adjusted win rate of ``candidate`` over ``baseline`` answers (aligned with ``prompts``) under ``judge``.
 
-    The candidate is shown as assistant A; LLM judges evaluate both orders anyway.
+    The candidate is shown as assistant A; LLM judges evaluate both orders anyway. With ``task``, the result also
+    holds each side's mean task score and fraction of perfect answers (:func:`task_scores`).
     """
     if not (len(prompts) == len(candidate) == len(baseline)):
         raise ValueError(f"{len(prompts)} prompts, {len(candidate)} candidate and {len(baseline)} baseline answers")
     verdicts = judge.compare_many(list(zip(prompts, candidate, baseline)))
-    return win_rate_from_verdicts(verdicts, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
+    result = win_rate_from_verdicts(verdicts, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
+    result.prompts, result.candidate, result.baseline = list(prompts), list(candidate), list(baseline)
+    if task is not None:
+        result.scores = {**task_scores(task, prompts, candidate, prefix="policy_"),
+                         **task_scores(task, prompts, baseline, prefix="baseline_")}
+    return result
+
+
+def task_scores(task: tasks.Task, prompts: Sequence[Any], answers: Sequence[str], *, prefix: str = "") -> dict:
+    """``{prefix}score``: mean of the task's score over the answers; ``{prefix}exact``: fraction reaching the
+    task's perfect score (when it has one)."""
+    s = np.array([task.score(p, a) for p, a in zip(prompts, answers)], np.float64)
+    out = {f"{prefix}score": float(s.mean()) if s.size else float("nan")}
+    if task.perfect_score is not None:
+        out[f"{prefix}exact"] = float(np.mean(s >= task.perfect_score)) if s.size else float("nan")
+    return out
+
+
+def evaluate_models(policy, baseline, tokenizer, prompts: Sequence[Any], judge: Judge, *, max_new_tokens: int,
+                    batch_size: int, use_chat_template: bool = True, max_prompt_tokens: int | None = None,
+                    task: tasks.Task | None = None, num_bootstrap: int = 1000, seed: int = 0) -> WinRate:
+    """Greedy answers of ``policy`` and ``baseline`` (models sharing ``tokenizer``) to ``prompts``, judged by
+    ``judge`` (LLM judges see both orders), as the adjusted win rate of the policy with counts and bootstrap CI.
+
+    The answers stay in the result (``.candidate``, ``.baseline``); ``task`` adds the per-side task scores.
+    """
+    prompts = list(prompts)
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=use_chat_template,
+                  max_prompt_tokens=max_prompt_tokens)
+    ours = [a.strip() for a in generate_outputs(policy, tokenizer, prompts, **kwargs)]
+    base = [a.strip() for a in generate_outputs(baseline, tokenizer, prompts, **kwargs)]
+    return win_rate(judge, prompts, ours, base, num_bootstrap=num_bootstrap, seed=seed, task=task)
+
+
+# -- the end-of-run evaluation of a training config --------------------------------------------------------------
+FINAL_EVAL_FIELDS = ("judge", "prompts", "num_prompts", "seed", "max_new_tokens", "batch_size", "baseline_path",
+                     "use_chat_template")
+FINAL_EVAL_OPTIONAL = ("max_prompt_tokens", "num_bootstrap", "tie_margin", "judge_max_new_tokens",
+                       "judge_batch_size")
+
+
+class EvalConfigError(ValueError):
+    """A final-evaluation block that cannot be run as written (unknown task, prompts of another task, ...)."""
+
+
+def _block(cfg) -> dict:
+    block = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    missing = [k for k in FINAL_EVAL_FIELDS if k not in block]
+    unknown = [k for k in block if k not in FINAL_EVAL_FIELDS + FINAL_EVAL_OPTIONAL]
+    if missing or unknown:
+        raise EvalConfigError("final_eval: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else []))
+            + f" (fields: {', '.join(FINAL_EVAL_FIELDS + FINAL_EVAL_OPTIONAL)})")
+    return block
+
+
+def eval_prompts(spec: str, *, num_prompts: int, seed: int, judge_spec: str) -> tuple[list, tasks.Task | None]:
+    """The prompts of a final evaluation and the task they belong to (None: a file of the user's own prompts).
+
+    ``spec`` is ``"task:NAME"`` (``num_prompts`` held-out prompts of a registered task, drawn with ``seed``) or a
+    prompt file (``load_prompts``: JSON/JSONL rows or text lines; the first ``num_prompts``, 0 = all). A task
+    judge (``oracle:T`` / ``rule:T``) refuses prompts that are not T's: another task's, or a file whose prompts
+    T does not recognize; the judge names no task, the file's prompts need no task.
+    """
+    try:
+        judged = judge_task(judge_spec)
+    except ValueError as e:
+        raise EvalConfigError(f"final_eval.judge={judge_spec!r}: {e}") from None
+    if not spec:
+        raise EvalConfigError("final_eval.prompts is empty: 'task:NAME' (registered: "
+                              f"{', '.join(tasks.names())}) or a prompt file (JSON/JSONL/text)")
+    if spec.startswith("task:"):
+        try:
+            task = tasks.get(spec[len("task:"):])
+        except tasks.UnknownTaskError as e:
+            raise EvalConfigError(f"final_eval.prompts={spec!r}: {e}") from None
+        if judged is not None and judged.name != task.name:
+            raise EvalConfigError(f"final_eval: judge {judge_spec!r} scores task {judged.name!r} but the prompts "
+                                  f"are task {task.name!r}'s")
+        if num_prompts <= 0:
+            raise EvalConfigError(f"final_eval.num_prompts={num_prompts}: task prompts need a positive count")
+        return list(task.prompts(num_prompts, seed)), task
+    if not os.path.exists(spec):
+        raise EvalConfigError(f"final_eval.prompts={spec!r} is neither 'task:NAME' (registered: "
+                              f"{', '.join(tasks.names())}) nor an existing prompt file")
+    prompts = [p["instruction"] for p in load_prompts(spec)]
+    if num_prompts > 0:
+        prompts = prompts[:num_prompts]
+    if not prompts:
+        raise EvalConfigError(f"final_eval.prompts={spec!r}: the file holds no prompt")
+    if judged is not None:
+        foreign = [p for p in prompts if not judged.recognizes(p)]
+        if foreign:
+            raise EvalConfigError(
+                f"final_eval: judge {judge_spec!r} scores task {judged.name!r}, but {len(foreign)} of {len(prompts)} "
+                f"prompts in {spec} are not {judged.name!r} prompts (e.g. {str(foreign[0])[:80]!r}); judge your "
+                f"own task with a registered task of yours (mcpo_jax.data.tasks.register), 'llm:MODEL_DIR' or "
+                f"'reward:module:function'")
+    return prompts, judged
+
+
+def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdir: str | None = None) -> dict:
+    """The end-of-run evaluation a config asks for: greedy answers of ``policy`` and the baseline to the block's
+    prompts, judged by its judge, as the adjusted win rate (plus the task's scores when the prompts are a task's).
+
+    ``final_eval_cfg`` holds ``FINAL_EVAL_FIELDS`` (and any of ``FINAL_EVAL_OPTIONAL``): ``judge`` (a
+    :func:`make_judge` spec), ``prompts`` (``"task:NAME"`` or a prompt file), ``num_prompts``, ``seed``,
+    ``max_new_tokens``, ``batch_size``, ``baseline_path`` (a model folder; "" = the ``baseline`` model passed
+    here), ``use_chat_template``. Everything is checked before any model runs: an unknown task or judge, prompts
+    of another task than the judge's, a missing prompt file are :class:`EvalConfigError`. With ``workdir``, the
+    prompts, both answers and the verdicts go to ``workdir/final_eval.json``. Prints the one-line result.
+    """
+    import logging
+
+    fe = _block(final_eval_cfg)
+    prompts, task = eval_prompts(str(fe["prompts"]), num_prompts=int(fe["num_prompts"]), seed=int(fe["seed"]),
+                                 judge_spec=str(fe["judge"]))
+    if fe["baseline_path"]:
+        from mcpo_jax import models
+
+        baseline, baseline_name = models.from_pretrained(fe["baseline_path"]), str(fe["baseline_path"])
+    elif baseline is None:
+        raise EvalConfigError("final_eval.baseline_path is empty and no baseline model was given")
+    else:
+        baseline_name = "the starting policy"
+    judge_kwargs = {}
+    if str(fe["judge"]).startswith(("oracle:", "rule:")) and fe.get("tie_margin") is not None:
+        judge_kwargs["tie_margin"] = float(fe["tie_margin"])
+    if str(fe["judge"]).startswith("llm:"):
+        judge_kwargs.update({k[len("judge_"):]: int(fe[k]) for k in ("judge_max_new_tokens", "judge_batch_size")
+                             if fe.get(k)})
+    judge = make_judge(str(fe["judge"]), **judge_kwargs)
+    result = evaluate_models(policy, baseline, tokenizer, prompts, judge, max_new_tokens=int(fe["max_new_tokens"]),
+                             batch_size=int(fe["batch_size"]), use_chat_template=bool(fe["use_chat_template"]),
+                             max_prompt_tokens=int(fe.get("max_prompt_tokens") or 0) or None, task=task,
+                             num_bootstrap=int(fe.get("num_bootstrap") or 1000), seed=int(fe["seed"]))
+    out = {**result.summary(), "judge": str(fe["judge"]), "prompts": str(fe["prompts"]), "baseline": baseline_name,
+           "examples": [{"prompt": p, "policy": a, "baseline": b}
+                        for p, a, b in list(zip(result.prompts, result.candidate, result.baseline))[:5]]}
+    kind = str(fe["judge"]).partition(":")[0]
+    where = f"held-out {task.name} prompts" if task is not None and str(fe["prompts"]).startswith("task:") else \
+        f"prompts of {fe['prompts']}"
+    msg = (f"{kind} win rate of the trained policy vs {baseline_name}: {100 * result.win_rate:.1f}% "
+           f"({result.n_cand} wins / {result.n_tie} ties / {result.n_base} losses"
+           + (f" / {result.n_invalid} invalid" if result.n_invalid else "")
+           + f" on {len(prompts)} {where}, greedy; 95% CI [{100 * result.ci_low:.1f}, {100 * result.ci_high:.1f}])")
+    if "policy_score" in result.scores:
+        s = result.scores
+        if "policy_exact" in s:
+            msg += f"; exact answers {100 * s['policy_exact']:.1f}% vs {100 * s['baseline_exact']:.1f}%"
+        msg += f", mean {task.kind} score {s['policy_score']:.3f} vs {s['baseline_score']:.3f}"
+    out["message"] = msg
+    logging.getLogger("mcpo_jax.evaluate").info(msg)
+    print(msg, flush=True)
+    if workdir is not None:
+        path = os.path.join(workdir, "final_eval.json")
+        os.makedirs(workdir, exist_ok=True)
+        rows = [{"prompt": p, "policy": a, "baseline": b, "verdict": v}
+                for p, a, b, v in zip(result.prompts, result.candidate, result.baseline, result.verdicts)]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"summary": {k: v for k, v in out.items() if k != "examples"}, "rows": rows}, f,
+                      ensure_ascii=False, indent=1)
+        out["file"] = path
+    return out
 
 
 def format_table(rows: Sequence[tuple[str, WinRate]], *, baseline: str = "baseline") -> str:
@@ -254,14 +345,35 @@ def format_table(rows: Sequence[tuple[str, WinRate]], *, baseline: str = "baseli
     return "\n".join(lines)
 
 
-def pair_with_baseline(candidate: dict[str, dict], baseline: dict[str, dict], *, name: str):
-    """Aligned (prompts, candidate outputs, baseline outputs) over the candidate's instructions."""
-    missing = [k for k in candidate if k not in baseline]
+def pair_with_baseline(candidate: Sequence[dict], baseline: Sequence[dict], *, name: str):
+    """Aligned (prompts, candidate outputs, baseline outputs) over the candidate's rows, in order.
+
+    Rows are matched on the instruction; a prompt the candidate answers several times is matched with the
+    baseline's answers to it in order (the baseline's last one when it answered fewer times).
+    """
+    by_key: dict[str, list[dict]] = {}
+    for row in baseline:
+        by_key.setdefault(_key(row["instruction"]), []).append(row)
+    missing = sorted({_key(r["instruction"]) for r in candidate} - set(by_key))
     if missing:
         raise ValueError(f"{name}: {len(missing)} instructions have no baseline answer, e.g. {missing[0][:80]!r}")
-    keys = list(candidate)
-    prompts = [candidate[k]["instruction"] if "instruction" in candidate[k] else k for k in keys]
-    return prompts, [candidate[k]["output"] for k in keys], [baseline[k]["output"] for k in keys]
+    seen: dict[str, int] = {}
+    prompts, cand_out, base_out = [], [], []
+    for row in candidate:
+        key = _key(row["instruction"])
+        j = seen.get(key, 0)
+        seen[key] = j + 1
+        answers = by_key[key]
+        prompts.append(row["instruction"])
+        cand_out.append(row["output"])
+        base_out.append(answers[min(j, len(answers) - 1)]["output"])
+    return prompts, cand_out, base_out
+
+
+def _generator(rows: Sequence[dict], path: str) -> str:
+    """The name of the model that wrote an answer file (its ``generator``; the file's name for an unnamed export)."""
+    name = next(iter(rows), {}).get("generator")
+    return name if name and name != "hf" else os.path.splitext(os.path.basename(path))[0]
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -271,11 +383,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face model folder to answer the prompts (with --prompts)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     p.add_argument("--output", help="where to write the AlpacaEval-format answers of --model")
-    p.add_argument("--generator", help="generator name in the outputs (default: the model folder name)")
+    p.add_argument("--generator", "--name", dest="generator",
+                   help="the model's name in the outputs and the table (default: the run's name for an export "
+                        "folder called hf, else the model folder name)")
     p.add_argument("--candidate", action="append", default=[], help="existing AlpacaEval-format answers "
                    "to evaluate (repeatable); the --model answers are added to them")
     p.add_argument("--baseline", help="the baseline's AlpacaEval-format answers")
-    p.add_argument("--judge", help="oracle | reward:module:function | llm:MODEL_DIR")
+    p.add_argument("--judge", help="oracle:TASK | rule:TASK | reward:module:function | llm:MODEL_DIR")
     p.add_argument("--judge_max_new_tokens", type=int, default=512)
     p.add_argument("--judge_batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=512)
@@ -313,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                    use_chat_template=not args.no_chat_template,
                                    max_prompt_tokens=args.max_prompt_tokens)
-        generator = args.generator or os.path.basename(os.path.normpath(args.model))
+        generator = args.generator or model_name(args.model)
         write_outputs(args.output, prompts, outputs, generator)
         print(f"wrote {len(outputs)} answers of {generator} to {args.output}")
         candidates.append(args.output)
@@ -322,8 +436,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
     if not candidates:
         raise SystemExit("--baseline needs answers to judge: --candidate FILE or --model ... --output FILE")
     if not args.judge:
-        raise SystemExit("--baseline needs --judge (oracle | reward:module:function | llm:MODEL_DIR)")
-    from mcpo_jax.online.judges import make_judge
+        raise SystemExit("--baseline needs --judge (oracle:TASK | rule:TASK | reward:module:function | "
+                         "llm:MODEL_DIR)")
 
     judge_kwargs = {}
     if args.judge.startswith("llm:"):
@@ -336,13 +450,13 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
     rows, results = [], {}
     for path in candidates:
         cand = load_outputs(path)
-        name = next(iter(cand.values()), {}).get("generator") or os.path.basename(path)
+        name = _generator(cand, path)
         prompts, cand_out, base_out = pair_with_baseline(cand, baseline, name=path)
         result = win_rate(judge, prompts, cand_out, base_out, num_bootstrap=args.num_bootstrap, seed=args.seed)
         rows.append((name, result))
         results[name] = {**result.summary(), "file": path,
                          "per_prompt": [{"instruction": p, "verdict": v} for p, v in zip(prompts, result.verdicts)]}
-    base_name = next(iter(baseline.values()), {}).get("generator") or os.path.basename(args.baseline)
+    base_name = _generator(baseline, args.baseline)
     print(format_table(rows, baseline=base_name))
     if judge.stats:
         print("judge:", dict(judge.stats))

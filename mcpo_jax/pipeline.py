@@ -42,6 +42,7 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
     """Every phase of the run described by `config`, in `workdir` (resumed if it holds one); its summary.
     `problems`: config problems found before (the CLI's overrides of unknown keys), reported with the rest."""
     config = cfg_lib.prepare(config, problems=problems)
+    check_final_eval(config)
     run_dir = files.workdir_path(workdir)
     workdir = os.fspath(run_dir)
     primary = shd.is_primary()
@@ -145,20 +146,27 @@ def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
     dtype = build.DTYPES[config.model.dtype]
     rules = shd.rules_from_config(config.sharding_rules.to_dict() or None)
     mesh = shd.mesh_from_config(config.mesh)
-    policy_path = summary.get("hf_export") or summary.get("final_policy")
+    policy_path = summary.get("hf_export")
     if not policy_path:
         raise ConfigError("final_eval needs the trained policy's export: keep --config.export_hf=true")
     tokenizer = build.build_tokenizer(config, model_path=start_path)
     policy = models.from_pretrained(policy_path, dtype=dtype, mesh=mesh, rules=rules)
-    baseline_path = fe.baseline_path or summary.get("initial_policy") or start_path
-    baseline = (models.from_pretrained(baseline_path, dtype=dtype, mesh=mesh, rules=rules) if baseline_path
-                else build.build_model(config.model, mesh, rules))
-    result = evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, workdir=summary["workdir"])
-    result.update(judge=fe.judge, baseline=baseline_path or "the initial model")
-    log.info("final evaluation (%s, %d prompts): adjusted win rate %.1f%% (%d wins / %d ties / %d losses) vs %s",
-             fe.judge, result["num_prompts"], 100 * result["win_rate"], result["wins"], result["ties"],
-             result["losses"], baseline_path or "the initial model")
-    return result
+    baseline = None
+    if not fe.baseline_path:  # the policy training started from
+        start = summary.get("initial_policy") or start_path
+        baseline = (models.from_pretrained(start, dtype=dtype, mesh=mesh, rules=rules) if start
+                    else build.build_model(config.model, mesh, rules))
+    return evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, workdir=summary["workdir"])
+
+
+def check_final_eval(config) -> None:
+    """The final evaluation's prompts and judge, checked at start (not after hours of training)."""
+    if not config.final_eval.judge:
+        return
+    from mcpo_jax import evaluate
+
+    fe = config.final_eval
+    evaluate.eval_prompts(fe.prompts, num_prompts=int(fe.num_prompts), seed=int(fe.seed), judge_spec=fe.judge)
 
 
 # ------------------------------------------------------------------------------------------------ workdir

@@ -29,9 +29,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 def _user_errors():
     """The exception types whose message is the whole story (no traceback): exit 2."""
     from mcpo_jax.data.example import DataError
+    from mcpo_jax.evaluate import EvalConfigError
     from mcpo_jax.training.config import ConfigError
 
-    return (ConfigError, DataError, FileNotFoundError)
+    return (ConfigError, DataError, EvalConfigError, FileNotFoundError)
 
 
 def _main(argv):
@@ -72,11 +73,6 @@ def _main(argv):
         os._exit(1)
     if summary.get("status") == "interrupted":
         print(summary["message"], flush=True)
-    fe = summary.get("final_eval")
-    if fe:
-        print(f"{fe['judge']} adjusted win rate of the trained policy vs {fe['baseline']}: {100 * fe['win_rate']:.1f}% "
-              f"({fe['wins']} wins / {fe['ties']} ties / {fe['losses']} losses on {fe['num_prompts']} held-out "
-              "prompts)", flush=True)
     return 0
 
 

@@ -32,13 +32,30 @@ def test_oracle_and_judge():
     assert synthetic.oracle_score("sort 5391", "") == 0.0
     assert synthetic.oracle_score("\n\nHuman: sort 5391\n\nAssistant: ", "1339") == 0.75
     assert synthetic.oracle_score([{"role": "user", "content": "sort 5391"}], "13599") == 0.8
-    judge = synthetic.OracleJudge()
+    from mcpo_jax.judges import oracle_judge
+
+    judge = oracle_judge("sorting")
     assert judge.compare("sort 5391", "1359", "1358") == "A"
     assert judge.compare("sort 5391", "1358", "1359") == "B"
     assert judge.compare("sort 5391", "1358", "1339") == "tie"
     assert judge.rank("sort 5391", ["9531", "1359", "1358", "1339"]) == [1, 2, 3, 0]
     with pytest.raises(ValueError, match="not a prompt of the sorting task"):
         synthetic.oracle_score("hello", "1")
+
+
+def test_sorting_prompts_are_recognized_and_registered():
+    from mcpo_jax.data import tasks
+
+    for p in synthetic.prompts(20, seed=0) + ["\n\nHuman: sort 5391\n\nAssistant: ",
+                                               [{"role": "user", "content": "sort 123"}]]:
+        assert synthetic.is_prompt(p), p
+    for p in ["please sort 123 apples", "reverse hello", "sort abc", "", [{"role": "assistant", "content": "sort 1"}]]:
+        assert not synthetic.is_prompt(p), p
+    task = tasks.get("sorting")
+    assert task.prompts(8, 3) == synthetic.prompts(8, 3) and task.score("sort 31", "13") == 1.0
+    assert task.recognizes("sort 5391") and not task.recognizes("reverse abc")
+    with pytest.raises(tasks.UnknownTaskError, match=r"unknown task 'nope'; registered tasks: .*sorting"):
+        tasks.get("nope")
 
 
 def test_rows_are_ranked_by_the_oracle_and_read_as_nectar(tok):

@@ -1,4 +1,5 @@
-"""Win-rate evaluation: arithmetic, bootstrap CI, prompt/output file formats, the CLI."""
+"""Win-rate evaluation: arithmetic, bootstrap CI, prompt/output file formats, the CLI, the one evaluation
+path (`evaluate_models`, `final_evaluation`) and its refusals."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from mcpo_jax import evaluate as E
-from mcpo_jax.online.judges import RewardFunctionJudge
+from mcpo_jax.data import text
+from mcpo_jax.judges import RewardFunctionJudge
 
 
 def test_adjusted_win_rate_hand_made_verdicts():
@@ -57,19 +59,34 @@ def test_prompt_files_alpaca_and_arena_hard(tmp_path):
     arena.write_text("\n".join(json.dumps(r) for r in [
         {"question_id": "q1", "category": "arena-hard-v0.1", "turns": [{"content": "Write a haiku."}]},
         {"uid": "u2", "category": "hard_prompt", "prompt": "Explain FFT."}]) + "\n")
-    a = E.load_prompts(str(alpaca))
+    a = text.load_prompts(str(alpaca))
     assert [p["instruction"] for p in a] == ["Name a color.", "Translate\n\nbonjour"]
     assert a[0]["dataset"] == "helpful_base"
-    h = E.load_prompts(str(arena))
+    h = text.load_prompts(str(arena))
     assert [(p["id"], p["instruction"]) for p in h] == [("q1", "Write a haiku."), ("u2", "Explain FFT.")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no known field"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: row 0: no prompt field"):
-        E.load_prompts(str(bad))
+        text.load_prompts(str(bad))
     multi = tmp_path / "multi.jsonl"
     multi.write_text(json.dumps({"turns": [{"content": "a"}, {"content": "b"}]}) + "\n")
     with pytest.raises(ValueError, match="2 turns"):
-        E.load_prompts(str(multi))
+        text.load_prompts(str(multi))
+
+
+def test_prompt_files_plain_text_and_duplicates_kept(tmp_path):
+    lines = tmp_path / "mine.txt"
+    lines.write_text("reverse abc\n\nreverse xy\nreverse abc\n")
+    rows = text.load_prompts(str(lines))
+    assert [r["instruction"] for r in rows] == ["reverse abc", "reverse xy", "reverse abc"]  # blank line skipped
+    bare = tmp_path / "prompts"  # no extension: sniffed
+    bare.write_text("sort 31\nsort 42\n")
+    assert [r["instruction"] for r in text.load_prompts(str(bare))] == ["sort 31", "sort 42"]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in ["a", "b", "a"]))
+    assert [r["instruction"] for r in text.load_prompts(str(dup))] == ["a", "b", "a"]
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        text.load_prompts(str(tmp_path / "missing.json"))
 
 
 def test_cli_judges_candidate_files_against_baseline(tmp_path, capsys):
@@ -113,9 +130,111 @@ def test_cli_generates_alpaca_outputs_with_a_model_and_judges_them(tmp_path, cap
                     [synthetic.answer(q) for q in questions], "oracle-answers")
     rows = E.main(["--model", str(tmp_path / "m"), "--prompts", str(tmp_path / "q.jsonl"), "--output",
                    str(tmp_path / "out.json"), "--max_new_tokens", "6", "--dtype", "float32",
-                   "--baseline", str(tmp_path / "base.json"), "--judge", "oracle", "--num_bootstrap", "100"])
+                   "--baseline", str(tmp_path / "base.json"), "--judge", "oracle:sorting", "--num_bootstrap", "100"])
     outputs = json.loads((tmp_path / "out.json").read_text())
     assert [o["instruction"] for o in outputs] == questions and outputs[0]["generator"] == "m"
     # a random model never beats the exact answers: win rate 0 (ties only if it also sorts correctly)
     assert rows[0][1].win_rate == 0.0 and rows[0][1].n_base == 3
     assert "adjusted win rate vs oracle-answers" in capsys.readouterr().out
+
+
+def test_cli_keeps_duplicate_prompts_and_names_models_by_run(tmp_path, capsys):
+    prompts = [{"instruction": q} for q in ["a", "b", "a", "a"]]
+    # the candidate answers "a" three times; the baseline twice: the third is paired with its last answer
+    E.write_outputs(str(tmp_path / "cand.json"), prompts, ["xxxx", "x", "x", "xxxx"], "hf")
+    E.write_outputs(str(tmp_path / "base.json"), [{"instruction": q} for q in ["a", "b", "a"]], ["xx", "xx", "xxx"],
+                    "sft")
+    out = E.main(["--candidate", str(tmp_path / "cand.json"), "--baseline", str(tmp_path / "base.json"),
+                  "--judge", "reward:tests.test_evaluate:_length", "--num_bootstrap", "50"])
+    name, r = out[0]
+    # pairs: (xxxx, xx) win, (x, xx) loss, (x, xxx) loss, (xxxx, xxx) win: 4 verdicts, none dropped
+    assert r.verdicts == ["A", "B", "B", "A"] and r.prompts == ["a", "b", "a", "a"]
+    assert name == "cand"  # an answer file written as "hf" is named by its file, not "hf"
+    assert "adjusted win rate vs sft" in capsys.readouterr().out
+    assert E.model_name(str(tmp_path / "runs" / "demo" / "hf")) == "demo"
+    assert E.model_name(str(tmp_path / "runs" / "demo" / "hf") + "/") == "demo"
+    assert E.model_name(str(tmp_path / "models" / "llama-1b")) == "llama-1b"
+
+
+@pytest.fixture(scope="module")
+def sorting_models():
+    """The synthetic tokenizer and two tiny random models (the policy and the baseline)."""
+    from mcpo_jax.data import synthetic
+    from tests._online_fixtures import tiny_model
+
+    tok = synthetic.make_tokenizer()
+    kw = dict(vocab_size=len(tok), std=0.1, eos_token_id=tok.eos_token_id)
+    return tok, tiny_model(seed=0, **kw), tiny_model(seed=1, **kw)
+
+
+def _block(**overrides):
+    block = {"judge": "oracle:sorting", "prompts": "task:sorting", "num_prompts": 6, "seed": 1, "max_new_tokens": 6,
+             "batch_size": 4, "baseline_path": "", "use_chat_template": True}
+    return {**block, **overrides}
+
+
+def test_evaluate_models_judges_greedy_answers(sorting_models):
+    from mcpo_jax.data import synthetic, tasks
+    from mcpo_jax.judges import make_judge
+
+    tok, policy, baseline = sorting_models
+    prompts = synthetic.prompts(5, seed=2)
+    judge = make_judge("oracle:sorting")
+    same = E.evaluate_models(policy, policy, tok, prompts, judge, max_new_tokens=6, batch_size=4,
+                             task=tasks.get("sorting"), num_bootstrap=50)
+    assert (same.n_tie, same.win_rate) == (5, 0.5) and same.candidate == same.baseline
+    r = E.evaluate_models(policy, baseline, tok, prompts, judge, max_new_tokens=6, batch_size=4,
+                          task=tasks.get("sorting"), num_bootstrap=50)
+    want = E.generate_outputs(policy, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert r.candidate == [a.strip() for a in want] and len(r.baseline) == 5
+    expected = judge.compare_many(list(zip(prompts, r.candidate, r.baseline)))
+    assert r.verdicts == expected and r.n_cand + r.n_base + r.n_tie == 5
+    assert r.scores["policy_score"] == pytest.approx(np.mean([synthetic.oracle_score(p, a)
+                                                              for p, a in zip(prompts, r.candidate)]))
+    assert r.summary()["num_prompts"] == 5 and "policy_exact" in r.summary()
+
+
+def test_final_evaluation_of_a_task_writes_its_verdicts(sorting_models, tmp_path, capsys):
+    from mcpo_jax.data import synthetic
+
+    tok, policy, baseline = sorting_models
+    out = E.final_evaluation(_block(), policy, tok, baseline=baseline, workdir=str(tmp_path))
+    assert out["num_prompts"] == 6 and out["n_cand"] + out["n_base"] + out["n_tie"] + out["n_invalid"] == 6
+    assert 0.0 <= out["win_rate"] <= 1.0 and {"policy_exact", "baseline_score"} <= set(out)
+    printed = capsys.readouterr().out
+    assert "oracle win rate of the trained policy vs the starting policy" in printed
+    assert f"({out['n_cand']} wins / {out['n_tie']} ties / {out['n_base']} losses on 6 held-out sorting" in printed
+    saved = json.loads((tmp_path / "final_eval.json").read_text())
+    assert [r["prompt"] for r in saved["rows"]] == synthetic.prompts(6, 1)
+    assert [r["verdict"] for r in saved["rows"]].count("A") == out["n_cand"]
+    # the user's own file of sorting prompts (a text file) is the sorting task's: accepted, duplicates kept
+    mine = tmp_path / "mine.txt"
+    mine.write_text("sort 312\nsort 312\nsort 9081\n")
+    again = E.final_evaluation(_block(prompts=str(mine), num_prompts=0), policy, tok, baseline=policy)
+    assert again["num_prompts"] == 3 and again["n_tie"] == 3
+
+
+def test_final_evaluation_refuses_what_it_cannot_score(sorting_models, tmp_path):
+    """The issue-12 bug: a user's own task scored with the built-in sorting prompts and oracle, silently."""
+    tok, policy, baseline = sorting_models
+    mine = tmp_path / "reverse.jsonl"
+    mine.write_text("".join(json.dumps({"instruction": f"reverse {w}"}) + "\n" for w in ["abc", "hello", "xy"]))
+    cases = [
+        (_block(prompts=str(mine)), r"judge 'oracle:sorting' scores task 'sorting', but 3 of 3 prompts in .*"
+                                    r"reverse.jsonl are not 'sorting' prompts \(e.g. 'reverse abc'\)"),
+        (_block(prompts="task:reverse"), r"unknown task 'reverse'; registered tasks: .*sorting"),
+        (_block(judge="oracle:reverse", prompts=str(mine)), r"final_eval.judge='oracle:reverse': unknown task"),
+        (_block(judge="oracle"), r"names no task"),
+        (_block(prompts="synthetic"), r"neither 'task:NAME' .* nor an existing prompt file"),
+        (_block(prompts=str(tmp_path / "nope.jsonl")), r"nor an existing prompt file"),
+        ({k: v for k, v in _block(typo=1).items() if k != "seed"}, r"missing seed; unknown typo"),
+    ]
+    for block, match in cases:
+        with pytest.raises(E.EvalConfigError, match=match):
+            E.final_evaluation(block, policy, tok, baseline=baseline)
+    with pytest.raises(E.EvalConfigError, match="baseline_path is empty and no baseline model"):
+        E.final_evaluation(_block(), policy, tok)
+    # a prompt file with a judge that scores any prompt (a reward function) is fine
+    out = E.final_evaluation(_block(prompts=str(mine), judge="reward:tests.test_evaluate:_length"), policy, tok,
+                             baseline=policy)
+    assert out["n_tie"] == 3 and "policy_score" not in out

@@ -107,7 +107,7 @@ def test_overrides_reach_the_trainer_config():
     cell = [c for c in online.cells("tiny") if c.row == "Online DPO (π_ref = SFT)"][0]
     c = common.online_config("tiny", 2, "/sft", cell.overrides)
     assert (c.objective, c.sampler, c.online.seed, c.online.num_segments, c.online.judge, c.online.reference) == (
-        "dpo", "random", 2, 3, "oracle", "initial")
+        "dpo", "random", 2, 3, "oracle:sorting", "initial")
 
 
 # ------------------------------------------------------------------------------ miniature experiments

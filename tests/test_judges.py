@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from mcpo_jax.online import judges as J
+from mcpo_jax import judges as J
 
 
 class ByteTokenizer:
@@ -186,6 +186,34 @@ def test_make_judge_specs():
     assert j.compare("q", "ab", "a") == "A"
     with pytest.raises(ValueError, match="unknown judge"):
         J.make_judge("gpt5")
+    oracle = J.make_judge("oracle:sorting")
+    assert oracle.name == "oracle:sorting" and oracle.compare("sort 312", "123", "321") == "A"
+    assert J.make_judge("rule:sorting", tie_margin=0.5).compare("sort 312", "123", "124") == "tie"
+    # an unknown task names the registered ones; a bare "oracle" must say which task
+    with pytest.raises(ValueError, match=r"unknown task 'reverse'; registered tasks: .*sorting"):
+        J.make_judge("oracle:reverse")
+    with pytest.raises(ValueError, match=r"names no task: use 'oracle:TASK' \(registered tasks: .*sorting"):
+        J.make_judge("oracle")
+    with pytest.raises(ValueError, match="incomplete"):
+        J.make_judge("llm:")
+    assert J.judge_task("oracle:sorting").name == "sorting" and J.judge_task("llm:/x") is None
+
+
+def test_a_registered_task_is_judged_by_its_score():
+    from mcpo_jax.data import tasks
+
+    tasks.register("test_reverse", prompts=lambda n, seed: [f"reverse w{seed}{i}" for i in range(n)],
+                   score=lambda p, c: float(c.strip() == p.split()[1][::-1]), kind="rule", replace=True)
+    judge = J.make_judge("rule:test_reverse")
+    assert judge.compare_many([("reverse abc", "cba", "abc"), ("reverse ab", "x", "ba"), ("reverse ab", "x", "y")]) \
+        == ["A", "B", "tie"]
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register("test_reverse", prompts=lambda n, s: [], score=lambda p, c: 0.0)
+    # the same judge from a plain function, no registry involved
+    fn = J.oracle_judge(lambda p, c: -len(c), name="short")
+    assert fn.name == "short" and fn.compare("q", "a", "bb") == "A"
+    with pytest.raises(TypeError, match="task name or a score"):
+        J.oracle_judge(3)
 
 
 def _len_score(prompt, completion):
@@ -198,19 +226,19 @@ def test_iterative_ranking_against_the_synthetic_oracle():
     rows = synthetic.generate_rows(30, seed=3, num_candidates=5)
     prompts = [r["prompt"] for r in rows]
     comps = [[a["answer"] for a in r["answers"]] for r in rows]
-    judge = J.oracle_judge()
+    judge = J.oracle_judge("sorting")
     log = []
     winners = [o[0] for o in J.iterative_pairwise_ranking(judge, prompts, comps, log=log)]
     assert len(log) == 30 * 5  # L - 1 comparisons for L = 6
     for p, c, w in zip(prompts, comps, winners):
         assert synthetic.oracle_score(p, c[w]) == max(synthetic.oracle_score(p, x) for x in c)
         assert c[w] == synthetic.answer(p)  # the correct answer is always among them
-    # full ranking (round robin) orders by oracle score like the data's own OracleJudge
-    full = judge.rank_many(prompts[:5], comps[:5], mode="full")
-    ref = synthetic.OracleJudge()
-    for p, c, order in zip(prompts, comps, full):
+    # full ranking (round robin of the pairwise base class) orders by oracle score like the judge's own exact rank
+    full = J.Judge.rank_many(judge, prompts[:5], comps[:5], mode="full")
+    exact = judge.rank_many(prompts[:5], comps[:5])
+    for p, c, order, ref in zip(prompts, comps, full, exact):
         scores = [synthetic.oracle_score(p, c[i]) for i in order]
-        assert scores == sorted(scores, reverse=True) and c[order[0]] == c[ref.rank(p, c)[0]]
+        assert scores == sorted(scores, reverse=True) and c[order[0]] == c[ref[0]] == synthetic.answer(p)
     assert judge.compare(prompts[0], synthetic.answer(prompts[0]), "x") == "A"
 
 

@@ -29,35 +29,46 @@ def test_training_row_drops_copies_of_y0_and_empty_candidates():
     assert row["rejected"] == ["c", "b"]  # full ranking: candidates best first
 
 
-def _config():
+def _config(**overrides):
     import importlib.util
+
+    from _train_fixtures import tiny_config
 
     spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
                                                                               "configs", "demo.py"))
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    c = onmcpo.demo_online(demo.get_config("smoke"))
+    c = demo.get_config("smoke,online")
     c.warm_start = None  # start from the random tiny preset: the test is about the online plumbing
+    c.model.overrides = tiny_config().model.overrides
     c.reference = "online"
-    c.online.reference = "initial"  # exercises the trainer's reference_path (the demo itself uses segment_start)
-    c.online.num_segments = 2
-    c.online.num_prompts = 48
+    c.online.reference = "initial"
+    c.online.num_segments = 3
+    c.online.num_prompts = 72  # 24 per segment: 3 steps of 8 each, 9 steps in all
     c.online.temperatures = (0.6, 0.8, 1.0)  # K = 3: y0 + 2 candidates
     c.online.generation_batch_size = 72
-    c.online.final_eval = ml_collections.ConfigDict({"num_prompts": 16, "seed": 1, "max_new_tokens": 8})
+    c.final_eval.judge = ""
     c.num_candidates = 2
     c.batch_size = 8
     c.micro_batch_size = 8
+    c.optimizer.warmup_ratio = 0.3
+    c.optimizer.decay = "linear"
     c.checkpoint.save_every = 0
     c.checkpoint.async_save = False
     c.tensorboard = False
+    c.progress_bar = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return c
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent XLA cache for this test only: segment 1 compiles the very same train step as segment 0,
-    and the trainer compiles ahead of time (no in-memory jit cache across its runs)."""
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """Runs of the same programs (uninterrupted, interrupted, resumed) reuse the compiled step and sampler."""
     import jax
     from jax._src import compilation_cache as cc
 
@@ -65,7 +76,7 @@ def compilation_cache(tmp_path):
              "jax_persistent_cache_min_entry_size_bytes")
     old = {n: getattr(jax.config, n) for n in names}
     cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path / "xla_cache"))
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update(names[1], 0.0)
     jax.config.update(names[2], 0)
     yield
@@ -74,54 +85,94 @@ def compilation_cache(tmp_path):
     cc.reset_cache()
 
 
-def test_two_online_segments_end_to_end_and_resume(tmp_path, compilation_cache):
-    from mcpo_jax.data import synthetic
+def _rows(workdir):
+    from mcpo_jax.training import metrics as metrics_lib
 
-    workdir = str(tmp_path / "run")
-    result = onmcpo.train_online(_config(), workdir)
-    assert result["status"] == "completed"
-    for s in range(2):
+    return {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def online_run(tmp_path_factory, compilation_cache):
+    from mcpo_jax import pipeline
+
+    workdir = str(tmp_path_factory.mktemp("online"))
+    return workdir, pipeline.run(_config(), workdir)
+
+
+def test_online_run_is_one_optimizer_trajectory(online_run):
+    """3 segments, each sampled from the current policy and ranked by the oracle; one lr schedule over the 9 steps
+    (no warm-up per segment), AdamW moments and step counter carried across segments."""
+    import jax
+    import numpy as np
+
+    from mcpo_jax.data import synthetic
+    from mcpo_jax.training import step as step_lib
+
+    workdir, result = online_run
+    assert result["status"] == "completed" and result["total_steps"] == 9
+    assert [s["steps"] for s in result["segments"]] == [[0, 3], [3, 6], [6, 9]]
+    for s in range(3):
         sdir = onmcpo.segment_dir(workdir, s)
         samples = onmcpo.read_jsonl(os.path.join(sdir, "samples.jsonl"))
         data = onmcpo.read_jsonl(os.path.join(sdir, "data.jsonl"))
         stats = json.load(open(os.path.join(sdir, "stats.json")))
-        assert len(samples) == 24 and stats["prompts"] == 24 and stats["rows"] == len(data)
-        assert len(data) + sum(stats["skipped"].values()) == 24
-        assert all(s_["temperatures"] == [0.6, 0.8, 1.0] and len(s_["completions"]) == 3 for s_ in samples)
-        kept = [s_ for s_ in samples if s_["skipped"] is None]
-        for smp, row in zip(kept, data):
-            # y0 is the oracle's best of the K samples (iterative pairwise ranking: L - 1 = 2 comparisons)
+        assert len(samples) == 24 and stats["rows"] == len(data) == 24 - sum(stats["skipped"].values())
+        for smp, row in zip([x for x in samples if x["skipped"] is None], data):
             scores = [synthetic.oracle_score(smp["prompt"], c) for c in smp["completions"]]
-            assert row["chosen"] == smp["completions"][smp["winner"]]
-            assert scores[smp["winner"]] == max(scores) and len(smp["judgments"]) == 2
-        summary = json.load(open(os.path.join(sdir, "train", "summary.json")))
-        assert summary["status"] == "completed" and summary["total_steps"] == len(data) // 8
-    # segment 1 sampled from (and trained) the policy exported by segment 0
-    seg1 = json.load(open(os.path.join(onmcpo.segment_dir(workdir, 1), "train", "config.json")))
-    assert seg1["model"]["path"] == os.path.join(onmcpo.segment_dir(workdir, 0), "train", "hf")
-    assert seg1["data"]["format"] == "pairs" and seg1["objective"] == "mcpo"
-    # pi_ref stays the initial policy across segments (online.reference = "initial", App. B.1)
-    assert seg1["reference_path"] == result["initial_policy"] == os.path.join(workdir, "online", "initial")
-    fe = result["final_eval"]
-    assert fe["n_cand"] + fe["n_base"] + fe["n_tie"] + fe["n_invalid"] == 16 and 0.0 <= fe["win_rate"] <= 1.0
+            assert row["chosen"] == smp["completions"][smp["winner"]] and scores[smp["winner"]] == max(scores)
+    rows = _rows(workdir)
+    assert sorted(rows) == list(range(1, 10))
+    _, schedule = step_lib.make_optimizer(learning_rate=1e-3, total_steps=9, warmup_ratio=0.3, decay="linear")
+    np.testing.assert_allclose([rows[k]["lr"] for k in range(1, 10)], [float(schedule(k)) for k in range(9)],
+                               rtol=1e-6)
+    lrs = [rows[k]["lr"] for k in range(1, 10)]  # one warm-up (3 steps), then one decay: no restart per segment
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[3:] == sorted(lrs[3:], reverse=True) and lrs[3] == max(lrs)
+    # AdamW's step count in the last checkpoint: 9 updates in one optimizer state, not 3 restarts of 3
+    from mcpo_jax.training.checkpoint import Checkpointer
 
-    # Resume mid-run: segment 1's training "crashed" after its last checkpoint (no summary, no export).
-    seg1_dir = onmcpo.segment_dir(workdir, 1)
-    data_mtime = os.path.getmtime(os.path.join(seg1_dir, "data.jsonl"))
-    samples_mtime = os.path.getmtime(os.path.join(seg1_dir, "samples.jsonl"))
-    os.remove(os.path.join(seg1_dir, "train", "summary.json"))
-    again = onmcpo.train_online(_config(), workdir)
-    assert again["status"] == "completed"
-    assert again["segments"][0]["resumed"] == "done"
-    assert os.path.getmtime(os.path.join(seg1_dir, "data.jsonl")) == data_mtime  # not regenerated
-    assert os.path.getmtime(os.path.join(seg1_dir, "samples.jsonl")) == samples_mtime
-    assert again["segments"][1]["train"]["status"] == "completed"
+    ckpt = Checkpointer(workdir, async_save=False)
+    assert ckpt.latest_step() == 9
+    restored = ckpt.manager.restore(9)
+    counts = [int(np.asarray(x)) for x in jax.tree.leaves(restored["state"]["opt_state"]) if np.ndim(x) == 0]
+    ckpt.close()
+    assert counts and all(c == 9 for c in counts), counts
+    assert os.path.exists(os.path.join(workdir, "hf", "config.json"))
 
 
-def test_unknown_reference_mode_is_refused(tmp_path):
-    from mcpo_jax.training import loop
+def test_online_run_killed_mid_segment_resumes_exactly(online_run, tmp_path):
+    from mcpo_jax import pipeline
 
-    c = _config()
-    c.online.reference = "bogus"
-    with pytest.raises(loop.ConfigError, match="segment_start"):
-        onmcpo.train_online(c, str(tmp_path))
+    workdir, _ = online_run
+    part = pipeline.run(_config(**{"debug.stop_after_steps": 4}), str(tmp_path))  # inside segment 1: [3, 6)
+    assert part["status"] == "stopped" and part["step"] == 4
+    data1 = os.path.join(onmcpo.segment_dir(str(tmp_path), 1), "data.jsonl")
+    mtime = os.path.getmtime(data1)
+    assert not os.path.exists(onmcpo.segment_dir(str(tmp_path), 2))
+    resumed = pipeline.run(_config(), str(tmp_path))
+    assert resumed["status"] == "completed" and resumed["start_step"] == 4
+    assert os.path.getmtime(data1) == mtime  # segment 1's data reused, not regenerated
+    want, got = _rows(workdir), _rows(str(tmp_path))
+    assert sorted(got) == list(range(1, 10))
+    import numpy as np
+
+    for step in range(1, 10):
+        for key in ("loss", "grad_norm", "rewards/margins", "lr"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"step {step} {key}")
+    for s in (1, 2):  # the data sampled after the interruption equals the uninterrupted run's
+        assert open(os.path.join(onmcpo.segment_dir(workdir, s), "data.jsonl")).read() == \
+            open(os.path.join(onmcpo.segment_dir(str(tmp_path), s), "data.jsonl")).read()
+
+
+def test_segment_start_reference_is_saved_per_segment(tmp_path, compilation_cache):
+    from mcpo_jax import pipeline
+
+    out = pipeline.run(_config(**{"online.reference": "segment_start", "online.num_segments": 2, "optimizer.warmup_ratio": 0.0,
+                                  "online.num_prompts": 32}), str(tmp_path))
+    assert out["status"] == "completed" and out["total_steps"] == 4
+    for s in range(2):
+        assert os.path.exists(os.path.join(onmcpo.segment_dir(str(tmp_path), s), "reference", "config.json"))
+    rows = _rows(str(tmp_path))
+    # at a segment's first step pi_ref is the policy itself: every log-ratio, hence every reward, is 0
+    assert rows[1]["rewards/chosen"] == 0.0 and rows[3]["rewards/chosen"] == 0.0
+    assert rows[2]["rewards/chosen"] != 0.0

@@ -72,6 +72,21 @@ def test_mesh_must_give_every_process_whole_batch_shards():
     validate(tiny_config(), device_count=4, process_count=2)  # fsdp = 4 over 2 processes: fine
 
 
+def test_final_eval_of_a_task_it_does_not_know_is_refused_at_start(tmp_path):
+    """The bug this guards: a user's own task (word reversal prompts) scored by the built-in sorting oracle."""
+    from mcpo_jax.evaluate import EvalConfigError
+
+    prompts = tmp_path / "reverse.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"reverse the word {w}"}) + "\n" for w in ("cat", "dog")))
+    c = tiny_config(**{"final_eval.judge": "oracle:sorting", "final_eval.prompts": str(prompts)})
+    with pytest.raises(EvalConfigError, match="are not 'sorting' prompts"):
+        pipeline.run(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any training
+    c = tiny_config(**{"final_eval.judge": "oracle:sorting", "final_eval.prompts": "task:nosuchtask"})
+    with pytest.raises(EvalConfigError, match="nosuchtask"):
+        pipeline.run(c, str(tmp_path / "run2"))
+
+
 def test_config_is_locked_after_validation():
     from mcpo_jax.training.config import prepare
 

@@ -21,7 +21,9 @@ def test_demo_smoke_end_to_end(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "completed"
     fe = summary["final_eval"]
-    assert fe["num_prompts"] == 32 and fe["wins"] + fe["losses"] + fe["ties"] == 32
+    assert fe["num_prompts"] == 32 and fe["n_cand"] + fe["n_base"] + fe["n_tie"] + fe["n_invalid"] == 32
+    assert fe["judge"] == "oracle:sorting" and fe["prompts"] == "task:sorting"
+    assert f"({fe['n_cand']} wins / {fe['n_tie']} ties / {fe['n_base']} losses on 32 held-out" in proc.stdout
     assert 0.0 <= fe["win_rate"] <= 1.0
     sft = json.loads((workdir / "sft" / "summary.json").read_text())
     assert sft["status"] == "completed" and sft["final_metrics"]["loss"] < 4.0  # char-level NLL fell from ~4.8

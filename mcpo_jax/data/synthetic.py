@@ -7,7 +7,8 @@ Task. The user writes ``sort 5391`` (3-6 digits); the right answer is the digits
 
 Oracle. ``oracle_score(prompt, completion) = 1 - levenshtein(completion, answer) / max(len(completion),
 len(answer))`` in [0, 1]: 1 for the exact answer, graded by the number of wrong characters otherwise.
-`OracleJudge` compares and ranks completions by that score (equal scores are a tie).
+The task is registered as ``"sorting"`` in `mcpo_jax.data.tasks`; its judge is
+``mcpo_jax.judges.oracle_judge("sorting")`` (equal scores are a tie).
 
 Completions come in kinds of graded quality:
 
@@ -125,6 +126,18 @@ def parse_prompt(prompt) -> str:
     return matches[-1]
 
 
+_EXACT_PROMPT_RE = re.compile(r"(?:Human:\s*)?sort (\d+)(?:\s*Assistant:)?")
+
+
+def is_prompt(prompt) -> bool:
+    """Whether ``prompt`` is a prompt of this task: exactly ``sort DIGITS`` (as user text, a Nectar prompt or the
+    last user message), not merely a text that mentions sorting some number."""
+    if isinstance(prompt, (list, tuple)):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return isinstance(prompt, str) and _EXACT_PROMPT_RE.fullmatch(prompt.strip()) is not None
+
+
 def answer(prompt) -> str:
     return "".join(sorted(parse_prompt(prompt)))
 
@@ -134,23 +147,6 @@ def oracle_score(prompt, completion: str) -> float:
     target = answer(prompt)
     completion = completion.strip()
     return 1.0 - _levenshtein(completion, target) / max(len(completion), len(target))
-
-
-class OracleJudge:
-    """Judges completions of the sorting task by `oracle_score`."""
-
-    def score(self, prompt, completion: str) -> float:
-        return oracle_score(prompt, completion)
-
-    def compare(self, prompt, a: str, b: str) -> str:
-        """"A" if a is better, "B" if b is better, "tie" if they score the same."""
-        sa, sb = oracle_score(prompt, a), oracle_score(prompt, b)
-        return "A" if sa > sb else "B" if sb > sa else "tie"
-
-    def rank(self, prompt, completions: Sequence[str]) -> list[int]:
-        """Indices of `completions`, best first (equal scores keep their order)."""
-        scores = [oracle_score(prompt, c) for c in completions]
-        return sorted(range(len(completions)), key=lambda i: -scores[i])
 
 
 # -------------------------------------------------------------------------------------------- generator

@@ -265,28 +265,25 @@ def eval_prompts(scale: str) -> list[str]:
 
 
 def greedy_answers(model_path: str, prompts: Sequence[str]) -> list[str]:
+    """Greedy answers of an exported policy to the sorting prompts (kept per SFT seed and reused as the baseline)."""
     from mcpo_jax import models
     from mcpo_jax.data.synthetic import TOKEN_LIMITS, make_tokenizer
     from mcpo_jax.evaluate import generate_outputs
 
-    model = models.from_pretrained(model_path)
-    return generate_outputs(model, make_tokenizer(), list(prompts), batch_size=256,
+    return generate_outputs(models.from_pretrained(model_path), make_tokenizer(), list(prompts), batch_size=256,
                             max_new_tokens=TOKEN_LIMITS["max_completion_length"])
 
 
 def oracle_win_rate(prompts: Sequence[str], policy: Sequence[str], baseline: Sequence[str]) -> dict:
-    """The paper's adjusted win rate of `policy` over `baseline` answers under the oracle judge, plus the
-    fraction of exact answers and the mean oracle score of each side."""
-    from mcpo_jax.data import synthetic
+    """The paper's adjusted win rate of `policy` over `baseline` answers under the sorting oracle, plus each
+    side's fraction of exact answers and mean oracle score (`evaluate.win_rate` with the task)."""
+    from mcpo_jax.data import tasks
     from mcpo_jax.evaluate import win_rate
-    from mcpo_jax.online.judges import oracle_judge
+    from mcpo_jax.judges import make_judge
 
-    wr = win_rate(oracle_judge(), list(prompts), list(policy), list(baseline), num_bootstrap=1000)
-    out = wr.summary()
-    for name, answers in (("policy", policy), ("baseline", baseline)):
-        out[f"{name}_exact"] = float(np.mean([a.strip() == synthetic.answer(p) for p, a in zip(prompts, answers)]))
-        out[f"{name}_score"] = float(np.mean([synthetic.oracle_score(p, a) for p, a in zip(prompts, answers)]))
-    return out
+    wr = win_rate(make_judge("oracle:sorting"), list(prompts), list(policy), list(baseline), num_bootstrap=1000,
+                  task=tasks.get("sorting"))
+    return wr.summary()
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -217,37 +217,53 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
                          max_new_tokens=int(max_new_tokens), use_filter=use_filter)
 
 
-def generation_throughput(model, *, batch_size: int, prompt_length: int, new_tokens: int, repeats: int = 3,
-                          temperature: float = 0.0, seed: int = 0) -> dict:
-    """Prefill and decode speed of :func:`generate` on random prompts (no EOS, so every step runs).
+def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens: int, warmup: int = 1,
+                          steps: int = 3, temperature: float = 1.0, vocab_size: int | None = None,
+                          seed: int = 0) -> dict:
+    """Prefill and decode speed of :func:`generate` (the sampler OnMC-PO uses) on random prompts.
 
-    Times ``generate`` with 1 new token (prefill + one sample) and with ``new_tokens`` new tokens, each after a
-    compile run, median of ``repeats``. prefill tokens/s = B * prompt_length / t_1; decode tokens/s =
-    B * (new_tokens - 1) / (t_N - t_1).
+    ``generate`` is one call, so the two phases are told apart by difference: a call with ``max_new_tokens=1``
+    is the prefill (plus one sampled token), and the extra time of ``new_tokens`` over 1 is the decode of
+    ``new_tokens - 1`` tokens. Each timing is the median of ``steps`` calls after a compile call and ``warmup``
+    more; EOS is disabled so every row decodes every token. prefill tok/s = B * prompt_len / t_1, decode tok/s =
+    B * (new_tokens - 1) / (t_N - t_1) (None when the decode time is within the noise of the prefill).
     """
-    rng = np.random.default_rng(seed)
-    vocab = model.config.vocab_size
-    ids = rng.integers(0, vocab, (batch_size, prompt_length), dtype=np.int32)
-    mask = np.ones_like(ids)
+    rng = np.random.default_rng(seed + 1)
+    vocab = vocab_size or model.config.vocab_size
+    ids = jnp.asarray(rng.integers(0, vocab, size=(batch_size, prompt_len), dtype=np.int32))
+    mask = jnp.ones((batch_size, prompt_len), jnp.int32)
     key = jax.random.key(seed)
 
-    def median_time(n):
-        jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n, temperature=temperature, key=key))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n, temperature=temperature, key=key))
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+    def timed(n):
+        def call():
+            return jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n, temperature=temperature,
+                                                  top_p=1.0, key=key, eos_id=None))
 
-    t_prefill = median_time(1)
-    t_total = median_time(new_tokens)
-    # None when the decode time is within the noise of the prefill (tiny models)
-    t_decode = t_total - t_prefill if new_tokens > 1 and t_total > t_prefill else None
+        start = time.perf_counter()
+        call()  # compiles
+        first = time.perf_counter() - start
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return first, float(np.median(times))
+
+    first_1, t_1 = timed(1)
+    first_n, t_n = timed(new_tokens)
+    decode_s = t_n - t_1 if new_tokens > 1 and t_n > t_1 else None
     return {
-        "batch_size": batch_size, "prompt_length": prompt_length, "new_tokens": new_tokens,
-        "prefill_seconds": t_prefill, "total_seconds": t_total,
-        "prefill_tokens_per_s": batch_size * prompt_length / t_prefill,
-        "decode_tokens_per_s": batch_size * (new_tokens - 1) / t_decode if t_decode else None,
-        "decode_ms_per_step": 1e3 * t_decode / (new_tokens - 1) if t_decode else None,
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_s": t_1,
+        "prefill_tok_per_s": batch_size * prompt_len / t_1,
+        "decode_s": decode_s,
+        "decode_tok_per_s": batch_size * (new_tokens - 1) / decode_s if decode_s else None,
+        "decode_ms_per_step": 1e3 * decode_s / (new_tokens - 1) if decode_s else None,
+        "total_s": t_n,
+        "generated_tok_per_s": batch_size * new_tokens / t_n,
+        "first_call_s": {"1": first_1, str(new_tokens): first_n},
     }

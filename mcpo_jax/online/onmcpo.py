@@ -309,7 +309,7 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
         judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
                             dtype=build.DTYPES[o.judge_dtype], mode=o.ranking, mesh=trainer.mesh)
     max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
-    segments, result = [], {"status": "completed"}
+    segments, result = [], {"status": "completed", "start_step": trainer.step}
     try:
         for s, ((begin, end), part) in enumerate(zip(bounds, parts)):
             if trainer.step >= end:

@@ -8,7 +8,8 @@ runs one batched generation per round instead of one per pair.
 Implementations:
 
 * :class:`RewardFunctionJudge` -- any Python ``score(prompt, completion) -> float``; ranks by sorting scores.
-* :func:`oracle_judge` -- the synthetic task's oracle (``mcpo_jax.data.synthetic.oracle_score``).
+* :func:`oracle_judge` -- the score of a registered task (``mcpo_jax.data.tasks``: the sorting task's oracle,
+  a rule-checked task's rule) as a :class:`RewardFunctionJudge`.
 * :class:`LLMJudge` -- a causal LM prompted with the paper's judge prompt (Appendix B.1, verbatim) that must
   end its answer with ``<verdict>A|B|tie</verdict>``. Only the text the judge generated is parsed, and only its
   last verdict tag counts, so a completion that contains ``<verdict>A</verdict>`` cannot decide anything. Each
@@ -32,6 +33,9 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from mcpo_jax.data import tasks
+from mcpo_jax.data.text import left_pad
 
 A, B, TIE, INVALID = "A", "B", "tie", "invalid"
 VERDICTS = (A, B, TIE)
@@ -236,11 +240,19 @@ class RewardFunctionJudge(Judge):
         return out
 
 
-def oracle_judge(tie_margin: float = 0.0) -> RewardFunctionJudge:
-    """The synthetic task's ground-truth judge (``mcpo_jax.data.synthetic.oracle_score``)."""
-    from mcpo_jax.data import synthetic
+def oracle_judge(task: str | Callable[[Any, str], float], *, tie_margin: float = 0.0,
+                 name: str | None = None) -> RewardFunctionJudge:
+    """The ground-truth judge of a registered task (by name, e.g. ``"sorting"``) or of a score function.
 
-    return RewardFunctionJudge(synthetic.oracle_score, tie_margin=tie_margin, name="oracle")
+    Answers whose scores differ by at most ``tie_margin`` tie. An unknown task name is an error that lists the
+    registered ones.
+    """
+    if isinstance(task, str):
+        t = tasks.get(task)
+        return RewardFunctionJudge(t.score, tie_margin=tie_margin, name=name or f"{t.kind}:{t.name}")
+    if not callable(task):
+        raise TypeError(f"oracle_judge needs a task name or a score(prompt, completion) function, got {task!r}")
+    return RewardFunctionJudge(task, tie_margin=tie_margin, name=name or getattr(task, "__name__", "oracle"))
 
 
 class LLMJudge(Judge):
@@ -302,8 +314,6 @@ class LLMJudge(Judge):
         return text
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        from mcpo_jax.evaluate import left_pad
-
         # The chat template already holds any BOS; plain text gets the tokenizer's own special tokens.
         rows = [self.tokenizer(t, add_special_tokens=not self.use_chat_template)["input_ids"] for t in texts]
         if self.max_prompt_tokens is not None:
@@ -362,15 +372,43 @@ class LLMJudge(Judge):
         return out
 
 
-def make_judge(spec: str, **kwargs) -> Judge:
-    """Judge from a short spec (CLI and configs): "oracle", "reward:module.path:function", "llm:MODEL_DIR".
+JUDGE_SPECS = "'oracle:TASK', 'rule:TASK', 'llm:MODEL_DIR' or 'reward:package.module:function'"
 
-    For "llm:", ``kwargs`` may hold ``dtype`` (default bfloat16), ``mesh`` (shard the judge's weights),
-    ``max_new_tokens``, ``temperature``, ``seed`` and any :class:`LLMJudge` option (``batch_size``, ``mode``...).
+
+def parse_judge_spec(spec: str) -> tuple[str, str]:
+    """``(kind, rest)`` of a judge spec, checked for shape (not for existence of the task, model or function)."""
+    kind, _, rest = str(spec).partition(":")
+    if kind not in ("oracle", "rule", "llm", "reward"):
+        raise ValueError(f"unknown judge {spec!r}; expected {JUDGE_SPECS}")
+    if not rest:
+        if kind in ("oracle", "rule"):
+            raise ValueError(f"judge {spec!r} names no task: use '{kind}:TASK' "
+                             f"(registered tasks: {', '.join(tasks.names())})")
+        raise ValueError(f"judge {spec!r} is incomplete; expected {JUDGE_SPECS}")
+    return kind, rest
+
+
+def judge_task(spec: str) -> tasks.Task | None:
+    """The task an 'oracle:TASK' / 'rule:TASK' spec judges (an error for an unknown task); None for other judges."""
+    kind, rest = parse_judge_spec(spec)
+    return tasks.get(rest) if kind in ("oracle", "rule") else None
+
+
+def make_judge(spec: str, **kwargs) -> Judge:
+    """Judge from a short spec (CLI and configs):
+
+    * ``"oracle:TASK"`` / ``"rule:TASK"``: the score of a task registered in ``mcpo_jax.data.tasks`` (``"oracle:sorting"``
+      for the synthetic task); ``kwargs`` may hold ``tie_margin``.
+    * ``"reward:package.module:function"``: any ``function(prompt, completion) -> float`` (a reward model behind
+      a Python function); ``kwargs`` go to :class:`RewardFunctionJudge`.
+    * ``"llm:MODEL_DIR"``: a local causal LM with the paper's judge prompt; ``kwargs`` may hold ``dtype``
+      (default bfloat16), ``mesh`` (shard the judge's weights), ``max_new_tokens``, ``temperature``, ``seed`` and
+      any :class:`LLMJudge` option (``batch_size``, ``mode``...).
     """
-    kind, _, rest = spec.partition(":")
-    if kind == "oracle":
-        return oracle_judge(**kwargs)
+    kind, rest = parse_judge_spec(spec)
+    if kind in ("oracle", "rule"):
+        task = tasks.get(rest)
+        return oracle_judge(task.name, name=f"{kind}:{task.name}", **kwargs)
     if kind == "reward":
         module, _, fn = rest.rpartition(":")
         if not module or not fn:
@@ -378,19 +416,15 @@ def make_judge(spec: str, **kwargs) -> Judge:
         import importlib
 
         return RewardFunctionJudge(getattr(importlib.import_module(module), fn), name=fn, **kwargs)
-    if kind == "llm":
-        if not rest:
-            raise ValueError(f"judge spec {spec!r}: expected 'llm:PATH_TO_HF_MODEL_DIR'")
-        import transformers
+    import transformers
 
-        from mcpo_jax.models import from_pretrained
+    from mcpo_jax.models import from_pretrained
 
-        tok = transformers.AutoTokenizer.from_pretrained(rest)
-        gen_kwargs = {k: kwargs.pop(k) for k in ("max_new_tokens", "temperature", "seed") if k in kwargs}
-        dtype, mesh = kwargs.pop("dtype", None) or _default_dtype(), kwargs.pop("mesh", None)
-        return LLMJudge.from_model(from_pretrained(rest, dtype=dtype, mesh=mesh), tok, name=f"llm:{rest}",
-                                   **gen_kwargs, **kwargs)
-    raise ValueError(f"unknown judge {spec!r}; expected 'oracle', 'reward:module:function' or 'llm:PATH'")
+    tok = transformers.AutoTokenizer.from_pretrained(rest)
+    gen_kwargs = {k: kwargs.pop(k) for k in ("max_new_tokens", "temperature", "seed") if k in kwargs}
+    dtype, mesh = kwargs.pop("dtype", None) or _default_dtype(), kwargs.pop("mesh", None)
+    return LLMJudge.from_model(from_pretrained(rest, dtype=dtype, mesh=mesh), tok, name=f"llm:{rest}",
+                               **gen_kwargs, **kwargs)
 
 
 def _default_dtype():
