@@ -32,6 +32,4 @@ def _block(config) -> dict:
 def run(config, policy, tokenizer, mesh=None, rules=None) -> dict:
     fe = _block(config)
     baseline = None if fe.get("baseline_path") else models.from_pretrained(config.model.path)
-    result = evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline)
-    result["baseline"] = fe.get("baseline_path") or config.model.path
-    return result
+    return evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, baseline_name=config.model.path)
