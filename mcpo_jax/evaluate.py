@@ -270,7 +270,8 @@ def eval_prompts(spec: str, *, num_prompts: int, seed: int, judge_spec: str) -> 
     return prompts, judged
 
 
-def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdir: str | None = None) -> dict:
+def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdir: str | None = None,
+                     baseline_name: str | None = None) -> dict:
     """The end-of-run evaluation a config asks for: greedy answers of ``policy`` and the baseline to the block's
     prompts, judged by its judge, as the adjusted win rate (plus the task's scores when the prompts are a task's).
 
@@ -278,7 +279,8 @@ def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdi
     :func:`make_judge` spec), ``prompts`` (``"task:NAME"`` or a prompt file), ``num_prompts``, ``seed``,
     ``max_new_tokens``, ``batch_size``, ``baseline_path`` (a model folder; "" = the ``baseline`` model passed
     here), ``use_chat_template``. Everything is checked before any model runs: an unknown task or judge, prompts
-    of another task than the judge's, a missing prompt file are :class:`EvalConfigError`. With ``workdir``, the
+    of another task than the judge's, a missing prompt file are :class:`EvalConfigError`. ``baseline_name`` names
+    a passed baseline in the printed line (e.g. its folder). With ``workdir``, the
     prompts, both answers and the verdicts go to ``workdir/final_eval.json``. Prints the one-line result.
     """
     import logging
@@ -293,7 +295,7 @@ def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdi
     elif baseline is None:
         raise EvalConfigError("final_eval.baseline_path is empty and no baseline model was given")
     else:
-        baseline_name = "the starting policy"
+        baseline_name = baseline_name or "the starting policy"
     judge_kwargs = {}
     if str(fe["judge"]).startswith(("oracle:", "rule:")) and fe.get("tie_margin") is not None:
         judge_kwargs["tie_margin"] = float(fe["tie_margin"])

@@ -412,7 +412,8 @@ def make_judge(spec: str, **kwargs) -> Judge:
     if kind == "reward":
         module, _, fn = rest.rpartition(":")
         if not module or not fn:
-            raise ValueError(f"judge spec {spec!r}: expected 'reward:package.module:function'")
+            raise ValueError(f"judge spec {spec!r}: expected 'reward:package.module:function', a Python "
+                             "function(prompt, completion) -> float (serve a reward-model folder through one)")
         import importlib
 
         return RewardFunctionJudge(getattr(importlib.import_module(module), fn), name=fn, **kwargs)

@@ -196,6 +196,8 @@ def test_make_judge_specs():
         J.make_judge("oracle")
     with pytest.raises(ValueError, match="incomplete"):
         J.make_judge("llm:")
+    with pytest.raises(ValueError, match=r"expected 'reward:package.module:function'"):
+        J.make_judge("reward:/models/rm")
     assert J.judge_task("oracle:sorting").name == "sorting" and J.judge_task("llm:/x") is None
 
 

@@ -14,6 +14,8 @@ Registering a task is one line::
 
 after which ``judges.make_judge("oracle:reverse")`` and a final evaluation with ``prompts="task:reverse"`` use
 it. ``kind="rule"`` marks a rule judge (spelled ``"rule:NAME"`` in judge specs; it works the same way).
+The project's own tasks are registered in :func:`_register_builtins` at the end of this module, one line each;
+their modules (``data/synthetic.py``, ...) do not import this one, so there is no import cycle.
 """
 
 from __future__ import annotations
