@@ -151,12 +151,14 @@ def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
         raise ConfigError("final_eval needs the trained policy's export: keep --config.export_hf=true")
     tokenizer = build.build_tokenizer(config, model_path=start_path)
     policy = models.from_pretrained(policy_path, dtype=dtype, mesh=mesh, rules=rules)
-    baseline = None
+    baseline, name = None, None
     if not fe.baseline_path:  # the policy training started from
         start = summary.get("initial_policy") or start_path
         baseline = (models.from_pretrained(start, dtype=dtype, mesh=mesh, rules=rules) if start
                     else build.build_model(config.model, mesh, rules))
-    return evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, workdir=summary["workdir"])
+        name = start or f"the initial {config.model.preset} model"
+    return evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, baseline_name=name,
+                                     workdir=summary["workdir"])
 
 
 def check_final_eval(config) -> None:

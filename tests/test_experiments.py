@@ -115,15 +115,21 @@ def test_overrides_reach_the_trainer_config():
 
 @pytest.fixture()
 def fake_trainer(monkeypatch):
-    """loop.train replaced: validates the config, exports the starting model unchanged, logs 3 steps."""
-    from mcpo_jax import models
-    from mcpo_jax.training import loop
+    """pipeline.run replaced: validates the config, exports the starting model unchanged, logs 3 steps (and, for an
+    online run, writes the segments' stats)."""
+    from mcpo_jax import models, pipeline
+    from mcpo_jax.training.config import validate
 
     calls = []
 
     def fake_train(config, workdir):
-        loop.validate_config(config)
+        validate(config, device_count=1, process_count=1)
         calls.append(config)
+        if config.online.enabled:
+            for s in range(int(config.online.num_segments)):
+                os.makedirs(os.path.join(workdir, "online", f"segment_{s}"), exist_ok=True)
+                with open(os.path.join(workdir, "online", f"segment_{s}", "stats.json"), "w") as f:
+                    json.dump({"sample_seconds": 0.1, "judge_seconds": 0.1, "rows": 8}, f)
         hf = os.path.join(workdir, "hf")
         os.makedirs(workdir, exist_ok=True)
         if config.model.path:
@@ -137,13 +143,13 @@ def fake_trainer(monkeypatch):
             for step in range(1, 4):
                 f.write(json.dumps({"step": step, "split": "train", "loss": 1.0 / step, "step_time": 0.01 * step,
                                     "tokens": 100.0, "rewards/accuracies": 0.5}) + "\n")
-        summary = {"status": "completed", "hf_export": hf, "total_steps": 3,
+        summary = {"status": "completed", "hf_export": hf, "final_policy": hf, "total_steps": 3,
                    "final_metrics": {"loss": 1 / 3, "rewards/accuracies": 0.5}}
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f)
         return summary
 
-    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(pipeline, "run", fake_train)
     return calls
 
 
@@ -154,7 +160,7 @@ def test_miniature_experiment_tables(name, tmp_path, fake_trainer):
     assert not record["failures"]
     cells = exp.cells("tiny")
     runs = {c.key: c.kind for c in cells}
-    assert len(fake_trainer) == 1 + sum(3 if kind == "online" else 1 for kind in runs.values())  # SFT + runs
+    assert len(fake_trainer) == 1 + len(runs)  # SFT + one pipeline run per cell (online: one trajectory)
     table = record["tables"][0]
     if rows is not None:
         assert table["rows"] == rows and table["cols"] == cols
@@ -178,7 +184,7 @@ def test_miniature_experiment_tables(name, tmp_path, fake_trainer):
         assert all(c["values"] == [pytest.approx(1.0)] for c in ratio)
     if name == "online":
         run = [r for r in record["runs"] if r["row"] == "OnMC-PO (π_ref = SFT)"][0]
-        assert len(run["segments"]) == 3 and run["steps"] == 9
+        assert len(run["segments"]) == 3 and run["steps"] == 3  # the stand-in: one trajectory of 3 steps
 
 
 def test_runs_are_cached_and_seeds_kept_apart(tmp_path, fake_trainer):
@@ -234,13 +240,13 @@ def test_real_miniature_run(tmp_path):
 
 def test_every_scale_makes_valid_trainer_configs(tmp_path):
     """The gpu scale cannot run here; at least its configs (and every experiment's cells) must validate."""
-    from mcpo_jax.training import loop
+    from mcpo_jax.training.config import validate
 
-    sft_path = str(tmp_path)  # validate_config only checks that the folder exists
+    sft_path = str(tmp_path)  # validate only checks that the folder exists
     cells = [c for exp in (table1_baselines, fig2_sampling, table2_noise, table3_negatives, online, cost,
                            sensitivity) for c in exp.cells("gpu")]
     for scale in ("gpu", "small"):
-        loop.validate_config(common.sft_config(scale, 0), device_count=1)
+        validate(common.sft_config(scale, 0), device_count=1, process_count=1)
         for cell in cells:
             if cell.kind == "online":
                 config = common.online_config(scale, 0, sft_path, cell.overrides)
@@ -248,6 +254,6 @@ def test_every_scale_makes_valid_trainer_configs(tmp_path):
                 config = common.po_config(scale, 0, sft_path, cell.overrides)
             if config.data.source == "@pairs":
                 config.data.source = sft_path
-            loop.validate_config(config, device_count=1)
+            validate(config, device_count=1, process_count=1)
     assert common.SCALES["gpu"]["model"]["num_hidden_layers"] > common.SCALES["small"]["model"].get(
         "num_hidden_layers", 2)

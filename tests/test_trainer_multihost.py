@@ -12,7 +12,9 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from mcpo_jax import sharding
-from mcpo_jax.training import files, loop
+from mcpo_jax import pipeline
+from mcpo_jax.training import files
+from mcpo_jax.training.signals import StopFlag
 from mcpo_jax.training import metrics as metrics_lib
 
 
@@ -27,15 +29,18 @@ def test_error_on_one_process_of_many_exits_at_once(monkeypatch, capsys):
     """A Python error in a multi-process run: traceback, then os._exit(1) (no 300 s shutdown barrier)."""
     from mcpo_jax import train as cli
 
-    def boom(config, workdir):
+    def boom(config, workdir, **kwargs):
         raise RuntimeError("deliberate")
 
     def fake_exit(code):
         raise _Exit(code)
 
-    for name in ("_CONFIG", "_WORKDIR", "_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
+    for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
         monkeypatch.setattr(cli, name, types.SimpleNamespace(value=None))  # as if the flags were parsed
-    monkeypatch.setattr(loop, "train", boom)
+    monkeypatch.setattr(cli, "_HELPCONFIG", types.SimpleNamespace(value=False))
+    monkeypatch.setattr(cli, "_CONFIG", types.SimpleNamespace(value=object()))
+    monkeypatch.setattr(cli, "_WORKDIR", types.SimpleNamespace(value="/tmp/unused"))
+    monkeypatch.setattr(pipeline, "run", boom)
     monkeypatch.setattr(sharding, "initialize_distributed", lambda *a, **k: True)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(os, "_exit", fake_exit)
@@ -63,7 +68,7 @@ def test_stop_decision_is_local_in_one_process_and_gathered_across_processes(mon
         return jax.numpy.asarray([bool(x), True])  # another process got the signal
 
     monkeypatch.setattr(multihost_utils, "process_allgather", gather)
-    flag = loop._StopFlag()
+    flag = StopFlag()
     assert not flag.should_stop() and calls == []  # one process: no collective at all
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert flag.should_stop() and calls == [False]  # stops with the others, though it got no signal
@@ -146,7 +151,7 @@ def test_run_files_under_a_url(fake_gcs):
     assert metrics_lib.plot_curves(run) == f"{run}/curves.png"
     assert (stored / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    handler = loop._RunLogHandler(f"{run}/train.log")
+    handler = pipeline._RunLogHandler(f"{run}/train.log")
     handler.stream.write("hello\n")
     handler.close()
     assert (stored / "train.log").read_text() == "hello\n"
