@@ -16,7 +16,7 @@ import demo  # noqa: E402
 def get_config(arg=None):
     c = demo.get_config("smoke")
     c.warm_start = None
-    c.final_eval = None
+    c.final_eval.judge = ""
     c.seed = 0
     c.model.seed = 0
     c.model.dtype = "float32"

@@ -97,6 +97,22 @@ def test_killed_process_makes_peers_abort_on_their_own(tmp_path):
     assert wall < HEARTBEAT_S + 40, wall
 
 
+def test_reference_cache_hit_or_miss_is_decided_by_all_processes(tmp_path):
+    """Per-host caches (a gs:// workdir): process 0 holds the reference log-probs, process 1 does not. A per-process
+    decision made process 1 start the (collective) computation alone and hang; now both compute, both write."""
+    os.makedirs(tmp_path / "p0")
+    np.save(tmp_path / "p0" / "ref_logps-k.npy", np.full((3, 2), 4.0, np.float32))  # what compute() gives
+    script = REPO / "tests" / "_multiprocess_refcache.py"
+    code, output, _ = launch([sys.executable, str(script), str(tmp_path)], num_processes=2, devices=2,
+                             timeout=90, env={"MCPO_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S)})
+    assert code == 0, output
+    results = [json.loads((tmp_path / f"result{p}.json").read_text()) for p in (0, 1)]
+    for r in results:
+        assert r["hit"] is False and r["calls"] == 1 and r["value"] == 4.0  # computed together: 4 devices
+        assert r["hit2"] is True and r["again"] == 4.0  # then every process has its copy
+    assert (tmp_path / "p1" / "ref_logps-k.npy").exists()
+
+
 def test_failed_process_makes_launcher_stop_the_rest(tmp_path):
     """A Python error on process 1: the launcher stops process 0 at once and reports who failed."""
     code, output, wall, result = run_worker(

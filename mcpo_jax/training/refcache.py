@@ -100,13 +100,25 @@ def compute_ref_logps(logps_fn, ref_params, dataset, mesh, *, rows_per_batch: in
 
 
 def load_or_compute(cache_dir: str, key: str, compute):
-    """`compute()` once per key; the result lives in cache_dir/ref_logps-<key>.npy."""
+    """`compute()` once per key; the result lives in cache_dir/ref_logps-<key>.npy.
+
+    Multi-process: hit or miss is decided together (one all-gather of "I have it"), because `compute` is a
+    collective: a process that read its copy while another computed would leave that one waiting forever (a
+    cache under workdir/cache is per host when the workdir is a URL). Every process that lacked the file
+    writes its own copy (a temporary name, then a rename: copies on a shared filesystem do not clash).
+    """
     path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
-    if os.path.exists(path):
+    have = os.path.exists(path)
+    everyone = have
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        everyone = bool(np.all(multihost_utils.process_allgather(np.asarray(have))))
+    if everyone:
         log.info("reference log-probs read from cache %s", path)
         return np.load(path), True
     values = compute()
-    if jax.process_index() == 0:
+    if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
         with os.fdopen(fd, "wb") as f:
