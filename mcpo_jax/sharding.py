@@ -38,32 +38,34 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def resolve_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with the one -1 axis filled in; ValueError naming the problem otherwise."""
+    sizes = [int(data), int(fsdp), int(tensor)]
+    named = dict(zip(MESH_AXES, sizes))
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {named}")
+    for name, s in named.items():
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {named}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} ({named}) but there are "
+                         f"{num_devices} devices")
+    return tuple(sizes)
+
+
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over all devices; one axis may be -1 (= all remaining)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    n = len(devices)
-    if sum(s == -1 for s in sizes) > 1:
-        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    for name, s in zip(MESH_AXES, sizes):
-        if s == 0 or s < -1:
-            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if n % known:
-            raise ValueError(
-                f"mesh: {n} devices are not divisible by the fixed axes {dict(zip(MESH_AXES, sizes))}"
-            )
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise ValueError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices "
-            f"({dict(zip(MESH_AXES, sizes))})"
-        )
+    sizes = resolve_mesh(data, fsdp, tensor, len(devices))
     if devices == list(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -202,24 +204,27 @@ def is_primary() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Trainer-side helpers: mesh from config, parameter/batch shardings, global input arrays.
 
-BATCH_AXES = ("data", "fsdp")
-
-
 def mesh_from_config(mesh_config) -> Mesh:
     """Mesh from a config with `data`, `fsdp`, `tensor` (one may be -1 = all remaining devices)."""
-    get = mesh_config.get if hasattr(mesh_config, "get") else lambda k, d: getattr(mesh_config, k, d)
-    return make_mesh(int(get("data", 1)), int(get("fsdp", -1)), int(get("tensor", 1)))
+    return make_mesh(int(mesh_config.data), int(mesh_config.fsdp), int(mesh_config.tensor))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the example axis is split (data x fsdp)."""
-    return int(math.prod(mesh.shape[a] for a in BATCH_AXES))
+def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the example axis is split over: the "batch" rule (axes of size 1 or absent left out)."""
+    axes = _mesh_axes_for("batch", rules)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.shape)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Shard dimension `batch_axis` of an input over (data, fsdp); the rest replicated."""
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the example axis is split (the "batch" rule's axes; data x fsdp by default)."""
+    return int(math.prod(mesh.shape[a] for a in batch_axes(mesh, rules)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules=DEFAULT_RULES) -> NamedSharding:
+    """Shard dimension `batch_axis` of an input as the "batch" rule says; the rest replicated."""
     spec = [None] * ndim
-    spec[batch_axis] = BATCH_AXES
+    spec[batch_axis] = batch_axes(mesh, rules) or None
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

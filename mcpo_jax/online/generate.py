@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mcpo_jax import sharding as shd
+
 
 def _eos_tuple(eos_id) -> tuple[int, ...]:
     if eos_id is None:
@@ -153,16 +155,15 @@ def _place_like_params(state, batch: int, *arrays):
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return tuple(jnp.asarray(a) for a in arrays)
     mesh = sharding.mesh
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-    split = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    split = shd.data_parallel_size(mesh) if set(shd.MESH_AXES) <= set(mesh.shape) else 1
     out = []
     for a in arrays:
         a = np.asarray(a)
         if split > 1 and a.ndim >= 1 and a.shape[0] == batch and batch % split == 0:
-            spec = jax.sharding.PartitionSpec(batch_axes, *([None] * (a.ndim - 1)))
+            placement = shd.batch_sharding(mesh, a.ndim)  # the rules table's "batch" axes
         else:
-            spec = jax.sharding.PartitionSpec()
-        out.append(jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)))
+            placement = shd.replicated(mesh)
+        out.append(jax.device_put(a, placement))
     return tuple(out)
 
 

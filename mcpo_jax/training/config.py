@@ -13,7 +13,6 @@ only. A key that is not in the schema is an error naming the closest known key, 
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from typing import Any
 
@@ -238,26 +237,6 @@ def num_columns(config) -> int:
     return 1 + int(config.num_candidates) + (1 if config.data.options.get("inject_noise", False) else 0)
 
 
-def resolve_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with the one -1 axis filled in; ValueError naming the problem otherwise."""
-    sizes = [int(data), int(fsdp), int(tensor)]
-    named = dict(zip(("data", "fsdp", "tensor"), sizes))
-    if sum(s == -1 for s in sizes) > 1:
-        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {named}")
-    for name, s in named.items():
-        if s == 0 or s < -1:
-            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {s}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes {named}")
-        sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} ({named}) but there are "
-                         f"{num_devices} devices")
-    return tuple(sizes)
-
-
 def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.count("/") != 1 or os.sep in value.split("/", 1)[-1]
 
@@ -292,7 +271,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
              problems: tuple[str, ...] = ()) -> None:
     """Every check that needs no model or data; raises one ConfigError listing every problem (`problems`:
     ones found before, e.g. command-line overrides of unknown keys)."""
-    from mcpo_jax import losses, models
+    from mcpo_jax import losses, models, sharding
 
     errors = list(problems) + _unknown_keys(config)
     if config.get("warm_start") is not None:
@@ -332,7 +311,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         device_count = jax.device_count() if device_count is None else device_count
         process_count = jax.process_count() if process_count is None else process_count
     try:
-        data, fsdp, _ = resolve_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, device_count)
+        data, fsdp, _ = sharding.resolve_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, device_count)
         dp = data * fsdp
         if micro >= 1 and micro % dp:
             errors.append(f"micro_batch_size={micro} is not divisible by the data-parallel size {dp} "
