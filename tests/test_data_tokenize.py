@@ -236,3 +236,16 @@ def test_throughput_on_short_texts():
     print(f"\ntokenization: {rate:.0f} examples/s (7 sequences each)")
     assert len(ds) == 4000 and ds.valid.all()
     assert rate > 500  # loose: the CI machine is shared; ~4k/s measured on a busy 2-core box
+
+
+def test_template_errors_name_the_cli_flags(tok):
+    from mcpo_jax.data import DataError
+
+    no_template = train_tokenizer(template=None)
+    with pytest.raises(DataError, match=r"--config\.data\.use_chat_template=false"):
+        tokenize_examples([EXAMPLES[1]], no_template, num_candidates=3, max_prompt_length=16,
+                          max_completion_length=16, max_length=32)
+    with pytest.raises(DataError, match=r"--config\.data\.options\.parse_turns=false"):
+        tokenize_examples([EXAMPLES[0]], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                          max_length=32, use_chat_template=False)
+

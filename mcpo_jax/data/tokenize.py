@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mcpo_jax.data.example import PreferenceExample
+from mcpo_jax.data.example import DataError, PreferenceExample
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +227,10 @@ class _ChatRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template; pass use_chat_template=False for plain-text prompts "
-                "or set tokenizer.chat_template"
+            raise DataError(
+                "the tokenizer has no chat template: for a base model, train on plain-text prompts with "
+                "--config.data.use_chat_template=false (Python: use_chat_template=False), or use a tokenizer "
+                "folder whose tokenizer_config.json has a chat_template"
             )
         self.splice = True
         self._plans: dict[tuple, object] = {}
@@ -243,7 +244,7 @@ class _ChatRenderer:
     @staticmethod
     def _strip_prompt(full: str, prompt_text: str, where: str) -> str:
         if not full.startswith(prompt_text):
-            raise ValueError(
+            raise DataError(
                 f"{where}: the chat template rendering of prompt + completion does not start with the rendering "
                 f"of the prompt with add_generation_prompt=True, so completion tokens cannot be separated; "
                 f"prompt renders as {prompt_text[-80:]!r}, conversation as {full[:len(prompt_text) + 40][-120:]!r}"
@@ -299,7 +300,7 @@ class _ChatRenderer:
         except (_SpliceMismatch, ValueError):
             raise
         except Exception as e:  # jinja TemplateError, raise_exception() in templates (roles, alternation, ...)
-            raise ValueError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from e
+            raise DataError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from e
 
     def _texts(self, index: int, messages, completions, where: str) -> tuple[str, list[str]]:
         roles = tuple(m["role"] for m in messages)
@@ -399,7 +400,7 @@ def tokenize_examples(
             return dataset
     for i, ex in enumerate(examples):
         if len(ex.candidates) > num_candidates:
-            raise ValueError(
+            raise DataError(
                 f"{_where(ex, i)}: {len(ex.candidates)} candidates but num_candidates={num_candidates}; "
                 f"select candidates in the reader (load_examples(..., num_candidates={num_candidates}))"
             )
@@ -421,9 +422,10 @@ def _render_texts(examples, tokenizer, use_chat_template):
     if not use_chat_template:
         for i, ex in enumerate(examples):
             if not isinstance(ex.prompt, str):
-                raise ValueError(
+                raise DataError(
                     f"{_where(ex, i)}: the prompt is a list of chat messages but use_chat_template=False; "
-                    f"load the data with parse_turns=False (Nectar) or use a chat template"
+                    f"keep Nectar prompts as text with --config.data.options.parse_turns=false (Python: "
+                    f"parse_turns=False), or use a chat template (--config.data.use_chat_template=true)"
                 )
             prompt_texts.append(ex.prompt)
             completion_texts.append([ex.preferred, *ex.candidates])
