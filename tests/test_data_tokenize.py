@@ -249,3 +249,11 @@ def test_template_errors_name_the_cli_flags(tok):
         tokenize_examples([EXAMPLES[0]], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
                           max_length=32, use_chat_template=False)
 
+
+def test_dataset_keeps_row_lengths(tok):
+    ds = tokenize_examples(EXAMPLES[:2], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                           max_length=32)
+    np.testing.assert_array_equal(ds.sequence_lengths, ds.attention_mask.sum(-1))
+    np.testing.assert_array_equal(ds.row_lengths, ds.attention_mask.sum(-1).max(-1))
+    batch = ds.take([1, 0], length=int(ds.row_lengths.max()))
+    assert batch["input_ids"].shape == (2, 4, int(ds.row_lengths.max()))

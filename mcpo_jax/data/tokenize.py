@@ -97,6 +97,7 @@ class TokenizedDataset:
             raise ValueError(f"prompt + completion lengths exceed T = {t}")
         self.set_ref_logps(self.ref_logps)
         self._full_masks = None
+        self._row_lengths = None
 
     @classmethod
     def from_masks(cls, *, input_ids, attention_mask, loss_mask, **arrays) -> TokenizedDataset:
@@ -143,13 +144,33 @@ class TokenizedDataset:
                 raise ValueError(f"ref_logps has shape {ref_logps.shape}, expected {self.valid.shape}")
         self.ref_logps = ref_logps
 
-    def take(self, indices) -> dict[str, np.ndarray]:
-        """The rows `indices` as a batch dict: BATCH_KEYS (+ ref_logps), numpy arrays with leading dim len(indices)."""
+    @property
+    def row_lengths(self) -> np.ndarray:
+        """[N] int32: each example's longest sequence (prompt + completion over its C columns), the fewest
+        tokens its row can be padded to."""
+        if getattr(self, "_row_lengths", None) is None:
+            self._row_lengths = np.asarray(self.prompt_lengths + self.completion_lengths).max(axis=1).astype(np.int32)
+        return self._row_lengths
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        """[N, C] int32: prompt + completion tokens of every sequence (the real, unpadded tokens)."""
+        return np.asarray(self.prompt_lengths + self.completion_lengths, np.int32)
+
+    def take(self, indices, length: int | None = None) -> dict[str, np.ndarray]:
+        """The rows `indices` as a batch dict: BATCH_KEYS (+ ref_logps), numpy arrays with leading dim
+        len(indices). `length` (default: max_length) pads / cuts the token axis to that many positions; it
+        must hold the rows' longest sequence (`row_lengths`)."""
         indices = np.asarray(indices)
+        t = self.max_length if length is None else int(length)
         prompt, completion = self.prompt_lengths[indices], self.completion_lengths[indices]
-        attention_mask, loss_mask = _masks(prompt, completion, self.max_length)
+        longest = int((prompt + completion).max()) if indices.size else 0
+        if not longest <= t <= self.max_length:
+            raise ValueError(f"length={t} must be between the rows' longest sequence ({longest}) and "
+                             f"max_length={self.max_length}")
+        attention_mask, loss_mask = _masks(prompt, completion, t)
         out = {
-            "input_ids": np.asarray(self.input_ids[indices]),
+            "input_ids": np.asarray(self.input_ids[indices, :, :t]),
             "attention_mask": attention_mask,
             "loss_mask": loss_mask,
             **{key: np.asarray(getattr(self, key)[indices]) for key in ("valid", "ranks", "fixed_index", "example_id")},
@@ -190,7 +211,7 @@ class TokenizedDataset:
                    ref_logps=np.load(ref) if os.path.exists(ref) else None, path=os.path.abspath(path) if mmap else None)
 
     def __getstate__(self):
-        state = {**self.__dict__, "_full_masks": None}
+        state = {**self.__dict__, "_full_masks": None, "_row_lengths": None}
         if self.path is not None:  # memory-mapped: workers re-open the files instead of receiving copies
             state.update({key: None for key in STORED_KEYS})
         return state

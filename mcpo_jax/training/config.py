@@ -43,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.use_chat_template = True
     c.data.cache_dir = ""  # "" = workdir/cache
     c.data.worker_count = 0
+    # issue 15: length-aware batches. Each global batch is padded to the smallest of these token lengths that
+    # holds its longest row: "pow2" = 64, 128, 256, ... below max_length, then max_length (one compiled step
+    # per length seen); "none" = always max_length; or explicit lengths "128,384,768".
+    c.data.bucket_lengths = "pow2"
+    c.data.group_by_length = 0  # k > 0: sort rows by length within mega-batches of k global batches (seeded)
     c.data.synthetic_rows = 2000
     c.data.synthetic_candidates = 6
 

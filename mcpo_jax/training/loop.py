@@ -449,7 +449,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     iterator = data_lib.make_batch_iterator(train_ds, batch_size=per_process_batch, seed=int(config.seed),
                                             num_epochs=int(config.num_epochs), shuffle=True,
                                             worker_count=int(config.data.get("worker_count", 0)),
-                                            micro_batches=accum)
+                                            micro_batches=accum,
+                                            # issue 15: length-aware batches (T varies by global batch)
+                                            buckets=config.data.get("bucket_lengths", "none"),
+                                            group_by_length=int(config.data.get("group_by_length", 0)))
     start_step = 0
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -479,6 +482,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 step_fn, state, ref_params, first, state_shardings=shardings, ref_shardings=ref_shardings,
                 batch_shardings=jax.tree.map(lambda x: x.sharding, first), metric_shardings=repl)
             summary["compile"] = compile_info
+            # issue 15: length-aware batches have a few token lengths (data.bucket_lengths); the compiled
+            # step is cached by batch shape and a new shape compiles once more (in the loop below).
+            compiled_by_shape = {first["input_ids"].shape: compiled}
             if primary:
                 log.info("step compiled in %.1fs; memory_analysis: %s", compile_info["compile_seconds"],
                          {k: v for k, v in compile_info.items() if k != "compile_seconds"})
@@ -500,6 +506,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for step in range(start_step, total_steps):
             if batch is None:
                 batch = _local_to_global(next(iterator), mesh, accum)
+            if batch["input_ids"].shape not in compiled_by_shape:  # issue 15: a new bucket length
+                compiled_by_shape[batch["input_ids"].shape], _ = step_lib.compile_train_step(
+                    step_fn, state, ref_params, batch, state_shardings=shardings, ref_shardings=ref_shardings,
+                    batch_shardings=jax.tree.map(lambda x: x.sharding, batch), metric_shardings=repl)
+            compiled = compiled_by_shape[batch["input_ids"].shape]
+            summary["compiled_shapes"] = sorted(tuple(k) for k in compiled_by_shape)
             if step == nan_at:
                 state = dict(state, params=jax.tree.map(lambda x: x * jnp.nan, state["params"]))
             t0 = time.perf_counter()
