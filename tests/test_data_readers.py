@@ -166,7 +166,7 @@ def test_sources_json_parquet_folder_dataset(tmp_path):
 
 
 def test_hub_id_offline_says_pass_a_local_path():
-    with pytest.raises(DataError, match="pass a local path"):
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub.*pass a local file or folder \(--config\.data\.source="):
         load_examples("berkeley-nest/Nectar", format="nectar")
     with pytest.raises(DataError, match="no such file"):
         load_examples("./missing/data.jsonl", format="nectar")

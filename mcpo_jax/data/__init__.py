@@ -3,7 +3,7 @@
 from mcpo_jax.data.example import DataError, PreferenceExample
 from mcpo_jax.data.pipeline import bucket_for, bucket_lengths, make_batch_iterator, num_batches, padding_report
 from mcpo_jax.data.readers import FORMATS, LoadedExamples, load_examples, parse_nectar_prompt
-from mcpo_jax.data.tokenize import TokenizedDataset, tokenize_examples
+from mcpo_jax.data.tokenize import TokenizedDataset, load_tokenizer, tokenize_examples
 
 __all__ = [
     "DataError",
@@ -15,6 +15,7 @@ __all__ = [
     "PreferenceExample",
     "TokenizedDataset",
     "load_examples",
+    "load_tokenizer",
     "make_batch_iterator",
     "num_batches",
     "parse_nectar_prompt",

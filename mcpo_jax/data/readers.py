@@ -479,6 +479,22 @@ def _files(folder: str) -> list[str]:
 
 
 def _hub_dataset(name: str, split: str):
+    from mcpo_jax import hub
+
+    if not hub.hub_reachable():
+        if not hub.offline_env():  # no connection: datasets would retry for a minute
+            raise DataError(
+                f"data.source={name!r}: cannot reach the Hugging Face hub for {name!r}; pass a local file or "
+                f"folder ({hub.FIXES['data.source']}), or set HF_HUB_OFFLINE=1 to use a cached copy")
+        try:  # offline by request: datasets reads its cache without network calls
+            import datasets
+
+            return datasets.load_dataset(name, split=split)
+        except Exception:  # noqa: BLE001
+            raise DataError(
+                f"data.source={name!r}: cannot reach the Hugging Face hub for {name!r} (HF_HUB_OFFLINE is set) "
+                f"and it is not in the datasets cache; pass a local file or folder "
+                f"({hub.FIXES['data.source']})") from None
     try:
         import datasets
 

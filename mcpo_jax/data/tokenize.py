@@ -223,6 +223,42 @@ class TokenizedDataset:
                 setattr(self, key, np.load(os.path.join(self.path, f"{key}.npy"), mmap_mode="r"))
 
 
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name, *, config_key: str = "tokenizer"):
+    """A Hugging Face tokenizer from a local folder or a hub id ("synthetic": the synthetic task's).
+
+    Fails fast with `mcpo_jax.hub` errors that name `config_key` and the flag to pass: a missing folder
+    (`MissingPath`), a hub id while the hub is unreachable and the id is not cached (`HubUnreachable`, after
+    a probe of at most ~2 s, no retries), a folder without tokenizer files (`NoTokenizer`). A tokenizer
+    without a pad token pads with EOS.
+    """
+    from mcpo_jax import hub
+
+    if name == "synthetic":
+        from mcpo_jax.data import synthetic
+
+        return synthetic.make_tokenizer()
+    if not name:
+        raise hub.LocationError(f"{config_key} is empty: pass a tokenizer folder or hub id "
+                                f"({hub.FIXES.get(config_key, '--config.tokenizer=/path/to/folder')})")
+    kind, where = hub.resolve(name, key=config_key, what="folder", cached_file="tokenizer_config.json")
+    if kind == "local":
+        hub.require_tokenizer(where, key=config_key)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=kind != "hub")
+    except Exception as e:  # noqa: BLE001 (missing sentencepiece, a broken file, a gated repo: one message)
+        raise hub.LocationError(
+            f"{config_key}={os.fspath(name)!r}: could not load a tokenizer from {where} ({type(e).__name__}: "
+            f"{str(e)[:300]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 # ------------------------------------------------------------------------------------------- rendering
 
 
