@@ -38,6 +38,8 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
         "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        # Jupyter for examples/*.ipynb (objectives on arrays; a custom objective trained on the demo task).
+        "notebook": ["notebook>=7", "jupyter>=1.0", "ipykernel>=6.29"],
         "cuda": ["jax[cuda13]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2", "gcsfs"],  # gcsfs: the gs:// backend of etils.epath (orbax)
     },

@@ -36,6 +36,10 @@ reward of the valid negatives), ``rewards/margins`` (their difference) and ``rew
 y0's reward exceeds every valid negative's), computed from the same log-probs the loss uses, plus a few
 objective-specific terms (``nll``, ``kl``, ``delta``).
 
+Your own objective: ``register(name, fn, pairwise=..., reference_free=..., needs_lengths=..., defaults=...)``
+adds it under ``name`` (then ``get(name)``, the trainer's ``config.objective = name`` and ``names()`` know it);
+see `register`.
+
 All objectives are jit / grad / vmap compatible and stay finite (loss and gradient) for log-prob gaps of
 +-1e4: they are written with log-sigmoid, sigmoid and a masked log-sum-exp, never exp of a raw reward.
 """
@@ -93,11 +97,6 @@ def get(name: str) -> Objective:
         return _OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; known objectives: {', '.join(names())}") from None
-
-
-def names() -> tuple[str, ...]:
-    """Every registered objective name (the built-ins first)."""
-    return tuple(_OBJECTIVES)
 
 
 def is_pairwise(name: str) -> bool:
@@ -547,6 +546,75 @@ def sft(x: _Inputs, beta):
 
 
 NAMES = tuple(_OBJECTIVES)
+BUILTIN_NAMES = NAMES
+
+
+def names() -> tuple[str, ...]:
+    """Every objective `get` accepts: the built-ins, then the registered ones in registration order."""
+    return NAMES
+
+
+def register(
+    name: str,
+    fn: Callable,
+    *,
+    pairwise: bool = False,
+    reference_free: bool = False,
+    needs_lengths: bool = False,
+    defaults: dict[str, float] | None = None,
+) -> Objective:
+    """Adds a custom objective `fn` under `name`; returns the wrapped objective (also `get(name)`).
+
+    ``fn(policy_logps_BC, ref_logps_BC, *, beta, lengths_BC, valid_BC, **hparams)`` returns ``loss_B`` or
+    ``(loss_B, metrics)`` (a dict of [B] arrays). It receives sanitized arrays: values in invalid columns
+    are zeros (lengths ones) and ``valid_BC[:, 0]`` is True, so it may sum over columns without masking
+    NaNs; ``ref_logps_BC`` is None when ``reference_free`` (the trainer then builds no reference model)
+    and ``lengths_BC`` is None unless the caller passes it (the trainer always does; ``needs_lengths``
+    makes it required). ``pairwise=True``: the arrays are [B, 2] (the trainer needs ``num_negatives=1``)
+    and rows whose negative is invalid get loss 0; otherwise any number of negatives [B, 1+K] (like mcpo).
+    Without ``rewards/*`` metrics, TRL's reward metrics are added from beta (log pi - log pi_ref) (beta
+    log pi when reference-free), so the trainer's accuracy / margin curves work. `defaults` (hparams,
+    beta included) are recorded in ``DEFAULTS[name]``. A built-in name cannot be replaced; registering a
+    custom name again replaces it (re-running a notebook cell).
+    """
+    global NAMES, PAIRWISE, REFERENCE_FREE, MULTI_NEGATIVE, NEEDS_LENGTHS
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"objective name must be an identifier-like string, got {name!r}")
+    if name in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is a built-in objective; register yours under another name")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+
+    def body(x: _Inputs, beta, **hparams):
+        out = fn(x.policy, x.ref, beta=beta, lengths=x.lengths, valid=x.valid, **hparams)
+        loss_B, metrics = out if isinstance(out, tuple) else (out, {})
+        loss_B = jnp.asarray(loss_B)
+        if loss_B.shape != x.policy.shape[:1]:
+            raise ValueError(f"objective {name!r} returned a loss of shape {loss_B.shape}; expected "
+                             f"[B] = {x.policy.shape[:1]} (one loss per example)")
+        rewards = beta * (x.policy if x.ref is None else x.logratios)
+        return loss_B, {**_reward_metrics(rewards, x.valid), **dict(metrics)}
+
+    body.__doc__ = fn.__doc__
+
+    def objective(policy_logps, ref_logps=None, *, beta, lengths=None, valid=None, **hparams):
+        inputs = _Inputs(name, policy_logps, ref_logps, lengths, valid, uses_ref=not reference_free,
+                         uses_lengths=needs_lengths or lengths is not None, pairwise=pairwise)
+        loss_B, metrics = body(inputs, beta, **hparams)
+        if pairwise:
+            loss_B = jnp.where(inputs.has_negative, loss_B, 0.0)
+        return loss_B, metrics
+
+    objective.__name__ = objective.__qualname__ = name
+    objective.__doc__ = fn.__doc__
+    _OBJECTIVES[name] = objective
+    NAMES = tuple(_OBJECTIVES)
+    PAIRWISE = (PAIRWISE | {name}) if pairwise else (PAIRWISE - {name})
+    MULTI_NEGATIVE = (MULTI_NEGATIVE - {name}) if pairwise else (MULTI_NEGATIVE | {name})
+    REFERENCE_FREE = (REFERENCE_FREE | {name}) if reference_free else (REFERENCE_FREE - {name})
+    NEEDS_LENGTHS = (NEEDS_LENGTHS | {name}) if needs_lengths else (NEEDS_LENGTHS - {name})
+    DEFAULTS[name] = {"beta": DEFAULT_BETA, **(defaults or {})}
+    return objective
 
 
 # ----------------------------------------------------------------------------------------------------------

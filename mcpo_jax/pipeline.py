@@ -102,6 +102,7 @@ def train_offline(config, workdir: str, *, start_path: str, stop: StopFlag) -> d
         out["reference_cache"] = trainer.precompute_reference({"train": train_ds, "eval": eval_ds}, cache_dir)
         out.update(trainer.train(train_ds, eval_ds))
         out["compile"] = trainer.compile_info or None
+        out["compiled_shapes"] = sorted(trainer.compiled_shapes) or None
         hf_dir = run_dir / "hf"
         if out["status"] == "completed" and config.export_hf:
             if out["start_step"] < trainer.total_steps or not (hf_dir / "config.json").exists():

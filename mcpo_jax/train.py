@@ -30,9 +30,10 @@ def _user_errors():
     """The exception types whose message is the whole story (no traceback): exit 2."""
     from mcpo_jax.data.example import DataError
     from mcpo_jax.evaluate import EvalConfigError
+    from mcpo_jax.hub import LocationError
     from mcpo_jax.training.config import ConfigError
 
-    return (ConfigError, DataError, EvalConfigError, FileNotFoundError)
+    return (ConfigError, DataError, EvalConfigError, LocationError, FileNotFoundError)
 
 
 def _main(argv):

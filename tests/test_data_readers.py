@@ -166,7 +166,7 @@ def test_sources_json_parquet_folder_dataset(tmp_path):
 
 
 def test_hub_id_offline_says_pass_a_local_path():
-    with pytest.raises(DataError, match="pass a local path"):
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub.*pass a local file or folder \(--config\.data\.source="):
         load_examples("berkeley-nest/Nectar", format="nectar")
     with pytest.raises(DataError, match="no such file"):
         load_examples("./missing/data.jsonl", format="nectar")
@@ -266,3 +266,38 @@ def test_option_and_format_errors():
         load_examples([GOOD], format="pairs", drop_ranks=(2,))
     with pytest.raises(DataError, match="no rows"):
         load_examples([], format="pairs")
+
+
+# ---------------------------------------------------------------------------- errors a user can act on
+
+
+def test_skipped_rows_are_reported_with_file_and_line(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "some.jsonl", [GOOD, GOOD, GOOD, GOOD],
+                       raw_lines={2: b'{"prompt": "\\n\\nHuman: x'})
+    with caplog.at_level(logging.WARNING, logger="mcpo_jax.data.readers"):
+        out = load_examples(path, format="nectar", on_bad_example="skip")
+    assert len(out) == 4 and out.skipped == {"malformed_json": 1}
+    assert out.skipped_at == {"malformed_json": [f"{path}:3"]}
+    summary = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 1 of 5 rows" in summary and f"malformed_json ({path}:3)" in summary
+
+
+def test_every_row_failing_the_schema_is_one_data_error_at_load(tmp_path):
+    rows = [{"prompt": "\n\nHuman: hi\n\nAssistant: ", "answer": "typo: no s"} for _ in range(50)]
+    path = write_jsonl(tmp_path / "file.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_examples(path, format="nectar", on_bad_example="skip")
+    message = str(info.value)
+    assert message.startswith(f"50 of 50 rows of {path} skipped"), message
+    assert f"missing_field 'answers' x50 (first: {path}:1, {path}:2, {path}:3, ...)" in message
+    assert "format='nectar'" in message
+
+
+def test_too_many_skipped_rows_is_an_error_a_few_are_not():
+    bad = {"prompt": "\n\nHuman: hi\n\nAssistant: "}
+    out = load_examples([GOOD, GOOD, bad], format="nectar", on_bad_example="skip")
+    assert len(out) == 2 and out.skipped_at == {"missing_field 'answers'": ["<list>[2]"]}
+    with pytest.raises(DataError, match=r"2 of 3 rows of <list> skipped.*x2 \(first: <list>\[1\], <list>\[2\]\)"):
+        load_examples([GOOD, bad, bad], format="nectar", on_bad_example="skip")
+    out = load_examples([GOOD, bad, bad], format="nectar", on_bad_example="skip", max_skipped_fraction=0.9)
+    assert len(out) == 1

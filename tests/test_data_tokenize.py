@@ -236,3 +236,24 @@ def test_throughput_on_short_texts():
     print(f"\ntokenization: {rate:.0f} examples/s (7 sequences each)")
     assert len(ds) == 4000 and ds.valid.all()
     assert rate > 500  # loose: the CI machine is shared; ~4k/s measured on a busy 2-core box
+
+
+def test_template_errors_name_the_cli_flags(tok):
+    from mcpo_jax.data import DataError
+
+    no_template = train_tokenizer(template=None)
+    with pytest.raises(DataError, match=r"--config\.data\.use_chat_template=false"):
+        tokenize_examples([EXAMPLES[1]], no_template, num_candidates=3, max_prompt_length=16,
+                          max_completion_length=16, max_length=32)
+    with pytest.raises(DataError, match=r"--config\.data\.options\.parse_turns=false"):
+        tokenize_examples([EXAMPLES[0]], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                          max_length=32, use_chat_template=False)
+
+
+def test_dataset_keeps_row_lengths(tok):
+    ds = tokenize_examples(EXAMPLES[:2], tok, num_candidates=3, max_prompt_length=16, max_completion_length=16,
+                           max_length=32)
+    np.testing.assert_array_equal(ds.sequence_lengths, ds.attention_mask.sum(-1))
+    np.testing.assert_array_equal(ds.row_lengths, ds.attention_mask.sum(-1).max(-1))
+    batch = ds.take([1, 0], length=int(ds.row_lengths.max()))
+    assert batch["input_ids"].shape == (2, 4, int(ds.row_lengths.max()))

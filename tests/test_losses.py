@@ -395,3 +395,100 @@ def test_nll_batch_mean_is_trl_token_mean(name):
     assert abs(float(jnp.mean(ex)) - float(jnp.mean(loss))) > 1e-3
     with pytest.raises(ValueError, match="nll_reduction"):
         losses.get(name)(*_f32(p, r), beta=beta, lengths=jnp.asarray(lens, jnp.float32), nll_reduction="sum", **hp)
+
+
+# ---------------------------------------------------------------------------------------------- register
+
+
+def _scaled_mcpo(policy, ref, *, beta, lengths, valid, scale=1.0):
+    """MC-PO written by hand on the sanitized arrays (invalid columns are zeros), times `scale`."""
+    rewards = beta * (policy - ref)
+    logits = jnp.where(valid, rewards, -jnp.inf)
+    return scale * (jax.nn.logsumexp(logits, axis=1) - rewards[:, 0])
+
+
+@pytest.fixture
+def registered():
+    made = []
+
+    def reg(name, fn, **kw):
+        made.append(name)
+        return losses.register(name, fn, **kw)
+
+    yield reg
+    for name in made:  # leave the registry as the other tests expect it
+        losses._OBJECTIVES.pop(name, None)
+        losses.DEFAULTS.pop(name, None)
+        losses.NAMES = tuple(losses._OBJECTIVES)
+        for attr in ("PAIRWISE", "MULTI_NEGATIVE", "REFERENCE_FREE", "NEEDS_LENGTHS"):
+            setattr(losses, attr, getattr(losses, attr) - {name})
+
+
+def test_register_custom_objective_is_a_first_class_name(registered):
+    fn = registered("scaled_mcpo", _scaled_mcpo, defaults={"scale": 1.0})
+    assert losses.get("scaled_mcpo") is fn and "scaled_mcpo" in losses.names() == losses.NAMES
+    assert losses.names()[: len(losses.BUILTIN_NAMES)] == losses.BUILTIN_NAMES
+    assert "scaled_mcpo" in losses.MULTI_NEGATIVE and "scaled_mcpo" not in losses.PAIRWISE
+    assert losses.DEFAULTS["scaled_mcpo"] == {"beta": 0.01, "scale": 1.0}
+    rng = np.random.default_rng(0)
+    p, r = rng.normal(size=(4, 3)) * 5, rng.normal(size=(4, 3)) * 5
+    valid = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], bool)
+    p_nan = np.where(valid, p, np.nan)  # invalid columns are sanitized before the custom function sees them
+    got, metrics = fn(*_f32(p_nan, r), beta=0.5, valid=valid, scale=2.0)
+    want, want_metrics = losses.get("mcpo")(*_f32(p, r), beta=0.5, valid=valid)
+    np.testing.assert_allclose(got, 2.0 * np.asarray(want), rtol=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5)  # added for the trainer's curves
+    g = jax.grad(lambda x: jnp.sum(fn(x, jnp.asarray(r, jnp.float32), beta=0.5, valid=valid)[0]))(
+        jnp.asarray(p_nan, jnp.float32))
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_register_pairwise_reference_free_and_errors(registered):
+    def margin(policy, ref, *, beta, lengths, valid):
+        assert ref is None  # reference-free: never given a reference
+        avg = policy / lengths
+        return -jax.nn.log_sigmoid(beta * (avg[:, 0] - avg[:, 1])), {"avg_chosen": avg[:, 0]}
+
+    fn = registered("avg_margin", margin, pairwise=True, reference_free=True, needs_lengths=True)
+    assert {"avg_margin"} <= losses.PAIRWISE & losses.REFERENCE_FREE & losses.NEEDS_LENGTHS
+    p = jnp.asarray([[-3.0, -4.0], [-1.0, -9.0]])
+    loss, metrics = fn(p, None, beta=1.0, lengths=jnp.asarray([[1.0, 2.0], [1.0, 1.0]]),
+                       valid=jnp.asarray([[True, True], [True, False]]))
+    np.testing.assert_allclose(loss, [-np.log(1 / (1 + np.exp(-(-3.0 + 2.0)))), 0.0], rtol=1e-5)
+    np.testing.assert_allclose(metrics["avg_chosen"], [-3.0, -1.0])
+    with pytest.raises(ValueError, match="pairwise"):
+        fn(jnp.zeros((2, 3)), None, beta=1.0, lengths=jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="needs lengths"):
+        fn(p, None, beta=1.0)
+    with pytest.raises(ValueError, match="built-in"):
+        losses.register("dpo", margin)
+    bad = registered("bad_shape", lambda policy, ref, **kw: policy)
+    with pytest.raises(ValueError, match=r"one loss per example"):
+        bad(p, p, beta=1.0)
+
+
+def test_registered_objective_runs_in_the_train_step(registered):
+    """The jitted step and the trainer's validation accept a registered name like a built-in."""
+    from _train_fixtures import TOY_AXES, ToyLM, toy_batch
+
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.training import state as st
+    from mcpo_jax.training import step as S
+
+    registered("scaled_mcpo", _scaled_mcpo)
+    outs = {}
+    for name, hp in (("mcpo", ()), ("scaled_mcpo", (("scale", 3.0),))):
+        cfg = S.StepConfig(objective=name, sampler="mc", num_negatives=2, beta=1.0, loss_hparams=hp)
+        graphdef, params, rest = st.split_model(ToyLM(seed=1))
+        ref = jax.tree.map(lambda x: x * 0.9, params)
+        tx, sched = S.make_optimizer(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+        mesh = shd.make_mesh(1, 1, 1)
+        ss = st.state_shardings(tx, params, shd.param_shardings(TOY_AXES, params, mesh), mesh)
+        state = st.init_state(params, tx, 7, shardings=ss)
+        batch = toy_batch(b=4, c=4, accum=1, vocab=ToyLM().lm_head_kernel().shape[1])
+        _, metrics = jax.jit(S.make_train_step(cfg, graphdef, rest, tx, sched))(state, ref, batch)
+        outs[name] = jax.device_get(metrics)
+    np.testing.assert_allclose(outs["scaled_mcpo"]["loss"], 3.0 * outs["mcpo"]["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(outs["scaled_mcpo"]["selected"], outs["mcpo"]["selected"])
+    assert outs["scaled_mcpo"]["rewards/accuracies"] == outs["mcpo"]["rewards/accuracies"]

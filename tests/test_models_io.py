@@ -132,7 +132,7 @@ def test_hub_id_offline_says_pass_a_local_folder(monkeypatch):
 
 
 def test_missing_local_folder():
-    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         from_pretrained("/nonexistent/path/to/model")
 
 

@@ -55,10 +55,30 @@ ROLES = ("system", "user", "assistant")
 
 
 class LoadedExamples(list):
-    """The examples of `load_examples` (a list), with `.skipped` (Counter of reasons) and `.num_rows`."""
+    """The examples of `load_examples` (a list), with `.skipped` (Counter of reasons), `.skipped_at` (per
+    "reason 'field'": where the first skipped rows are, as file:line or source[row]) and `.num_rows`."""
 
     skipped: Counter
+    skipped_at: dict
     num_rows: int
+
+
+MAX_SKIPPED_FRACTION = 0.5
+_SHOWN_LOCATIONS = 3
+
+
+def _short_location(loc: dict) -> str:
+    """file.jsonl:12 (a line) or source[row]."""
+    return f"{loc['source']}:{loc['line']}" if "line" in loc else f"{loc['source']}[{loc['row']}]"
+
+
+def _skip_summary(skipped_at: dict, counts: Counter) -> str:
+    parts = []
+    for key, n in counts.most_common():
+        where = skipped_at[key]
+        more = ", ..." if n > len(where) else ""
+        parts.append(f"{key} x{n} (first: {', '.join(where)}{more})" if n > 1 else f"{key} ({where[0]})")
+    return "; ".join(parts)
 
 
 class _Bad(Exception):
@@ -459,6 +479,22 @@ def _files(folder: str) -> list[str]:
 
 
 def _hub_dataset(name: str, split: str):
+    from mcpo_jax import hub
+
+    if not hub.hub_reachable():
+        if not hub.offline_env():  # no connection: datasets would retry for a minute
+            raise DataError(
+                f"data.source={name!r}: cannot reach the Hugging Face hub for {name!r}; pass a local file or "
+                f"folder ({hub.FIXES['data.source']}), or set HF_HUB_OFFLINE=1 to use a cached copy")
+        try:  # offline by request: datasets reads its cache without network calls
+            import datasets
+
+            return datasets.load_dataset(name, split=split)
+        except Exception:  # noqa: BLE001
+            raise DataError(
+                f"data.source={name!r}: cannot reach the Hugging Face hub for {name!r} (HF_HUB_OFFLINE is set) "
+                f"and it is not in the datasets cache; pass a local file or folder "
+                f"({hub.FIXES['data.source']})") from None
     try:
         import datasets
 
@@ -521,9 +557,15 @@ def load_examples(
     num_candidates: int | None = None,
     min_candidates: int | None = None,
     split: str = "train",
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     **options,
 ) -> LoadedExamples:
-    """Reads and validates `source` as `format`; see the module docstring for formats and options."""
+    """Reads and validates `source` as `format`; see the module docstring for formats and options.
+
+    With ``on_bad_example="skip"``, a load that skips every row, or more than `max_skipped_fraction` of
+    them, raises one `DataError` ("50 of 50 rows skipped: missing_field 'answers' x50 (first: f.jsonl:1,
+    ...)"): the data or the format is wrong, and training on what is left would hide it.
+    """
     if format not in _PARSERS:
         raise ValueError(f"unknown format {format!r}; known: {FORMATS}")
     if on_bad_example not in ("error", "skip"):
@@ -538,6 +580,8 @@ def load_examples(
 
     out = LoadedExamples()
     skipped: Counter = Counter()
+    by_field: Counter = Counter()
+    skipped_at: dict[str, list[str]] = {}
     num_rows = 0
     for loc, record, bad in _rows(source, split):
         num_rows += 1
@@ -553,16 +597,29 @@ def load_examples(
                 field = f", field {e.field!r}" if e.field else ""
                 raise DataError(f"{_location(loc)}{field}: {e.message} [{e.reason}]") from None
             skipped[e.reason] += 1
+            key = f"{e.reason} {e.field!r}" if e.field else e.reason
+            by_field[key] += 1
+            where = skipped_at.setdefault(key, [])
+            if len(where) < _SHOWN_LOCATIONS:
+                where.append(_short_location(loc))
             continue
         ex.meta = {**loc, "format": format}
         out.append(ex)
     if num_rows == 0:
         raise DataError(f"{_describe(source)}: no rows")
-    out.skipped, out.num_rows = skipped, num_rows
+    out.skipped, out.skipped_at, out.num_rows = skipped, skipped_at, num_rows
+    n_skipped = sum(skipped.values())
+    if n_skipped and (n_skipped == num_rows or n_skipped > max_skipped_fraction * num_rows):
+        raise DataError(
+            f"{n_skipped} of {num_rows} rows of {_describe(source)} skipped as bad {format} rows: "
+            f"{_skip_summary(skipped_at, by_field)}. Is the format right (format={format!r})? "
+            + ("" if n_skipped == num_rows else
+               f"More than {max_skipped_fraction:.0%} of the rows are bad; fix the data.")
+        )
     if skipped:
         logger.warning(
-            "skipped %d of %d rows of %s as bad examples: %s",
-            sum(skipped.values()), num_rows, _describe(source), dict(skipped),
+            "skipped %d of %d rows of %s as bad examples: %s; %s",
+            n_skipped, num_rows, _describe(source), dict(skipped), _skip_summary(skipped_at, by_field),
         )
     logger.info("loaded %d %s examples from %s", len(out), format, _describe(source))
     return out

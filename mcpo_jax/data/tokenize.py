@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mcpo_jax.data.example import PreferenceExample
+from mcpo_jax.data.example import DataError, PreferenceExample
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class TokenizedDataset:
             raise ValueError(f"prompt + completion lengths exceed T = {t}")
         self.set_ref_logps(self.ref_logps)
         self._full_masks = None
+        self._row_lengths = None
 
     @classmethod
     def from_masks(cls, *, input_ids, attention_mask, loss_mask, **arrays) -> TokenizedDataset:
@@ -143,13 +144,33 @@ class TokenizedDataset:
                 raise ValueError(f"ref_logps has shape {ref_logps.shape}, expected {self.valid.shape}")
         self.ref_logps = ref_logps
 
-    def take(self, indices) -> dict[str, np.ndarray]:
-        """The rows `indices` as a batch dict: BATCH_KEYS (+ ref_logps), numpy arrays with leading dim len(indices)."""
+    @property
+    def row_lengths(self) -> np.ndarray:
+        """[N] int32: each example's longest sequence (prompt + completion over its C columns), the fewest
+        tokens its row can be padded to."""
+        if getattr(self, "_row_lengths", None) is None:
+            self._row_lengths = np.asarray(self.prompt_lengths + self.completion_lengths).max(axis=1).astype(np.int32)
+        return self._row_lengths
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        """[N, C] int32: prompt + completion tokens of every sequence (the real, unpadded tokens)."""
+        return np.asarray(self.prompt_lengths + self.completion_lengths, np.int32)
+
+    def take(self, indices, length: int | None = None) -> dict[str, np.ndarray]:
+        """The rows `indices` as a batch dict: BATCH_KEYS (+ ref_logps), numpy arrays with leading dim
+        len(indices). `length` (default: max_length) pads / cuts the token axis to that many positions; it
+        must hold the rows' longest sequence (`row_lengths`)."""
         indices = np.asarray(indices)
+        t = self.max_length if length is None else int(length)
         prompt, completion = self.prompt_lengths[indices], self.completion_lengths[indices]
-        attention_mask, loss_mask = _masks(prompt, completion, self.max_length)
+        longest = int((prompt + completion).max()) if indices.size else 0
+        if not longest <= t <= self.max_length:
+            raise ValueError(f"length={t} must be between the rows' longest sequence ({longest}) and "
+                             f"max_length={self.max_length}")
+        attention_mask, loss_mask = _masks(prompt, completion, t)
         out = {
-            "input_ids": np.asarray(self.input_ids[indices]),
+            "input_ids": np.asarray(self.input_ids[indices, :, :t]),
             "attention_mask": attention_mask,
             "loss_mask": loss_mask,
             **{key: np.asarray(getattr(self, key)[indices]) for key in ("valid", "ranks", "fixed_index", "example_id")},
@@ -190,7 +211,7 @@ class TokenizedDataset:
                    ref_logps=np.load(ref) if os.path.exists(ref) else None, path=os.path.abspath(path) if mmap else None)
 
     def __getstate__(self):
-        state = {**self.__dict__, "_full_masks": None}
+        state = {**self.__dict__, "_full_masks": None, "_row_lengths": None}
         if self.path is not None:  # memory-mapped: workers re-open the files instead of receiving copies
             state.update({key: None for key in STORED_KEYS})
         return state
@@ -200,6 +221,42 @@ class TokenizedDataset:
         if self.path is not None and self.input_ids is None:
             for key in STORED_KEYS:
                 setattr(self, key, np.load(os.path.join(self.path, f"{key}.npy"), mmap_mode="r"))
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name, *, config_key: str = "tokenizer"):
+    """A Hugging Face tokenizer from a local folder or a hub id ("synthetic": the synthetic task's).
+
+    Fails fast with `mcpo_jax.hub` errors that name `config_key` and the flag to pass: a missing folder
+    (`MissingPath`), a hub id while the hub is unreachable and the id is not cached (`HubUnreachable`, after
+    a probe of at most ~2 s, no retries), a folder without tokenizer files (`NoTokenizer`). A tokenizer
+    without a pad token pads with EOS.
+    """
+    from mcpo_jax import hub
+
+    if name == "synthetic":
+        from mcpo_jax.data import synthetic
+
+        return synthetic.make_tokenizer()
+    if not name:
+        raise hub.LocationError(f"{config_key} is empty: pass a tokenizer folder or hub id "
+                                f"({hub.FIXES.get(config_key, '--config.tokenizer=/path/to/folder')})")
+    kind, where = hub.resolve(name, key=config_key, what="folder", cached_file="tokenizer_config.json")
+    if kind == "local":
+        hub.require_tokenizer(where, key=config_key)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=kind != "hub")
+    except Exception as e:  # noqa: BLE001 (missing sentencepiece, a broken file, a gated repo: one message)
+        raise hub.LocationError(
+            f"{config_key}={os.fspath(name)!r}: could not load a tokenizer from {where} ({type(e).__name__}: "
+            f"{str(e)[:300]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -227,9 +284,10 @@ class _ChatRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template; pass use_chat_template=False for plain-text prompts "
-                "or set tokenizer.chat_template"
+            raise DataError(
+                "the tokenizer has no chat template: for a base model, train on plain-text prompts with "
+                "--config.data.use_chat_template=false (Python: use_chat_template=False), or use a tokenizer "
+                "folder whose tokenizer_config.json has a chat_template"
             )
         self.splice = True
         self._plans: dict[tuple, object] = {}
@@ -243,7 +301,7 @@ class _ChatRenderer:
     @staticmethod
     def _strip_prompt(full: str, prompt_text: str, where: str) -> str:
         if not full.startswith(prompt_text):
-            raise ValueError(
+            raise DataError(
                 f"{where}: the chat template rendering of prompt + completion does not start with the rendering "
                 f"of the prompt with add_generation_prompt=True, so completion tokens cannot be separated; "
                 f"prompt renders as {prompt_text[-80:]!r}, conversation as {full[:len(prompt_text) + 40][-120:]!r}"
@@ -299,7 +357,7 @@ class _ChatRenderer:
         except (_SpliceMismatch, ValueError):
             raise
         except Exception as e:  # jinja TemplateError, raise_exception() in templates (roles, alternation, ...)
-            raise ValueError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from e
+            raise DataError(f"{where}: the chat template failed on this conversation: {type(e).__name__}: {e}") from e
 
     def _texts(self, index: int, messages, completions, where: str) -> tuple[str, list[str]]:
         roles = tuple(m["role"] for m in messages)
@@ -399,7 +457,7 @@ def tokenize_examples(
             return dataset
     for i, ex in enumerate(examples):
         if len(ex.candidates) > num_candidates:
-            raise ValueError(
+            raise DataError(
                 f"{_where(ex, i)}: {len(ex.candidates)} candidates but num_candidates={num_candidates}; "
                 f"select candidates in the reader (load_examples(..., num_candidates={num_candidates}))"
             )
@@ -421,9 +479,10 @@ def _render_texts(examples, tokenizer, use_chat_template):
     if not use_chat_template:
         for i, ex in enumerate(examples):
             if not isinstance(ex.prompt, str):
-                raise ValueError(
+                raise DataError(
                     f"{_where(ex, i)}: the prompt is a list of chat messages but use_chat_template=False; "
-                    f"load the data with parse_turns=False (Nectar) or use a chat template"
+                    f"keep Nectar prompts as text with --config.data.options.parse_turns=false (Python: "
+                    f"parse_turns=False), or use a chat template (--config.data.use_chat_template=true)"
                 )
             prompt_texts.append(ex.prompt)
             completion_texts.append([ex.preferred, *ex.candidates])

@@ -242,27 +242,32 @@ def write_safetensors(path: str, tensors: Sequence[tuple[str, tuple[int, ...], n
 # ------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """A local folder for `path`: the folder itself, or a hub snapshot (weights + configs only)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise NotADirectoryError(f"{path} is a file; pass the Hugging Face folder that holds config.json")
-    looks_like_repo = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_repo:
-        raise FileNotFoundError(f"no such checkpoint folder: {path}")
+def resolve_checkpoint(path: str | os.PathLike, *, config_key: str = "model.path") -> str:
+    """A local folder for `path`: the folder itself, or a hub snapshot (weights + configs only).
+
+    A missing path or an unreachable hub raises `mcpo_jax.hub.MissingPath` / `HubUnreachable` at once (no
+    download retries), naming `config_key` and the flag to pass a local folder.
+    """
+    from mcpo_jax import hub
+
+    kind, where = hub.resolve(path, key=config_key, what="folder")
+    if kind == "local":
+        if not os.path.isdir(where):
+            raise NotADirectoryError(f"{config_key}={os.fspath(path)!r} is a file; pass the Hugging Face folder "
+                                     "that holds config.json")
+        return where
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(
-            path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+            where, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+            local_files_only=kind == "cached",
         )
     except Exception as e:
-        raise OSError(
-            f"could not fetch {path!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If this machine "
-            "is offline (HF_HUB_OFFLINE) or the repo is gated, download it elsewhere and pass the local "
-            "folder (config.json + *.safetensors) instead."
+        raise hub.LocationError(
+            f"{config_key}={where!r}: could not fetch it from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e)[:200]}). If the id is wrong or the repo is gated, download it elsewhere and pass the local "
+            f"folder (config.json + *.safetensors): {hub.FIXES.get(config_key, '--config.model.path=/path')}"
         ) from None
 
 
@@ -341,14 +346,17 @@ def from_pretrained(
     rules=None,
     remat: bool | str = False,
     attention_impl: str | None = None,
+    config_key: str = "model.path",
 ) -> Transformer:
     """Load a Hugging Face Llama / Mistral checkpoint (local folder or hub id) into a Transformer.
+
+    `config_key` names the config field in errors (a missing folder, an unreachable hub).
 
     dtype: compute dtype; param_dtype: storage dtype (None: same as dtype). With a `mesh`, every
     parameter is created directly on the sharding its logical axes map to under `rules`
     (default `mcpo_jax.sharding.DEFAULT_RULES`); without, on the first local device.
     """
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path, config_key=config_key)
     config = load_config(folder)
     param_dtype = dtype if param_dtype is None else param_dtype
     rules = DEFAULT_RULES if rules is None else rules

@@ -33,20 +33,13 @@ def build_model(model_cfg, mesh, rules, *, path: str | None = None):
 
 def build_tokenizer(config, *, model_path: str = ""):
     """config.tokenizer, else the model's folder (`model_path` when the run starts from another folder)."""
-    name = config.tokenizer or model_path or config.model.path
-    if name == "synthetic":
-        from mcpo_jax.data import synthetic
+    from mcpo_jax.data.tokenize import load_tokenizer
 
-        return synthetic.make_tokenizer()
+    name = config.tokenizer or model_path or config.model.path
     if not name:
         raise ConfigError("tokenizer: set --config.tokenizer (a folder, a hub id or 'synthetic') or "
                           "--config.model.path")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(name, config_key="tokenizer" if config.tokenizer else "model.path")
 
 
 def _rows(source: str, data_cfg, seed: int):

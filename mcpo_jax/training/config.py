@@ -71,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.use_chat_template = True
     c.data.cache_dir = ""  # "" = workdir/cache
     c.data.worker_count = 0
+    # issue 15: length-aware batches. Each global batch is padded to the smallest of these token lengths that
+    # holds its longest row: "pow2" = 64, 128, 256, ... below max_length, then max_length (one compiled step
+    # per length seen); "none" = always max_length; or explicit lengths "128,384,768".
+    c.data.bucket_lengths = "pow2"
+    c.data.group_by_length = 0  # k > 0: sort rows by length within mega-batches of k global batches (seeded)
     c.data.synthetic_rows = 2000
     c.data.synthetic_candidates = 6
 
@@ -342,6 +347,13 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         errors.append(f"resume_policy={config.resume_policy!r}: {' or '.join(RESUME_POLICIES)}")
     if config.data.on_bad_example not in ("skip", "error"):
         errors.append(f"data.on_bad_example={config.data.on_bad_example!r}: 'skip' or 'error'")
+    try:
+        from mcpo_jax.data.pipeline import bucket_lengths
+
+        bucket_lengths(int(config.data.max_length), config.data.bucket_lengths)
+    except (TypeError, ValueError) as e:
+        errors.append(f"data.bucket_lengths={config.data.bucket_lengths!r}: {e} ('pow2', 'none' or "
+                      "comma-separated token lengths such as '128,384,768')")
     if not config.data.source and not config.online.enabled:
         errors.append("data.source is empty (a file, folder, hub dataset id or 'synthetic')")
     if int(config.num_epochs) < 1 and int(config.max_steps) < 1:

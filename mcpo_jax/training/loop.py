@@ -121,6 +121,7 @@ class Trainer:
                                                 tensorboard=bool(config.tensorboard))
         self.step_fn = step_lib.make_train_step(self.step_cfg, self.graphdef, self.rest, self.tx, self.schedule)
         self._compiled: dict[Any, Any] = {}
+        self.compiled_shapes: list[tuple[int, ...]] = []
         self.compile_info: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------------- reference
@@ -167,7 +168,8 @@ class Trainer:
                 ref_shardings=None if ref is None else self.param_shardings,
                 batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
                 metric_shardings=shd.replicated(self.mesh))
-            self._compiled[key] = compiled
+            self._compiled[key] = compiled  # length-aware batches: one compile per bucket length seen
+            self.compiled_shapes.append(tuple(batch["input_ids"].shape))
             self.compile_info = info
         return self._compiled[key]
 
@@ -187,7 +189,9 @@ class Trainer:
         epochs = max(int(c.num_epochs), math.ceil(need / max(len(train_ds), 1)))
         iterator = data_lib.make_batch_iterator(train_ds, batch_size=per_process, seed=int(c.seed) + start_step,
                                                 num_epochs=epochs, shuffle=True,
-                                                worker_count=int(c.data.worker_count), micro_batches=accum)
+                                                worker_count=int(c.data.worker_count), micro_batches=accum,
+                                                buckets=c.data.bucket_lengths,
+                                                group_by_length=int(c.data.group_by_length))
         if self._iterator_state is not None and self.step > start_step:
             iterator.set_state(self._iterator_state)
         self._iterator_state = None

@@ -20,7 +20,10 @@ from mcpo_jax.training import files
 
 log = logging.getLogger(__name__)
 
-PLOT_KEYS = ("loss", "rewards/margin", "rewards/accuracy", "kernel/entropy", "grad_norm", "lr")
+# The step's metric names (TRL's): rewards/accuracies is the fraction of examples whose y0 out-rewards every
+# selected negative, rewards/margins the mean reward gap r(y0) - r(negatives).
+PLOT_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "kernel/entropy", "grad_norm", "lr")
+PANEL_TITLES = {"rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin"}
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,31 +98,53 @@ def read_jsonl(path: str, split: str | None = "train") -> list[dict]:
     return [r for r in rows if split is None or r.get("split") == split]
 
 
-def plot_curves(workdir: str, out_name: str = "curves.png") -> str | None:
-    """PNG of the main training (and eval) curves; the last record of each step wins (resumes)."""
+def run_name(workdir) -> str:
+    """The run's `name` from workdir/config.json (what the trainer saved), else the workdir's base name."""
     run_dir = files.workdir_path(workdir)
-    rows = read_jsonl(run_dir / "metrics.jsonl", split=None)
-    if not rows:
-        return None
+    name = ""
+    try:
+        name = str(json.loads((run_dir / "config.json").read_text()).get("name") or "")
+    except (OSError, ValueError, AttributeError):
+        pass
+    base = os.path.basename(os.fspath(run_dir).rstrip("/"))
+    return f"{name} ({base})" if name and name != base else (name or base)
+
+
+def curves_figure(rows: list[dict], title: str):
+    """A matplotlib figure with one panel per PLOT_KEYS metric present in `rows`, train lines and eval dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in PLOT_KEYS if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3.1), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for split, style in (("train", "-"), ("eval", "o-")):
             by_step = {r["step"]: r[key] for r in rows if r.get("split") == split and key in r}
             if by_step:
                 steps = sorted(by_step)
                 ax.plot(steps, [by_step[s] for s in steps], style, label=split, markersize=3)
-        ax.set_title(key, fontsize=9)
+        ax.set_title(PANEL_TITLES.get(key, key), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if key == "loss":
             ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(workdir: str, out_name: str = "curves.png", *, title: str | None = None) -> str | None:
+    """PNG of the main training (and eval) curves, titled with the run name; the last record of each step
+    wins (resumes)."""
+    run_dir = files.workdir_path(workdir)
+    rows = read_jsonl(run_dir / "metrics.jsonl", split=None)
+    if not rows:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows, run_name(workdir) if title is None else title)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
