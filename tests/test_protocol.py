@@ -148,3 +148,18 @@ def test_run_config_applies_method_lr_seed_and_task_overrides():
     assert (c.optimizer.learning_rate, c.seed, c.model.path, c.model.preset) == (2e-4, 7, "/start", "")
     assert c.data.synthetic_rows == 48 and c.beta == 2.0  # beta: the base config's, the same for every method
     assert task.base_lr() == 5e-4
+
+
+def test_report_only_trains_nothing_and_marks_what_did_not_run(tmp_path):
+    calls = []
+    full = protocol.Protocol(_task(), str(tmp_path), seeds=(0, 1), grid=(1e-4, 2e-4), train=_fake(calls))
+    full.evaluate(protocol.Method.of("DPO", "dpo", "random"))
+    n = len(calls)
+    report = protocol.Protocol(_task(), str(tmp_path), seeds=(0, 1), grid=(1e-4, 2e-4), train=_fake(calls),
+                               report_only=True)
+    record = protocol.run_all(report, baselines=(), fig2=(), table3=())
+    assert len(calls) == n
+    assert [f["method"] for f in record["failures"]] == ["RNCE", "MC-PO"]
+    md = protocol.markdown(record)
+    assert "| DPO | 50.0 ± 0.0 (lr 2e-4, n=2) |" in md and "| MC-PO | — |" in md
+    assert "on 8 validation prompts with seed 0, reported on 8 test prompts over seeds 0, 1" in md

@@ -113,9 +113,10 @@ class Task:
     validation_prompts: list[str]
     test_prompts: list[str]
     overrides: tuple[tuple[str, Any], ...] = ()  # applied to every run's config (sizes for toy runs)
+    online_overrides: tuple[tuple[str, Any], ...] = ()  # applied to the online runs' configs after `overrides`
 
-    def base_lr(self) -> float:
-        return float(load_config(self.base).optimizer.learning_rate)
+    def base_lr(self, kind: str = "offline") -> float:
+        return float(load_config(self.online_base if kind == "online" else self.base).optimizer.learning_rate)
 
     def run_config(self, method: Method, lr: float, seed: int, start: str, workdir: str):
         spec = self.online_base if method.kind == "online" else self.base
@@ -136,9 +137,14 @@ class Task:
             c.progress_bar = False
             c.tensorboard = False
             c.optimizer.learning_rate = float(lr)
-            if method.kind == "online" and "seed" in c.online:
-                c.online.seed = int(seed)
+            if method.kind == "online":
+                if "seed" in c.online:
+                    c.online.seed = int(seed)
+                if c.online.get("final_eval"):
+                    c.online.final_eval.num_prompts = 0  # the protocol evaluates
         common.apply_overrides(c, self.overrides)
+        if method.kind == "online":
+            common.apply_overrides(c, self.online_overrides)
         common.apply_overrides(c, method.overrides)
         if method.kind == "online" and "num_candidates" not in dict(method.overrides):
             c.num_candidates = len(c.online.temperatures) - 1
@@ -159,7 +165,7 @@ def _split(prompts: Sequence[str], num_validation: int, num_test: int) -> tuple[
 
 def synthetic_task(out: str, scale: str = "small", *, base: str = "configs/demo.py",
                    online_base: str = "configs/demo.py:online", num_validation: int = 256, num_test: int = 512,
-                   overrides: Sequence[tuple[str, Any]] = ()) -> Task:
+                   overrides: Sequence[tuple[str, Any]] = (), online_overrides: Sequence[tuple[str, Any]] = ()) -> Task:
     """The sorting task: SFT warm start per seed from `common.Runner` (SCALES[scale]'s recipe, cached under
     OUT/<scale>/sft/seed<s>), greedy answers, the oracle judge, prompts no training row can contain."""
     from mcpo_jax.data import synthetic
@@ -169,12 +175,12 @@ def synthetic_task(out: str, scale: str = "small", *, base: str = "configs/demo.
     pool = synthetic.prompts(4 * (num_validation + num_test), seed=1)
     val, test = _split(pool, num_validation, num_test)
     return Task("synthetic", base, online_base, runner.sft, common.greedy_answers, oracle_judge(), val, test,
-                tuple(overrides))
+                tuple(overrides), tuple(online_overrides))
 
 
 def config_task(base: str, online_base: str, model_dir: str, prompts_path: str, judge: str, *,
                 num_validation: int = 64, num_test: int = 256, max_new_tokens: int = 256, batch_size: int = 64,
-                overrides: Sequence[tuple[str, Any]] = ()) -> Task:
+                overrides: Sequence[tuple[str, Any]] = (), online_overrides: Sequence[tuple[str, Any]] = ()) -> Task:
     """A real model: every seed starts from `model_dir` (the released instruct model, as in the paper's
     instruct setup), answers greedily with its chat template, judged by `judge` (a judges.make_judge spec)."""
     from mcpo_jax import evaluate
@@ -195,7 +201,7 @@ def config_task(base: str, online_base: str, model_dir: str, prompts_path: str, 
                                          max_new_tokens=max_new_tokens)
 
     return Task("config", base, online_base, lambda seed: model_dir, answers, make_judge(judge), val, test,
-                tuple(overrides))
+                tuple(overrides), tuple(online_overrides))
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -237,21 +243,27 @@ def _last_eval_metrics(paths: Sequence[str]) -> dict:
     return {k: v for k, v in last.items() if k.startswith("heldout/") or k in ("loss", "rewards/accuracies")}
 
 
+class NotRun(RuntimeError):
+    """A (method, lr, seed) run that is not cached, in a protocol that only reports (train=False)."""
+
+
 class Protocol:
     """Runs (method, lr, seed) under OUT, selects, reruns, compares; every run cached on disk."""
 
     def __init__(self, task: Task, out: str, *, seeds: Sequence[int] = (0, 1, 2), grid: Sequence[float] = (),
-                 selection_seed: int | None = None, train: Callable | None = None,
-                 train_online: Callable | None = None):
+                 online_grid: Sequence[float] = (), selection_seed: int | None = None, train: Callable | None = None,
+                 train_online: Callable | None = None, report_only: bool = False):
         self.task, self.out = task, os.path.abspath(out)
         self.seeds = tuple(seeds)
         if len(self.seeds) < 1:
             raise ValueError("at least one seed")
         self.selection_seed = self.seeds[0] if selection_seed is None else selection_seed
         self.grid = tuple(grid) or lr_grid(task.base_lr())
+        self.online_grid = tuple(online_grid) or (lr_grid(task.base_lr("online")) if task.online_base else ())
         self._train = train or common._train
         self._train_online = train_online or common._train_online
         self._start_answers: dict[int, dict] = {}
+        self.report_only = report_only
 
     # -- the start policy of a seed, and its answers (the baseline of every win rate) ----------------------
     def start_answers(self, seed: int) -> dict:
@@ -276,6 +288,8 @@ class Protocol:
         path = os.path.join(wd, "result.json")
         if os.path.exists(path):
             return _read(path)
+        if self.report_only:
+            raise NotRun(f"not run: lr {lr:g} seed {seed}")
         start = self.start_answers(seed)
         if os.path.exists(wd):
             shutil.rmtree(wd)
@@ -313,7 +327,8 @@ class Protocol:
 
     # -- steps 1-4 ------------------------------------------------------------------------------------------
     def select(self, method: Method) -> dict:
-        grid = {lr: self.run(method, lr, self.selection_seed)["validation"]["win_rate"] for lr in self.grid}
+        lrs = self.online_grid if method.kind == "online" else self.grid
+        grid = {lr: self.run(method, lr, self.selection_seed)["validation"]["win_rate"] for lr in lrs}
         return {"grid": grid, "lr": select_lr(grid)}
 
     def evaluate(self, method: Method) -> dict:
@@ -428,12 +443,15 @@ WINNING_BASELINES = (("RPO", "rpo"), ("CPO", "cpo"), ("KTO", "kto"), ("APO", "ap
 SAMPLERS = (("MC", "mc"), ("Max", "max"), ("Min", "min"), ("Random", "random"))
 
 
-def fig2_methods(candidates: Sequence[int]) -> dict[tuple[str, str], Method]:
+def fig2_methods(candidates: Sequence[int], base_L: int | None = None) -> dict[tuple[str, str], Method]:
+    """MC / Max / Min / Random x L; at the base config's L the methods are Table 1's runs (MC = MC-PO)."""
     out = {}
     for L in candidates:
         for name, sampler in SAMPLERS:
             # with one candidate every sampler is the same run (the MC one)
-            out[(name, f"L = {L}")] = Method.of(f"MC-PO {name} (L = {L})", "mcpo", sampler if L > 1 else "mc", L=L)
+            label = "MC-PO" if (name == "MC" and L == base_L) else f"MC-PO {name} (L = {L})"
+            out[(name, f"L = {L}")] = Method.of(label, "mcpo", sampler if L > 1 else "mc",
+                                                L=None if L == base_L else L)
     return out
 
 
@@ -464,6 +482,9 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
         if m.key not in cache:
             try:
                 cache[m.key] = proto.evaluate(m)
+            except NotRun as e:
+                record["failures"].append({"method": m.name, "error": str(e)})
+                cache[m.key] = {}
             except Exception as e:  # noqa: BLE001 - reported, the other methods still run
                 log.exception("%s failed", m.name)
                 record["failures"].append({"method": m.name, "error": repr(e)})
@@ -478,6 +499,7 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
                 out.append(proto.compare(ea, eb))
         return out
 
+    base_L = int(load_config(proto.task.base).num_candidates)
     if table1:
         methods = table1_methods(baselines)
         evals = {m.name: ev(m) for m in methods}
@@ -490,7 +512,7 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
                                    "markdown": method_table(names, evals) + "\n\n" + comparison_table(comps),
                                    "evals": {n: _slim(e) for n, e in evals.items()}, "comparisons": comps})
     for name, spec, rows, cols, compare_pairs in (
-        ("fig2", fig2_methods(fig2) if fig2 else {}, [s for s, _ in SAMPLERS], [f"L = {L}" for L in fig2],
+        ("fig2", fig2_methods(fig2, base_L) if fig2 else {}, [s for s, _ in SAMPLERS], [f"L = {L}" for L in fig2],
          lambda ms: [(ms[(a, c)], ms[(b, c)]) for c in [f"L = {L}" for L in fig2 if L > 1]
                      for a, b in (("Max", "MC"), ("MC", "Random"), ("Random", "Min"))]),
         ("table3", table3_methods(table3) if table3 else {}, ["RNCE", "MC-PO"], [f"M = {M}" for M in table3],
@@ -512,19 +534,24 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
         on = online_methods()
         evals = {m.name: ev(m) for m in on}
         comps = comparisons([(on[0], on[1])])
+        record["online_grid"] = list(proto.online_grid)
         record["sections"].append({"name": "online", "title": "OnMC-PO vs online DPO under the protocol",
                                    "markdown": method_table([m.name for m in on], evals) + "\n\n"
                                    + comparison_table(comps),
                                    "evals": {n: _slim(e) for n, e in evals.items()}, "comparisons": comps})
-    if extra:
+    if extra:  # a list of methods; MC-PO (if listed) against each of the others
         evals = {m.name: ev(m) for m in extra}
-        record["sections"].append({"name": "extra", "title": "Other methods under the protocol",
-                                   "markdown": method_table([m.name for m in extra], evals),
-                                   "evals": {n: _slim(e) for n, e in evals.items()}, "comparisons": []})
+        mc = [m for m in extra if m.name == "MC-PO"]
+        comps = comparisons([(mc[0], m) for m in extra if mc and m is not mc[0]])
+        record["sections"].append({"name": "methods", "title": "Methods under the protocol",
+                                   "markdown": method_table([m.name for m in extra], evals) + (
+                                       "\n\n" + comparison_table(comps) if comps else ""),
+                                   "evals": {n: _slim(e) for n, e in evals.items()}, "comparisons": comps})
     record["seconds"] = time.time() - t0
     record["train_seconds"] = sum(r["train_seconds"] for e in cache.values() if e for r in e["runs"])
     record["runs"] = len({(r["key"], r["lr"], r["seed"]) for e in cache.values() if e for r in e["runs"]}
                          | {(e["key"], lr, proto.selection_seed) for e in cache.values() if e for lr in e["grid"]})
+    record["grid_points"] = len(proto.grid)
     return record
 
 
@@ -537,9 +564,11 @@ def _slim(ev: dict | None) -> dict | None:
 
 
 def markdown(record: dict, *, heading: str = "###") -> str:
+    online = (f"; online runs: {', '.join(fmt_lr(x) for x in record['online_grid'])}"
+              if record.get("online_grid") else "")
     head = (f"{heading} The paper's protocol on `{record['base']}` ({record['task']} task)\n\n"
-            f"Learning-rate grid {', '.join(fmt_lr(x) for x in record['grid'])} (the paper's 7 values scaled to the "
-            f"base config's learning rate), selected per method on {record['validation_prompts']} validation "
+            f"Learning-rate grid {', '.join(fmt_lr(x) for x in record['grid'])}{online} (the paper's 7 values "
+            f"scaled to the base config's learning rate), selected per method on {record['validation_prompts']} validation "
             f"prompts with seed {record['selection_seed']}, reported on {record['test_prompts']} test prompts over "
             f"seeds {', '.join(map(str, record['seeds']))} (mean ± std; every cell names its selected lr). "
             f"{record['runs']} runs, {record['train_seconds'] / 60:.1f} min of summed training, "

@@ -60,9 +60,12 @@ def parser() -> argparse.ArgumentParser:
                    "'none', or a comma list of NAME=objective")
     p.add_argument("--fig2", default="5,3,1", help="numbers of candidates L for Fig. 2")
     p.add_argument("--table3", default="1,2,3", help="numbers of negatives M for Table 3")
-    p.add_argument("--extra", default="", help="comma list of NAME=objective:sampler:M offline methods (own table)")
+    p.add_argument("--methods", default="", help="a table of offline methods, comma list of NAME@objective:sampler:M "
+                   "(MC-PO, if listed, is compared with each of the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set-online", action="append", default=[], metavar="KEY=VALUE", help="online runs only")
     p.add_argument("--out", default="runs/protocol")
+    p.add_argument("--report-only", action="store_true", help="train nothing: tables from the cached runs")
     p.add_argument("--doc", default="", help="write the tables into this markdown file (between markers)")
     p.add_argument("--doc-name", default="", help="marker name in --doc (default: the task name)")
     return p
@@ -76,11 +79,13 @@ def _baselines(text: str):
     return tuple(tuple(x.split("=", 1)) for x in text.split(","))
 
 
-def _extra(text: str):
+def _methods(text: str):
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
-        name, _, spec = item.partition("=")
-        objective, sampler, m = (spec.split(":") + ["", "", "1"])[:3]
+        name, _, spec = item.rpartition("@")
+        objective, sampler, m = (spec.split(":") + ["", "", ""])[:3]
+        if not name or not objective:
+            raise SystemExit(f"--methods: {item!r} is not NAME@objective[:sampler[:M]]")
         out.append(protocol.Method.of(name, objective, sampler or "random", M=int(m or 1)))
     return out
 
@@ -93,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     common.setup_jax(args.out)
     overrides = [(k, _literal(v)) for k, _, v in (s.partition("=") for s in args.set)]
+    online_overrides = [(k, _literal(v)) for k, _, v in (s.partition("=") for s in args.set_online)]
     experiments = set(filter(None, args.experiments.split(",")))
     unknown = experiments - {"table1", "fig2", "table3", "online"}
     if unknown:
@@ -101,26 +107,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
         task = protocol.synthetic_task(args.out, args.scale, base=args.base,
                                        online_base=args.online_base or "configs/demo.py:online",
                                        num_validation=args.num_validation, num_test=args.num_test,
-                                       overrides=overrides)
+                                       overrides=overrides, online_overrides=online_overrides)
     else:
+        if args.online_base and not (args.judge and args.prompts):  # the online config's judge and prompts
+            o = protocol.load_config(args.online_base).online
+            args.judge = args.judge or o.get("judge", "")
+            args.prompts = args.prompts or (o.get("prompts", "") if os.path.exists(o.get("prompts", "")) else "")
         missing = [f for f in ("model_dir", "prompts", "judge") if not getattr(args, f)]
         if missing:
             raise SystemExit(f"--task config needs --{', --'.join(m.replace('_', '-') for m in missing)}")
         task = protocol.config_task(args.base, args.online_base, args.model_dir, args.prompts, args.judge,
                                     num_validation=args.num_validation, num_test=args.num_test,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch,
-                                    overrides=overrides)
-    if args.lrs:
-        grid = tuple(float(x) for x in args.lrs.split(","))
-    else:
-        points = _ints(args.grid_points)
-        grid = protocol.lr_grid(task.base_lr(), points[0] if len(points) == 1 else points)
+                                    overrides=overrides, online_overrides=online_overrides)
+    points = _ints(args.grid_points)
+    points = points[0] if len(points) == 1 else points
+    grid = tuple(float(x) for x in args.lrs.split(",")) if args.lrs else protocol.lr_grid(task.base_lr(), points)
+    online_grid = protocol.lr_grid(task.base_lr("online"), points) if "online" in experiments else ()
     proto = protocol.Protocol(task, os.path.join(args.out, task.name), seeds=_ints(args.seeds), grid=grid,
-                              selection_seed=args.selection_seed)
+                              online_grid=online_grid, selection_seed=args.selection_seed,
+                              report_only=args.report_only)
     record = protocol.run_all(proto, table1="table1" in experiments, baselines=_baselines(args.baselines),
                               fig2=_ints(args.fig2) if "fig2" in experiments else (),
                               table3=_ints(args.table3) if "table3" in experiments else (),
-                              online="online" in experiments, extra=_extra(args.extra))
+                              online="online" in experiments, extra=_methods(args.methods))
     record["argv"] = list(sys.argv[1:] if argv is None else argv)
     record["host"] = common.host_info()
     os.makedirs(proto.out, exist_ok=True)
