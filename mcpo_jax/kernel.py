@@ -11,8 +11,10 @@ Strategies (``STRATEGIES``):
   * ``"mc"``: Algorithm 1. M = 1 draws z ~ Categorical(softmax(beta r)) with ``jax.random.categorical``;
     M > 1 draws M columns without replacement by Gumbel top-k (the first index is exactly a categorical draw,
     the set is sequential sampling without replacement in proportion to the weights).
-  * ``"max"`` / ``"min"``: the M largest / smallest weights, deterministic, in order (the paper's Fig. 2
-    variants); ties go to the lower column.
+  * ``"max"`` / ``"min"``: the M largest / smallest weights, in order (the paper's Fig. 2 variants). Ties are
+    broken uniformly at random (from ``key``): at step 0 every log-ratio is 0, and a fixed tie-break (the
+    lower column, i.e. the best remaining candidate in ranked data) would start Min on the hardest negative.
+    Inputs without ties give the same indices for every key.
   * ``"random"``: M columns uniformly without replacement (RNCE; the paper's DPO baseline).
 
 ``include_preferred``: Algorithm 1 literally puts y0 in the categorical (weights w_0..w_L). The default
@@ -99,8 +101,27 @@ def select_negatives(key, policy_logps, ref_logps, *, beta, num_negatives, strat
             scores_BC = logits_BC
         else:  # "min": largest of -logits among eligible columns
             scores_BC = jnp.where(eligible_BC, -logits_BC, -jnp.inf)
+        return _top_k_random_ties(key, scores_BC, m)
     _, idx_BM = jax.lax.top_k(scores_BC, m)
     return idx_BM.astype(jnp.int32)
+
+
+def _top_k_random_ties(key, scores_BC, m):
+    """``top_k`` whose ties are broken uniformly at random: top_k prefers the lower index among equal scores,
+    so the columns are shuffled by a per-row random permutation first and the indices mapped back. Untied
+    scores select exactly what ``top_k`` selects; among k tied columns competing for fewer than k places each
+    is picked with the same probability."""
+    b, c = scores_BC.shape
+    # Ineligible columns (-inf) keep their column order after every eligible one, so a row short of
+    # candidates is filled exactly as plain top_k fills it.
+    order_BC = jnp.where(scores_BC > -jnp.inf, jax.random.uniform(key, (b, c)), 1.0 + jnp.arange(c) / c)
+    perm_BC = jnp.argsort(order_BC, axis=1)
+    top_BM, idx_perm_BM = jax.lax.top_k(jnp.take_along_axis(scores_BC, perm_BC, axis=1), m)
+    idx_BM = jnp.take_along_axis(perm_BC, idx_perm_BM, axis=1)
+    # Which tied columns are picked is random; the picked ones come in (score, column) order, so a selection
+    # of every eligible column (M = L) is columns 1..L in order, as plain top_k returns it.
+    order_BM = jnp.lexsort((idx_BM, -top_BM), axis=1)
+    return jnp.take_along_axis(idx_BM, order_BM, axis=1).astype(jnp.int32)
 
 
 def check_enough_candidates(valid, num_negatives, *, include_preferred=False):

@@ -159,3 +159,48 @@ def test_errors():
         kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=1, strategy="best")
     with pytest.raises(ValueError, match="num_negatives=4"):
         kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=4)
+
+
+@pytest.mark.parametrize("strategy", ["max", "min"])
+def test_max_min_break_ties_uniformly_at_random(strategy):
+    """At step 0 every log-ratio is 0: Max and Min must not both start on the first (best remaining) column.
+    20 000 rows of 5 equal eligible candidates (one invalid column, never chosen): the chi-square statistic
+    of the first pick's frequencies against uniform has 4 degrees of freedom (0.1% critical value 18.47);
+    with M = 2 every unordered pair of the 10 is equally likely (9 dof, 27.88)."""
+    n, c = 20_000, 7
+    zeros = jnp.zeros((n, c))
+    valid = np.ones((n, c), bool)
+    valid[:, 4] = False
+    for m, pairs in ((1, False), (2, True)):
+        idx = np.asarray(kernel.select_negatives(jax.random.key(11), zeros, zeros, beta=1.0, num_negatives=m,
+                                                 strategy=strategy, valid=jnp.asarray(valid)))
+        assert not np.any(idx == 0) and not np.any(idx == 4)
+        if not pairs:
+            counts = np.bincount(idx[:, 0], minlength=c)[[1, 2, 3, 5, 6]]
+            critical = 18.47
+        else:
+            keys = np.sort(idx, axis=1) @ np.array([c, 1])
+            combos = [a * c + b for a, b in itertools.combinations([1, 2, 3, 5, 6], 2)]
+            counts = np.array([np.sum(keys == k) for k in combos])
+            assert counts.sum() == n
+            critical = 27.88
+        expected = n / len(counts)
+        chi2 = float(np.sum((counts - expected) ** 2 / expected))
+        assert chi2 < critical, (m, counts, chi2)
+    # the tie-break comes from the key: another key, other picks (and the same key, the same picks)
+    a = kernel.select_negatives(jax.random.key(1), zeros[:64], None, beta=1.0, num_negatives=1, strategy=strategy)
+    b = kernel.select_negatives(jax.random.key(2), zeros[:64], None, beta=1.0, num_negatives=1, strategy=strategy)
+    a2 = kernel.select_negatives(jax.random.key(1), zeros[:64], None, beta=1.0, num_negatives=1, strategy=strategy)
+    assert not np.array_equal(a, b) and np.array_equal(a, a2)
+
+
+def test_max_min_without_ties_do_not_depend_on_the_key():
+    policy, ref, valid = _tiled(32)
+    for strategy in ("max", "min"):
+        picks = [np.asarray(kernel.select_negatives(jax.random.key(k), policy, ref, beta=BETA, num_negatives=3,
+                                                    strategy=strategy, valid=valid)) for k in range(5)]
+        reward = np.where(VALID, np.nan_to_num(POLICY) - np.nan_to_num(REF, posinf=0), np.nan)[1:]
+        order = 1 + np.argsort(np.where(np.isnan(reward), np.inf if strategy == "min" else -np.inf, reward))
+        expected = order[::-1][:3] if strategy == "max" else order[:3]
+        for p in picks:
+            np.testing.assert_array_equal(p, np.tile(expected, (32, 1)))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mcpo_jax import kernel, logprobs, losses
+from mcpo_jax import kernel, logprobs, losses, ranking_metrics
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def select_columns(cfg: StepConfig, key, policy_BC, ref_BC, valid_BC, fixed_inde
     return jnp.concatenate([zero_B1, neg_BM], axis=1), neg_BM
 
 
-def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True):
+def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True, ranking=False):
     """Gradient sum and metric (sum, count) pairs of one micro-batch."""
     ids_BCT, mask_BCT, loss_mask_BCT = mb["input_ids"], mb["attention_mask"], mb["loss_mask"]
     valid_BC = mb["valid"].astype(bool)
@@ -191,6 +191,10 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
         add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
         return grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32)
 
+    if ranking:  # held-out metrics over every candidate, comparable across samplers (mcpo_jax/ranking_metrics.py)
+        all_BC = jax.lax.stop_gradient(_rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk))
+        for name, (total, count) in ranking_metrics.sums(all_BC, ref_BC, cfg.beta, valid_BC, mb.get("ranks")).items():
+            add(name, total, count)
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
     if policy_BC is not None:  # the MC weights' entropy; without the policy pass it is not computed
         weights_BC = kernel.weights(
@@ -266,7 +270,8 @@ def make_eval_step(cfg: StepConfig, graphdef, rest):
     """Loss and reward accuracy without an update (held-out split); same kernel key as step 0."""
 
     def eval_step(params, ref_params, rng, batch):
-        _, sums, _, _, _ = _micro_step(cfg, graphdef, rest, params, ref_params, batch, rng, with_grad=False)
+        _, sums, _, _, _ = _micro_step(cfg, graphdef, rest, params, ref_params, batch, rng, with_grad=False,
+                                       ranking=True)
         return sums
 
     return eval_step
