@@ -109,7 +109,7 @@ class Task:
     online_base: str  # config spec of the batched online runs ("" = no online methods)
     start: Callable[[int], str]  # seed -> start policy (HF folder); also the reference policy
     answers: Callable[[str, Sequence[str]], list[str]]  # (policy folder, prompts) -> greedy answers
-    judge: Any  # mcpo_jax.online.judges.Judge
+    judge: Any  # mcpo_jax.judges.Judge
     validation_prompts: list[str]
     test_prompts: list[str]
     overrides: tuple[tuple[str, Any], ...] = ()  # applied to every run's config (sizes for toy runs)
@@ -129,7 +129,7 @@ class Task:
             c.model.path = start
             c.model.preset = ""
             c.warm_start = None  # the start policy is built once per seed, outside the run
-            c.final_eval = None  # the protocol evaluates (validation and test prompts)
+            c.final_eval.judge = ""  # the protocol evaluates (validation and test prompts)
             c.checkpoint.save_every = 0
             c.checkpoint.keep = 1
             c.checkpoint.async_save = False
@@ -138,10 +138,7 @@ class Task:
             c.tensorboard = False
             c.optimizer.learning_rate = float(lr)
             if method.kind == "online":
-                if "seed" in c.online:
-                    c.online.seed = int(seed)
-                if c.online.get("final_eval"):
-                    c.online.final_eval.num_prompts = 0  # the protocol evaluates
+                c.online.seed = int(seed)
         common.apply_overrides(c, self.overrides)
         if method.kind == "online":
             common.apply_overrides(c, self.online_overrides)
@@ -169,12 +166,12 @@ def synthetic_task(out: str, scale: str = "small", *, base: str = "configs/demo.
     """The sorting task: SFT warm start per seed from `common.Runner` (SCALES[scale]'s recipe, cached under
     OUT/<scale>/sft/seed<s>), greedy answers, the oracle judge, prompts no training row can contain."""
     from mcpo_jax.data import synthetic
-    from mcpo_jax.online.judges import oracle_judge
+    from mcpo_jax.judges import oracle_judge
 
     runner = common.Runner(out, scale)
     pool = synthetic.prompts(4 * (num_validation + num_test), seed=1)
     val, test = _split(pool, num_validation, num_test)
-    return Task("synthetic", base, online_base, runner.sft, common.greedy_answers, oracle_judge(), val, test,
+    return Task("synthetic", base, online_base, runner.sft, common.greedy_answers, oracle_judge("sorting"), val, test,
                 tuple(overrides), tuple(online_overrides))
 
 
@@ -184,9 +181,10 @@ def config_task(base: str, online_base: str, model_dir: str, prompts_path: str, 
     """A real model: every seed starts from `model_dir` (the released instruct model, as in the paper's
     instruct setup), answers greedily with its chat template, judged by `judge` (a judges.make_judge spec)."""
     from mcpo_jax import evaluate
-    from mcpo_jax.online.judges import make_judge
+    from mcpo_jax.data.text import load_prompts
+    from mcpo_jax.judges import make_judge
 
-    rows = evaluate.load_prompts(prompts_path)
+    rows = load_prompts(prompts_path)
     prompts = [r["instruction"] if isinstance(r, dict) else r for r in rows]
     val, test = _split([p for p in prompts if isinstance(p, str)], num_validation, num_test)
 
