@@ -34,7 +34,7 @@ def _answers(policy, prompts):
 def _fake(calls):
     def train(config, workdir):
         calls.append((config.objective, config.sampler, config.optimizer.learning_rate, config.seed,
-                      config.model.path, config.warm_start, config.final_eval))
+                      config.model.path, config.warm_start, config.final_eval.judge))
         return {"status": "completed", "hf_export": f"{config.objective}|{config.optimizer.learning_rate}|{config.seed}"}
 
     return train
@@ -105,7 +105,7 @@ def test_protocol_selects_on_validation_reruns_seeds_and_compares(tmp_path):
     assert len(calls) == 2 * (3 + 2)
     assert {c[3] for c in calls if c[2] != ev_mc["selected_lr"] and c[0] == "mcpo"} == {0}
     # every run starts from its seed's start policy, without a warm start or final evaluation of its own
-    assert all(c[4] == f"start{c[3]}" and c[5] is None and c[6] is None for c in calls)
+    assert all(c[4] == f"start{c[3]}" and c[5] is None and c[6] == "" for c in calls)
     assert {(c[0], c[1]) for c in calls} == {("dpo", "random"), ("mcpo", "mc")}
     cmp = proto.compare(ev_mc, ev_dpo)
     # MC-PO right on 6 of 8 test prompts, DPO on 4, nested: 2 wins, 6 ties per seed
