@@ -230,7 +230,7 @@ def setup_logging(run_dir, primary: bool) -> None:
     # orbax and grain log every save / read at INFO through absl; keep the console for the trainer.
     for name in ("absl", "orbax", "grain"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'"
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
         h = logging.StreamHandler()

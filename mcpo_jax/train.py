@@ -48,6 +48,10 @@ def _main(argv):
         print("error: --config and --workdir are required (python -m mcpo_jax.train --config configs/demo.py "
               "--workdir /tmp/demo)", file=sys.stderr)
         return 2
+    import logging
+
+    # "Unable to initialize backend 'tpu'" (INFO, through absl) on every machine without TPUs: not news.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from mcpo_jax import pipeline, sharding
     from mcpo_jax.training.loop import TrainingDiverged
 

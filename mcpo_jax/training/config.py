@@ -279,7 +279,13 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     from mcpo_jax import losses, models, sharding
 
     errors = list(problems) + _unknown_keys(config)
-    if config.get("warm_start") is not None:
+    present = _flat(config)
+    missing = sorted(k for k in _flat(base_config()) if k not in present and k != "warm_start")
+    if missing:  # every check below reads keys by name
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors + [
+            f"missing keys {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}: build configs from "
+            "mcpo_jax.training.config.base_config()"]))
+    if config.warm_start is not None:
         errors.extend(p.replace("unknown key '", "unknown key 'warm_start.") for p in _unknown_keys(config.warm_start))
 
     objective, sampler = config.objective, config.sampler

@@ -91,7 +91,7 @@ class Trainer:
             self.rules)
         log.info("model: %.2fM parameters", state_lib.count_params(params) / 1e6)
         self.step_cfg = step_lib.step_config_from(config)
-        self.reference_id = self.model_path or f"preset:{config.model.preset}:{config.model.seed}"
+        self.reference_path = self.model_path  # "" = the random-init preset
         self.ref_params = None
         if self.step_cfg.needs_reference:
             if config.reference_path:
@@ -132,7 +132,7 @@ class Trainer:
         if jax.tree.structure(ref) != jax.tree.structure(like) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(like))):
             raise ConfigError(f"reference {path!r} is not the policy's architecture")
-        self.ref_params, self.reference_id = ref, path
+        self.ref_params, self.reference_path = ref, path
         log.info("reference: %s", path)
 
     def precompute_reference(self, datasets: dict, cache_dir: str) -> dict[str, str]:
@@ -145,7 +145,7 @@ class Trainer:
         for name, ds in datasets.items():
             if ds is None:
                 continue
-            key = refcache.cache_key(ds, dict(self.config.model.to_dict(), path=self.reference_id), settings)
+            key = refcache.cache_key(ds, self.config.model, settings, path=self.reference_path)
             t0 = time.perf_counter()
             values, hit = refcache.load_or_compute(
                 self.config.reference_cache_dir or os.path.join(cache_dir, "reference"), key,

@@ -36,11 +36,10 @@ def dataset_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(model_config) -> str:
-    """Identity of the reference weights: a local folder's files (names, sizes, mtimes) and config, a hub
-    id, or a random-init preset with its seed."""
+def checkpoint_fingerprint(model_cfg, path: str) -> str:
+    """Identity of the reference weights: a local folder's files (names, sizes, mtimes) and config, a hub id, or
+    (no `path`) the random-init preset of `model_cfg` with its seed; plus the compute dtype."""
     h = hashlib.sha256()
-    path = model_config.get("path")
     if path and os.path.isdir(path):
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
@@ -52,20 +51,20 @@ def checkpoint_fingerprint(model_config) -> str:
                         h.update(f.read())
         h.update(os.path.abspath(path).encode())
     elif path:
-        h.update(f"hub:{path}:{model_config.get('revision', None)}".encode())
+        h.update(f"hub:{path}".encode())
     else:
-        overrides = model_config.get("overrides", {}) or {}
-        overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
-        h.update(json.dumps({"preset": model_config.get("preset"), "overrides": overrides,
-                             "seed": model_config.get("seed", 0)}, sort_keys=True).encode())
-    h.update(f"dtype={model_config.get('dtype', 'float32')}".encode())
+        h.update(json.dumps({"preset": model_cfg.preset, "overrides": model_cfg.overrides.to_dict(),
+                             "seed": int(model_cfg.seed)}, sort_keys=True).encode())
+    h.update(f"dtype={model_cfg.dtype}".encode())
     return h.hexdigest()
 
 
-def cache_key(dataset, model_config, settings: dict) -> str:
+def cache_key(dataset, model_cfg, settings: dict, *, path: str) -> str:
+    """The cache key of a dataset's reference log-probs: data, reference weights (`path`, else the preset of
+    `model_cfg`), tokenization and log-prob settings."""
     h = hashlib.sha256()
     h.update(dataset_fingerprint(dataset).encode())
-    h.update(checkpoint_fingerprint(model_config).encode())
+    h.update(checkpoint_fingerprint(model_cfg, path).encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
