@@ -112,5 +112,11 @@ def build_datasets(config, tokenizer, cache_dir: str):
     train_examples, eval_examples = split_examples(config, examples)
     if not train_examples:
         raise DataError(f"data.source={config.data.source!r}: no training examples")
-    return (tokenize(config, tokenizer, train_examples, cache_dir, split="train"),
-            tokenize(config, tokenizer, eval_examples, cache_dir, split="eval"))
+    train = tokenize(config, tokenizer, train_examples, cache_dir, split="train")
+    longest = int(train.row_lengths.max())
+    if longest * 4 <= int(config.data.max_length):
+        log.warning("the longest training row has %d tokens but data.max_length is %d: batches are padded to "
+                    "their own length (data.bucket_lengths=%r), but a smaller --config.data.max_length (and "
+                    "max_prompt_length / max_completion_length) also bounds the buckets and the memory planned",
+                    longest, int(config.data.max_length), config.data.bucket_lengths)
+    return train, tokenize(config, tokenizer, eval_examples, cache_dir, split="eval")
