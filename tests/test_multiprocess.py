@@ -263,8 +263,8 @@ def test_each_process_reads_its_own_shard_and_together_they_cover_each_epoch(tmp
 TRAIN_CONFIG = REPO / "tests" / "_multiprocess_config.py"
 AUDIT = REPO / "tests" / "_multiprocess_audit"
 
-# Each trainer run costs 15-40 s of CPU on a small machine (two processes compiling the step): the 2 x 2 vs
-# 1 x 4 comparison runs by default, the runs around checkpoints, resume and SIGTERM are opt-in.
+# Each trainer run costs 15-40 s of CPU on a small machine (two processes compiling the step); all of them run
+# by default (the 2 x 2 vs 1 x 4 comparison, checkpoints, resume, SIGTERM on one process).
 # Cheaper XLA CPU compiles (about 40 % less compile time on the tiny step); every run compared uses them.
 FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
 
