@@ -398,7 +398,7 @@ def memory_report(compiled) -> dict[str, float] | None:
 def saved_bytes_per_token_per_layer(model, *, tokens: int = 97) -> dict[str, Any]:
     """Bytes the backward of one layer body keeps per token (remat policy applied), from JAX's residual list
     of the layer as the model scans it, on one row of `tokens` tokens (a prime: no weight dimension equals it). Residuals without a token axis
-    (weights, constants) are left out: they are not activations."""
+    (weights) and constants (RoPE tables, computed once for all layers) are left out: not per-layer activations."""
     from jax._src import ad_checkpoint
 
     c = model.config
@@ -421,7 +421,7 @@ def saved_bytes_per_token_per_layer(model, *, tokens: int = 97) -> dict[str, Any
     # The attention output is one buffer whether listed as attention's own residual or as `attn_out`.
     named_out = any("named 'attn_out'" in why for _, why in residuals)
     for aval, why in residuals:
-        if tokens not in aval.shape or why.startswith("from the argument p"):
+        if tokens not in aval.shape or why.startswith(("from the argument p", "from a constant")):
             continue
         if named_out and "pure_callback" in why and aval.dtype != jnp.float32:
             continue

@@ -562,7 +562,7 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
         lines.append(f"# {bench.get('config', {}).get('model', '?')}: {env.get('device_kind', '?')}, "
                      f"jax {env.get('jax_version', '?')}")
     lines.append(f"{'model':10s} {'step':21s} {'torch s':>8s} {'jax s':>8s} {'speedup':>8s} {'torch MFU':>9s} "
-                 f"{'jax MFU':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
+                 f"{'jax MFU':>8s} {'jax MFU*':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
     for bench in benches:
         cfg = bench.get("config", {})
         tags = (["remat"] if cfg.get("remat") else []) + (["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
@@ -577,6 +577,7 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
             lines.append(
                 f"{name:10s} {r['step']:21s} {_num(a.get('median_s'), '.3f', 8)} {r['median_s']:8.3f} "
                 f"{_num(speedup, '.2f', 8)} {_num(a.get('mfu'), '.3f', 9)} {r['mfu']:8.3f} "
+                f"{_num(r.get('anchor_equivalent_mfu'), '.3f', 8)} "
                 f"{_num(a.get('peak_mem_gb'), '.1f', 8)} {_num(r.get('peak_mem_gb'), '.1f', 8)} "
                 f"{_num(target, '.2f', 8)}  " + ("-" if not target else "yes" if r["median_s"] <= target else "NO")
             )
@@ -591,6 +592,8 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     if peak:
         lines.append("matmul peak: " + ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in peak.items() if "tflops" in k or "version" in k))
+    lines.append("jax MFU: the work the step executes; jax MFU*: the anchor's work for the same step over the same "
+                 "time (anchor-equivalent, the figure to set beside torch MFU)")
     if anchor.get("partial"):
         lines.append("(the anchor run was cut short: its rows come from its log)")
     return "\n".join(lines)
@@ -756,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         save()
         if args.json:
             print(f"# wrote {args.json}")
+        _fail_without_cudnn(rows)
         return result
     rows = run_steps(args, config, shapes, variants, on_row=on_row)
     on_row(rows)
@@ -784,7 +788,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.json:
         save()
         print(f"# wrote {args.json}")
+    _fail_without_cudnn(rows)
     return result
+
+
+def _fail_without_cudnn(rows):
+    """A GPU run in half precision whose program has no cuDNN attention call measured the wrong program."""
+    bad = [r["step"] for r in rows if "no cuDNN attention" in r.get("error", "")]
+    if bad:
+        from mcpo_jax.models import decoder
+
+        raise SystemExit(f"FAILED: no cuDNN attention in {bad}; fallbacks: {decoder.attention_fallbacks()}")
 
 
 if __name__ == "__main__":

@@ -118,13 +118,13 @@ def test_comparison_table_against_the_anchor():
     anchor = {"runs": [{"model": "llama-1b", "step": "mcpo_naive", "median_s": 0.962, "mfu": 0.40, "peak_mem_gb": 59.5},
                        {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": 59.5}]}
     ours = {"config": {"model": "llama-1b"}, "ratios": {"mcpo_over_dpo_reference_in_step": 1.5},
-            "runs": [{"model": "llama-1b", "step": "mcpo", "median_s": 0.481, "mfu": 0.8, "peak_mem_gb": 40.0,
-                      "target_s": 0.70},
+            "runs": [{"model": "llama-1b", "step": "mcpo", "median_s": 0.481, "mfu": 0.7, "anchor_equivalent_mfu": 0.8,
+                      "peak_mem_gb": 40.0, "target_s": 0.70},
                      {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": None,
                       "target_s": 0.33}]}
     table = bench.format_comparison(anchor, [ours]).splitlines()
     mcpo = next(line for line in table if " mcpo " in line)
-    assert mcpo.split()[2:5] == ["0.962", "0.481", "2.00"] and mcpo.endswith("yes")
+    assert mcpo.split()[2:8] == ["0.962", "0.481", "2.00", "0.400", "0.700", "0.800"] and mcpo.endswith("yes")
     dpo = next(line for line in table if " dpo " in line)
     assert dpo.split()[4] == "1.00" and dpo.endswith("NO")
     assert any("torch mcpo/dpo (reference in step): 2.28" in line for line in table)
