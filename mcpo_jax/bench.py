@@ -565,7 +565,9 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
                  f"{'jax MFU':>8s} {'jax MFU*':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
     for bench in benches:
         cfg = bench.get("config", {})
-        tags = (["remat"] if cfg.get("remat") else []) + (["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
+        remat = cfg.get("remat", "minimal")  # the bench's default policy carries no tag
+        tags = ([] if remat == "minimal" else [f"remat={remat}"]) + (
+            ["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
         for r in bench.get("runs", []):
             name = "+".join([r["model"], *tags])
             if "error" in r:
