@@ -14,11 +14,17 @@ each variant:
 
 Each is compiled ahead of the loop (compile time reported apart), run `--warmup` times, then
 timed `--steps` times with the host blocking on the new state after each step; the median is
-reported. FLOPs follow the PyTorch anchor (`../shared/bench/torch_dpo_anchor.py`) exactly, so MFU
-and tokens/s compare one to one: 6N + 12·l·d·s per trained token, 2N + 4·l·d·s per forward-only
-token, N = the matmul parameters of the layers plus the LM head. The FLOPs counted are the work
-the algorithm needs (the anchor's), not whatever a step happens to execute: a step that does
-extra passes shows a lower MFU.
+reported. FLOPs follow the PyTorch anchor's formula (`../shared/bench/torch_dpo_anchor.py`): 6N + 12·l·d·s
+per trained token, 2N + 4·l·d·s per forward-only token, N = the matmul parameters of the layers plus the LM
+head. `mfu` credits the work the step executes (`audit.executed_work`: the passes its StepConfig runs,
+the LM head on completion positions only), so it never counts work that was skipped;
+`anchor_equivalent_mfu` credits the anchor's work for the same variant over the same time (the figure to
+set beside the anchor's own MFU: a step that skips work shows a higher anchor-equivalent MFU).
+
+`--compile-only` compiles each variant from abstract shapes (no weights; on a CPU at the real shapes) and
+prints the program audit (`mcpo_jax.audit`): HLO FLOPs with loop trip counts, the formula FLOPs of the work
+executed and of the anchor's, compiled memory, saved activations per token per layer, passes over the
+layers, the largest vocab-sized buffers, attention calls (cuDNN on a GPU).
 
 `--compare ANCHOR.json BENCH.json...` prints the side-by-side table against the anchor and exits.
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcpo_jax import audit
 from mcpo_jax.online.generate import generation_throughput
 
 PEAK_TFLOPS_H200_BF16 = 989.0  # dense bf16, datasheet (the anchor's PEAK)
@@ -59,84 +67,22 @@ TARGETS_S = {
 # FLOP accounting (the anchor's)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-    """The few numbers the FLOP count needs, read off a ModelConfig (or given by hand)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-
-    @classmethod
-    def of(cls, config) -> Shapes:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            vocab_size=config.vocab_size,
-        )
-
-
-def matmul_params(s: Shapes) -> int:
-    """N: the weights every token multiplies through (q, k, v, o, gate/up/down per layer, LM head).
-
-    The LM head counts whether or not it is tied to the embedding (its matmul runs either way);
-    the embedding lookup and the norms do not. Same as the anchor's `n_params` (which writes
-    q and o as d x d: equal here whenever heads x head_dim = hidden_size, as for Llama/Mistral).
-    """
-    d, f = s.hidden_size, s.intermediate_size
-    q = s.num_attention_heads * s.head_dim
-    kv = s.num_key_value_heads * s.head_dim
-    per_layer = 2 * d * q + 2 * d * kv + 3 * d * f
-    return s.num_hidden_layers * per_layer + d * s.vocab_size
-
-
-def flops_per_token(s: Shapes, seq: int, *, train: bool) -> float:
-    """PaLM-style model FLOPs per token: 6N + 12·l·d·s with backward, 2N + 4·l·d·s forward only."""
-    n = matmul_params(s)
-    attn = 12 * s.num_hidden_layers * s.hidden_size * seq
-    return float(6 * n + attn) if train else float(2 * n + attn / 3)
-
-
-@dataclasses.dataclass(frozen=True)
-class Work:
-    """Tokens one step of a variant must push through the model, by kind of pass."""
-
-    trained_tokens: int  # forward + backward
-    forward_tokens: int  # forward only (policy and reference log-probs without gradient)
-    seq: int
-
-    def flops(self, s: Shapes) -> float:
-        return self.trained_tokens * flops_per_token(s, self.seq, train=True) + self.forward_tokens * flops_per_token(
-            s, self.seq, train=False
-        )
+# Shapes, matmul_params, flops_per_token, Work: the anchor's accounting, in mcpo_jax.audit (one home).
+Shapes, matmul_params, flops_per_token, Work = audit.Shapes, audit.matmul_params, audit.flops_per_token, audit.Work
 
 
 def variant_work(variant: str, *, prompts: int, candidates: int, negatives: int, seq: int) -> Work:
-    """The anchor's work for each variant on `prompts` prompts of 1 + `candidates` sequences.
+    """The anchor's work for a variant (what the PyTorch anchor credits; `audit.anchor_work`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown bench variant {variant!r}; known: {VARIANTS}")
+    return audit.anchor_work(variant, prompts=prompts, candidates=candidates, negatives=negatives, seq=seq)
 
-    DPO: 2 sequences per prompt trained, their reference forward when it is in the step.
-    MC-PO: policy (and reference, when in the step) forward without gradient over all 1 + L,
-    then forward + backward on y0 and the M selected.
-    """
-    b, c, m = prompts, 1 + candidates, negatives
-    if variant == "dpo":
-        return Work(trained_tokens=2 * b * seq, forward_tokens=2 * b * seq, seq=seq)
-    if variant == "dpo_precomputed_ref":
-        return Work(trained_tokens=2 * b * seq, forward_tokens=0, seq=seq)
-    if variant == "mcpo":
-        return Work(trained_tokens=(1 + m) * b * seq, forward_tokens=2 * c * b * seq, seq=seq)
-    if variant == "mcpo_precomputed_ref":
-        return Work(trained_tokens=(1 + m) * b * seq, forward_tokens=c * b * seq, seq=seq)
-    raise ValueError(f"unknown bench variant {variant!r}; known: {VARIANTS}")
+
+def executed_work(variant: str, cfg, *, prompts: int, candidates: int, prompt_len: int, completion_len: int) -> Work:
+    """The work the step executes for a variant under its StepConfig (pruned passes, LM head window)."""
+    columns = 2 if variant.startswith("dpo") else 1 + candidates
+    return audit.executed_work(cfg, prompts=prompts, columns=columns, prompt_len=prompt_len,
+                               completion_len=completion_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +201,7 @@ def model_config(name_or_path: str):
     return models.preset_config(name_or_path)
 
 
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
 
 
@@ -262,19 +209,25 @@ DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "f
 # The steps under test: the trainer's own (mcpo_jax.training.step)
 
 
-def step_config(variant: str, *, negatives: int, beta: float):
+def step_config(variant: str, *, negatives: int, beta: float, chunk_size: int | None = None,
+                completion_len: int | None = None):
     """The trainer's StepConfig for a bench variant.
 
     DPO runs on the (y0, y1) pairs with the `fixed` sampler (y1 is the designated rejected), as
-    TRL's DPO does; MC-PO samples `negatives` of the L candidates with the MC kernel.
+    TRL's DPO does; MC-PO samples `negatives` of the L candidates with the MC kernel. `completion_len` sets
+    the LM-head window (`StepConfig.completion_window`) as the trainer does from `max_completion_length`.
     """
     from mcpo_jax.training import step as step_lib
 
     reference = "precomputed" if variant.endswith("precomputed_ref") else "online"
+    extra = {} if chunk_size is None else {"logprob_chunk_size": chunk_size}
+    if completion_len is not None:  # every completion is `completion_len` long: the LM head runs on those only
+        extra["completion_window"] = completion_len
     if variant.startswith("dpo"):
-        return step_lib.StepConfig(objective="dpo", sampler="fixed", num_negatives=1, beta=beta, reference=reference)
+        return step_lib.StepConfig(objective="dpo", sampler="fixed", num_negatives=1, beta=beta, reference=reference,
+                                   **extra)
     return step_lib.StepConfig(objective="mcpo", sampler="mc", num_negatives=negatives, beta=beta,
-                               reference=reference)
+                               reference=reference, **extra)
 
 
 def init_model(config, *, dtype, param_dtype, remat, seed: int, mesh=None):
@@ -290,6 +243,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
     `on_row(rows)` runs after each variant (the CLI saves its JSON there, so a run cut short by a
     time limit keeps what it measured)."""
     from mcpo_jax import models, sharding
+    from mcpo_jax.training import program as program_lib
     from mcpo_jax.training import refcache
     from mcpo_jax.training import state as state_lib
     from mcpo_jax.training import step as step_lib
@@ -298,19 +252,24 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, -1, 1)
     model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat, seed=args.seed, mesh=mesh)
-    graphdef, params, rest = state_lib.split_model(model)
-    param_sh = sharding.param_shardings(models.logical_axes(model), params, mesh)
-    params = jax.device_put(params, param_sh)
-    # The reference: a frozen copy of the initial policy, as the trainer keeps it.
-    ref_params = jax.tree.map(jnp.copy, params)
     tx, schedule = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
                                            decay="constant")
-    state_sh = state_lib.state_shardings(tx, params, param_sh, mesh)
-    state = state_lib.init_state(params, tx, args.seed, shardings=state_sh)
-    del params, model
+
+    def program(variant):
+        cfg = step_config(variant, negatives=args.negatives, beta=args.beta, chunk_size=args.chunk_size,
+                          completion_len=args.completion_len)
+        return program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
+
+    first = program(variants[0])
+    graphdef, params, rest = state_lib.split_model(model)
+    params = jax.device_put(params, first.param_shardings)
+    # The reference: a frozen copy of the initial policy, as the trainer keeps it.
+    ref_params = jax.tree.map(jnp.copy, params)
+    state = first.init_state(params, args.seed)
+    del params
     jax.block_until_ready((state, ref_params))
     init_s = time.perf_counter() - t0
-    log(f"# model {args.model}: {state_lib.count_params(state['params']) / 1e9:.3f} B parameters "
+    log(f"# model {args.model}: {format_count(state_lib.count_params(state['params']))} parameters "
         f"({args.param_dtype or args.dtype} weights, {args.dtype} compute), built in {init_s:.1f}s")
 
     np_batch = make_batch(prompts=args.prompts, candidates=args.candidates, prompt_len=args.prompt_len,
@@ -331,20 +290,18 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
         ref_params = None  # as the trainer does: the reference weights are freed once their log-probs exist
 
     rows = []
+    log(format_table([]))
     for variant in variants:
-        cfg = dataclasses.replace(step_config(variant, negatives=args.negatives, beta=args.beta),
-                                  logprob_chunk_size=args.chunk_size)
+        prog = program(variant)
+        cfg = prog.cfg
         host = pair_batch(np_batch) if variant.startswith("dpo") else dict(np_batch)
         if cfg.reference != "precomputed":
             host.pop("ref_logps", None)
         batch = device_batch(host)
         ref = ref_params if cfg.reference == "online" else None
         try:
-            fn = step_lib.make_train_step(cfg, graphdef, rest, tx, schedule)
-            compiled, info = step_lib.compile_train_step(
-                fn, state, ref, batch, state_shardings=state_sh, ref_shardings=param_sh if ref is not None else None,
-                batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-                metric_shardings=sharding.replicated(mesh))
+            compiled = prog.compiled(batch)
+            info = next(iter(prog.compile_info.values()))
 
             def one_step(carry, compiled=compiled, ref=ref, batch=batch):
                 return compiled(carry[0], ref, batch)
@@ -359,13 +316,20 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
                 log("# the donated train state is gone with the failed step: remaining variants skipped")
                 break
             continue
-        work = variant_work(variant, prompts=args.prompts, candidates=args.candidates,
-                            negatives=1 if variant.startswith("dpo") else args.negatives,
-                            seq=args.prompt_len + args.completion_len)
+        work = executed_work(variant, cfg, prompts=args.prompts, candidates=args.candidates,
+                             prompt_len=args.prompt_len, completion_len=args.completion_len)
+        anchor = variant_work(variant, prompts=args.prompts, candidates=args.candidates,
+                              negatives=1 if variant.startswith("dpo") else args.negatives,
+                              seq=args.prompt_len + args.completion_len)
         row = result_row(model=args.model, variant=variant, shapes=shapes, work=work, times=times,
                          compile_s=info["compile_seconds"], peak_tflops=args.peak_tflops, memory=device_memory(),
-                         compiled_mem=compiled_memory(compiled))
+                         compiled_mem=compiled_memory(compiled), anchor=anchor)
+        row["head_positions"] = getattr(cfg, "completion_window", None) or work.seq
         row["hlo"] = hlo_census(compiled)
+        if (jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16")
+                and not (row["hlo"] or {}).get("cudnn_fmha_calls")):
+            row["error"] = "no cuDNN attention call in the GPU program: attention fell back to XLA"
+            log(f"# {variant}: {row['error']} ({models.decoder.attention_fallbacks()})")
         row["loss"] = float(metrics["loss"])
         row["finite"] = bool(metrics["finite"])
         rows.append(row)
@@ -376,6 +340,93 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
 
 
 # ----------------------------------------------------------------------------------------------
+# The compile-only audit (no parameter allocated; runs on the CPU at the real shapes)
+
+
+def batch_shapes(variant: str, *, prompts: int, candidates: int, seq: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{key: (shape, dtype)} of the step's one-micro-batch batch for a variant ([A=1, b, ...])."""
+    c = 2 if variant.startswith("dpo") else 1 + candidates
+    out = {"input_ids": ((1, prompts, c, seq), jnp.int32), "attention_mask": ((1, prompts, c, seq), jnp.int32),
+           "loss_mask": ((1, prompts, c, seq), jnp.int32), "valid": ((1, prompts, c), jnp.bool_),
+           "ranks": ((1, prompts, c), jnp.int32), "fixed_index": ((1, prompts), jnp.int32)}
+    if variant.endswith("precomputed_ref"):
+        out["ref_logps"] = ((1, prompts, c), jnp.float32)
+    return out
+
+
+def abstract_model(config, args):
+    """The model as shapes only; on a CPU attention is the audit's opaque stand-in (cuDNN's residuals, FLOPs
+    by formula), on a GPU the real cuDNN call."""
+    from flax import nnx
+
+    from mcpo_jax import models
+
+    impl = audit.opaque_attention if jax.default_backend() == "cpu" else None
+    dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
+    return nnx.eval_shape(lambda: models.Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
+                                                     attention_impl=impl, rngs=nnx.Rngs(0)))
+
+
+def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=print) -> list[dict[str, Any]]:
+    """Compile each variant's train step from abstract shapes and read the program (`mcpo_jax.audit`)."""
+    from mcpo_jax import sharding
+    from mcpo_jax.training import program as program_lib
+    from mcpo_jax.training import step as step_lib
+
+    model = abstract_model(config, args)
+    saved = audit.saved_bytes_per_token_per_layer(model)
+    mesh = sharding.make_mesh(1, -1, 1)
+    tx, schedule = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
+                                           decay="constant")
+    seq = args.prompt_len + args.completion_len
+    rows = []
+    log(f"# saved activations of one layer's backward: {saved['bytes_per_token'] / 1e3:.1f} kB per token "
+        f"(remat={args.remat})")
+    for variant in variants:
+        cfg = step_config(variant, negatives=args.negatives, beta=args.beta, chunk_size=args.chunk_size,
+                          completion_len=args.completion_len)
+        program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
+        t0 = time.perf_counter()
+        compiled = program.lower(program.abstract_batch(
+            batch_shapes(variant, prompts=args.prompts, candidates=args.candidates, seq=seq))).compile()
+        compile_s = time.perf_counter() - t0
+        report = audit.hlo_report(compiled.as_text(), num_layers=shapes.num_hidden_layers,
+                                  vocab_size=shapes.vocab_size)
+        negatives = 1 if variant.startswith("dpo") else args.negatives
+        work = executed_work(variant, cfg, prompts=args.prompts, candidates=args.candidates,
+                             prompt_len=args.prompt_len, completion_len=args.completion_len)
+        anchor = variant_work(variant, prompts=args.prompts, candidates=args.candidates, negatives=negatives, seq=seq)
+        row = audit.summarize(report, formula_flops=work.flops(shapes), anchor_flops=anchor.flops(shapes))
+        row.update(model=args.model, step=variant, compile_s=compile_s, compiled_mem=audit.memory_report(compiled),
+                   saved_bytes_per_token_per_layer=saved["bytes_per_token"], executed_work=dataclasses.asdict(work))
+        if jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16") and not report["attention"]["cudnn_calls"]:
+            row["error"] = "no cuDNN attention call in the GPU program (attention fell back to XLA)"
+        rows.append(row)
+        log(format_audit([row]).splitlines()[-1])
+        del compiled
+    return rows
+
+
+def format_audit(rows: Sequence[dict]) -> str:
+    lines = [f"{'model':11s} {'step':21s} {'HLO FLOPs':>10s} {'formula':>10s} {'ratio':>6s} {'anchor':>10s} "
+             f"{'GB':>6s} {'passes':>6s} {'attn f/b':>8s}  largest vocab buffer"]
+    for r in rows:
+        vb = r["vocab_buffers"][0] if r["vocab_buffers"] else None
+        mem = (r.get("compiled_mem") or {}).get("total_gb")
+        lines.append(
+            f"{r['model']:11s} {r['step']:21s} {r['hlo_flops']:10.4g} {r['formula_flops']:10.4g} "
+            f"{r['hlo_over_formula']:6.3f} {r['anchor_flops']:10.4g} {_num(mem, '.1f', 6)} {r['layer_passes']:6d} "
+            f"{r['attention']['forward_calls']:>3d}/{r['attention']['backward_calls']:<4d}  "
+            + (f"{vb['dtype']}{vb['shape']} {vb['gb']:.2f} GB" if vb else "-")
+            + (f"  ERROR {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (the OnMC-PO sampler)
+
+
+# ----------------------------------------------------------------------------------------------
 # Results, tables, the comparison with the anchor
 
 ANCHOR_STEP = {"dpo": "dpo", "dpo_precomputed_ref": "dpo_precomputed_ref", "mcpo": "mcpo_naive"}
@@ -383,9 +434,12 @@ ANCHOR_STEP = {"dpo": "dpo", "dpo_precomputed_ref": "dpo_precomputed_ref", "mcpo
 
 def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: Sequence[float],
                compile_s: float | None, peak_tflops: float, memory: dict,
-               compiled_mem: dict | None) -> dict[str, Any]:
+               compiled_mem: dict | None, anchor: Work | None = None) -> dict[str, Any]:
+    """`work`: what the step executes (MFU and TFLOP/s credit only that); `anchor`: the anchor's work for the
+    same variant, credited over the same time (the anchor-equivalent MFU, comparable with the anchor's own)."""
     med = statistics.median(times)
     flops = work.flops(shapes)
+    anchor_flops = (anchor or work).flops(shapes)
     return {
         "model": model,
         "step": variant,
@@ -399,6 +453,8 @@ def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: S
         "trained_tok_per_s": work.trained_tokens / med,
         "model_tflops": flops / med / 1e12,
         "mfu": flops / med / (peak_tflops * 1e12),
+        "anchor_flops": anchor_flops,
+        "anchor_equivalent_mfu": anchor_flops / med / (peak_tflops * 1e12),
         "peak_mem_gb": memory.get("peak_bytes_in_use_gb"),
         "compiled_mem": compiled_mem,
         "target_s": TARGETS_S.get((model, variant)),
@@ -420,17 +476,27 @@ def _gb(x) -> str:
     return f"{x:8.1f}" if isinstance(x, (int, float)) else f"{'n/a':>8s}"
 
 
+def format_count(n: int) -> str:
+    """1.236 B / 106.5 K / 12.3 M: parameters in the unit that reads."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}" if unit == "B" else f"{n / scale:.1f} {unit}"
+    return str(n)
+
+
 def format_table(runs: Sequence[dict]) -> str:
-    lines = ["model       step                   s/step  compile s  trained tok/s  TFLOP/s    MFU  peak GB  step GB"]
+    lines = ["model       step                   s/step  compile s  trained tok/s  TFLOP/s    MFU  anchor-eq MFU  peak GB  "
+             "step GB"]
     for r in runs:
-        if "error" in r:
+        if "error" in r and "median_s" not in r:
             lines.append(f"{r['model']:11s} {r['step']:21s} ERROR {r['error'][:200]}")
             continue
         step_gb = (r.get("compiled_mem") or {}).get("total_gb")
         comp = r.get("compile_s")
         lines.append(
             f"{r['model']:11s} {r['step']:21s} {r['median_s']:7.3f} {comp if comp is not None else float('nan'):10.1f} "
-            f"{r['trained_tok_per_s']:14.0f} {r['model_tflops']:8.1f} {r['mfu']:6.3f} {_gb(r.get('peak_mem_gb'))} "
+            f"{r['trained_tok_per_s']:14.0f} {r['model_tflops']:8.1f} {r['mfu']:6.3f} "
+            f"{r.get('anchor_equivalent_mfu', r['mfu']):14.3f} {_gb(r.get('peak_mem_gb'))} "
             f"{_gb(step_gb)}"
         )
     return "\n".join(lines)
@@ -449,10 +515,12 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
         lines.append(f"# {bench.get('config', {}).get('model', '?')}: {env.get('device_kind', '?')}, "
                      f"jax {env.get('jax_version', '?')}")
     lines.append(f"{'model':10s} {'step':21s} {'torch s':>8s} {'jax s':>8s} {'speedup':>8s} {'torch MFU':>9s} "
-                 f"{'jax MFU':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
+                 f"{'jax MFU':>8s} {'jax MFU*':>8s} {'torch GB':>8s} {'jax GB':>8s} {'target s':>8s}  met")
     for bench in benches:
         cfg = bench.get("config", {})
-        tags = (["remat"] if cfg.get("remat") else []) + (["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
+        remat = cfg.get("remat", "minimal")  # the bench's default policy carries no tag
+        tags = ([] if remat == "minimal" else [f"remat={remat}"]) + (
+            ["f32w"] if cfg.get("param_dtype") in ("f32", "float32") else [])
         for r in bench.get("runs", []):
             name = "+".join([r["model"], *tags])
             if "error" in r:
@@ -464,6 +532,7 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
             lines.append(
                 f"{name:10s} {r['step']:21s} {_num(a.get('median_s'), '.3f', 8)} {r['median_s']:8.3f} "
                 f"{_num(speedup, '.2f', 8)} {_num(a.get('mfu'), '.3f', 9)} {r['mfu']:8.3f} "
+                f"{_num(r.get('anchor_equivalent_mfu'), '.3f', 8)} "
                 f"{_num(a.get('peak_mem_gb'), '.1f', 8)} {_num(r.get('peak_mem_gb'), '.1f', 8)} "
                 f"{_num(target, '.2f', 8)}  " + ("-" if not target else "yes" if r["median_s"] <= target else "NO")
             )
@@ -478,6 +547,8 @@ def format_comparison(anchor: dict, benches: Sequence[dict]) -> str:
     if peak:
         lines.append("matmul peak: " + ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in peak.items() if "tflops" in k or "version" in k))
+    lines.append("jax MFU: the work the step executes; jax MFU*: the anchor's work for the same step over the same "
+                 "time (anchor-equivalent, the figure to set beside torch MFU)")
     if anchor.get("partial"):
         lines.append("(the anchor run was cut short: its rows come from its log)")
     return "\n".join(lines)
@@ -492,22 +563,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="preset (tiny, llama-1b, llama-8b, mistral-7b) or a folder/"
                    "config.json (shapes only: the weights are random)")
-    p.add_argument("--prompts", type=int, default=8, help="B: prompts per step (DPO: B pairs)")
+    p.add_argument("--prompts", type=int, default=None, help="B: prompts per step (DPO: B pairs); default 8 "
+                   "(tiny: 2)")
     p.add_argument("--candidates", type=int, default=5, help="L: candidates per prompt besides y0")
     p.add_argument("--negatives", type=int, default=1, help="M: negatives the MC kernel selects")
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--completion-len", type=int, default=768)
+    p.add_argument("--prompt-len", type=int, default=None, help="default 256 (tiny: 16)")
+    p.add_argument("--completion-len", type=int, default=None, help="default 768 (tiny: 48)")
     p.add_argument("--reference", choices=("online", "precomputed", "both"), default="both",
                    help="which variants: reference forward in the step, precomputed, or both (default)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute dtype")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default bf16; tiny: f32, "
+                   "the CPU's fast path)")
     p.add_argument("--param-dtype", default=None, choices=sorted(DTYPES),
                    help="weight and optimizer-state dtype (default: --dtype, as the anchor's pure-bf16 AdamW)")
-    p.add_argument("--remat", default=False, type=lambda s: {"false": False, "true": True}.get(s.lower(), s),
-                   help="false, true or a policy name of models.REMAT_POLICIES")
+    p.add_argument("--remat", default="minimal", type=lambda s: {"false": False, "true": True}.get(s.lower(), s),
+                   help="false, true or a policy name of models.REMAT_POLICIES (default minimal: the backward keeps "
+                        "only what it needs, no matmul recomputed; see docs/performance.md section 0)")
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob chunk over the sequence")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default 2; tiny: 1)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-7)
     p.add_argument("--seed", type=int, default=0)
@@ -518,9 +592,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-batch", type=int, default=None, help="default: prompts x (1 + candidates)")
     p.add_argument("--gen-new-tokens", type=int, default=None, help="default: min(completion-len, 128)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile each variant from abstract shapes (no parameter allocated, runs on a CPU at the real "
+                        "shapes) and print the program audit: HLO FLOPs, formula FLOPs, memory, passes, buffers")
     p.add_argument("--compare", nargs="+", metavar=("ANCHOR_JSON", "BENCH_JSON"), default=None,
                    help="only print the side-by-side table of the anchor's JSON and bench JSONs, then exit")
     args = p.parse_args(argv)
+    # The tiny preset is for a quick look on a CPU: small shapes unless given (the whole run well under a minute).
+    small = args.model == "tiny"
+    for name, big, tiny in (("prompts", 8, 2), ("prompt_len", 256, 16), ("completion_len", 768, 48),
+                            ("dtype", "bf16", "f32"), ("warmup", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if small else big)
+    if small and args.gen_new_tokens is None:
+        args.gen_new_tokens = 8
     if args.compare is None:
         for name in ("prompts", "candidates", "negatives", "prompt_len", "completion_len", "steps"):
             if getattr(args, name) < 1:
@@ -546,6 +631,14 @@ def selected_variants(args) -> list[str]:
     return list(VARIANTS)
 
 
+def _cpu_only_jax() -> bool:
+    """Whether this process's JAX can only run on the CPU (asked before the backend starts)."""
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        return True
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+    return not any(importlib.util.find_spec(name) for name in plugins)
+
+
 def environment() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
@@ -569,6 +662,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         benches = [json.load(open(p)) for p in args.compare[1:]]
         print(format_comparison(anchor, benches))
         return None
+    if args.compile_only:
+        audit.cpu_audit_flags()  # before the backend starts: see mcpo_jax.audit
+    elif args.model == "tiny" and _cpu_only_jax() and "XLA_FLAGS" not in os.environ:
+        # a smoke run on a CPU: XLA's cheap CPU code generation halves the compile times, which dominate
+        os.environ["XLA_FLAGS"] = FAST_CPU_COMPILE
     if args.chunk_size is None:
         from mcpo_jax import logprobs
 
@@ -609,6 +707,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         result["runs"], result["ratios"] = list(rows), ratios(rows)
         save()
 
+    if args.compile_only:
+        print(f"# compile-only audit ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
+        rows = compile_only(args, config, shapes, variants)
+        result["runs"] = rows
+        save()
+        if args.json:
+            print(f"# wrote {args.json}")
+        _fail_without_cudnn(rows)
+        return result
     rows = run_steps(args, config, shapes, variants, on_row=on_row)
     on_row(rows)
     if args.generation:
@@ -623,8 +730,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         except Exception as e:  # noqa: BLE001 - the step numbers above stand on their own
             result["generation"] = {"error": repr(e)[:500]}
         save()
-    print()
-    print(format_table(rows))
     for k, v in result["ratios"].items():
         print(f"{k}: {v:.2f}")
     gen = result.get("generation")
@@ -638,7 +743,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.json:
         save()
         print(f"# wrote {args.json}")
+    _fail_without_cudnn(rows)
     return result
+
+
+def _fail_without_cudnn(rows):
+    """A GPU run in half precision whose program has no cuDNN attention call measured the wrong program."""
+    bad = [r["step"] for r in rows if "no cuDNN attention" in r.get("error", "")]
+    if bad:
+        from mcpo_jax.models import decoder
+
+        raise SystemExit(f"FAILED: no cuDNN attention in {bad}; fallbacks: {decoder.attention_fallbacks()}")
 
 
 if __name__ == "__main__":

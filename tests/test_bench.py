@@ -42,13 +42,15 @@ def test_flops_reproduce_the_anchor(model, step, median_s, tflops, pairs):
     assert work.flops(shapes) == pytest.approx(tflops * 1e12 * median_s, rel=1e-9)
 
 
-def tiny_flops_by_hand(trained, forward):
-    # tiny: d=64, f=128, 2 layers, 4 heads x 16, 2 kv heads, V=512 (tied); seq 32
+def tiny_flops_by_hand(trained, forward, head_positions=32):
+    # tiny: d=64, f=128, 2 layers, 4 heads x 16, 2 kv heads, V=512 (tied); seq 32. The LM head (64 x 512)
+    # runs on `head_positions` of the 32 positions of each row.
     n = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + 64 * 512
     assert n == 106_496
     per_trained = 6 * n + 12 * 2 * 64 * 32  # 688,128
     per_forward = 2 * n + 4 * 2 * 64 * 32  # 229,376
-    return trained * per_trained + forward * per_forward
+    skipped = (32 - head_positions) / 32 * 64 * 512
+    return trained * per_trained + forward * per_forward - skipped * (6 * trained + 2 * forward)
 
 
 # The step's XLA compilation dominates a CPU run (4 steps + the sampler); the CPU backend's cheaper
@@ -69,20 +71,33 @@ def test_tiny_cli_end_to_end(tmp_path):
     runs = {r["step"]: r for r in res["runs"]}
     assert list(runs) == list(bench.VARIANTS)
     assert res["flop_model"]["matmul_params"] == 106_496
-    # B = 2 prompts, C = 1 + 3, M = 2, seq 32: tokens each step must push through the model.
-    expect = {
+    assert "106.8 K parameters" in printed
+    # B = 2 prompts, C = 1 + 3, M = 2, seq 32. The anchor's work: DPO trains 2 rows and runs their
+    # reference; MC-PO runs policy and reference over all C rows, trains 1 + M.
+    anchor = {
         "dpo": (2 * 2 * 32, 2 * 2 * 32),
         "dpo_precomputed_ref": (2 * 2 * 32, 0),
         "mcpo": (3 * 2 * 32, 2 * 4 * 2 * 32),
         "mcpo_precomputed_ref": (3 * 2 * 32, 4 * 2 * 32),
     }
-    for name, (trained, forward) in expect.items():
+    # What the step executes (prune_passes): DPO's fixed negative needs no policy pass; MC-PO's policy pass
+    # leaves y0 out (C - 1 = 3 rows); the reference covers all C.
+    executed = {
+        "dpo": (2 * 2 * 32, 2 * 2 * 32),
+        "dpo_precomputed_ref": (2 * 2 * 32, 0),
+        "mcpo": (3 * 2 * 32, (3 + 4) * 2 * 32),
+        "mcpo_precomputed_ref": (3 * 2 * 32, 3 * 2 * 32),
+    }
+    for name, (trained, forward) in executed.items():
         r = runs[name]
         assert (r["trained_tokens"], r["forward_tokens"]) == (trained, forward)
-        assert r["model_flops"] == tiny_flops_by_hand(trained, forward)
+        assert r["model_flops"] == tiny_flops_by_hand(trained, forward, head_positions=r["head_positions"])
+        assert r["anchor_flops"] == tiny_flops_by_hand(*anchor[name])
         assert len(r["times"]) == 2 and r["median_s"] == pytest.approx(sum(r["times"]) / 2)
         assert r["trained_tok_per_s"] == pytest.approx(trained / r["median_s"])
         assert r["mfu"] == pytest.approx(r["model_flops"] / r["median_s"] / 989e12)
+        assert r["anchor_equivalent_mfu"] == pytest.approx(r["anchor_flops"] / r["median_s"] / 989e12)
+        assert printed.count(f" {name} ") == 1, printed  # each row printed once
         assert r["compile_s"] > 0 and r["compiled_mem"]["total_gb"] > 0
         assert r["peak_mem_gb"] is None  # the CPU keeps no allocator statistics
         assert r["finite"]
@@ -103,13 +118,13 @@ def test_comparison_table_against_the_anchor():
     anchor = {"runs": [{"model": "llama-1b", "step": "mcpo_naive", "median_s": 0.962, "mfu": 0.40, "peak_mem_gb": 59.5},
                        {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": 59.5}]}
     ours = {"config": {"model": "llama-1b"}, "ratios": {"mcpo_over_dpo_reference_in_step": 1.5},
-            "runs": [{"model": "llama-1b", "step": "mcpo", "median_s": 0.481, "mfu": 0.8, "peak_mem_gb": 40.0,
-                      "target_s": 0.70},
+            "runs": [{"model": "llama-1b", "step": "mcpo", "median_s": 0.481, "mfu": 0.7, "anchor_equivalent_mfu": 0.8,
+                      "peak_mem_gb": 40.0, "target_s": 0.70},
                      {"model": "llama-1b", "step": "dpo", "median_s": 0.422, "mfu": 0.41, "peak_mem_gb": None,
                       "target_s": 0.33}]}
     table = bench.format_comparison(anchor, [ours]).splitlines()
     mcpo = next(line for line in table if " mcpo " in line)
-    assert mcpo.split()[2:5] == ["0.962", "0.481", "2.00"] and mcpo.endswith("yes")
+    assert mcpo.split()[2:8] == ["0.962", "0.481", "2.00", "0.400", "0.700", "0.800"] and mcpo.endswith("yes")
     dpo = next(line for line in table if " dpo " in line)
     assert dpo.split()[4] == "1.00" and dpo.endswith("NO")
     assert any("torch mcpo/dpo (reference in step): 2.28" in line for line in table)
@@ -133,3 +148,37 @@ def test_import_graph_runs_without_grain_ml_collections_datasets():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_tiny_defaults_are_small():
+    args = bench.parse_args(["--model", "tiny"])
+    assert (args.prompts, args.prompt_len, args.completion_len, args.dtype) == (2, 16, 48, "f32")
+    args = bench.parse_args(["--model", "llama-1b"])
+    assert (args.prompts, args.prompt_len, args.completion_len, args.dtype) == (8, 256, 768, "bf16")
+    assert bench.format_count(106_496) == "106.5 K" and bench.format_count(1_235_814_400) == "1.236 B"
+
+
+def test_compile_only_audit_on_a_small_preset(tmp_path):
+    """`bench --compile-only` end to end: the audit's HLO FLOPs agree with the formula for the work the step
+    executes (the small gap is the LM head's backward recompute), the passes over the layers are those the
+    step runs, and memory and saved activations are read."""
+    out = tmp_path / "audit.json"
+    cmd = [sys.executable, "-m", "mcpo_jax.bench", "--model", "tiny", "--compile-only", "--prompts", "2",
+           "--candidates", "3", "--negatives", "1", "--prompt-len", "8", "--completion-len", "24", "--dtype", "bf16",
+           "--variants", "mcpo,dpo_precomputed_ref", "--json", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert "while-loop-invariant-code-motion" in res["environment"]["xla_flags"]
+    runs = {r["step"]: r for r in res["runs"]}
+    for name, passes, fwd_attn, bwd_attn in (("mcpo", 4, 3 * 2, 2), ("dpo_precomputed_ref", 2, 2, 2)):
+        r = runs[name]
+        # policy (no grad), reference, trained forward, backward: layers 2 -> attention calls per pass
+        assert r["layer_passes"] == passes, r["while_loops"]
+        assert (r["attention"]["forward_calls"], r["attention"]["backward_calls"]) == (fwd_attn, bwd_attn)
+        assert 1.0 <= r["hlo_over_formula"] < 1.10, r
+        assert r["compiled_mem"]["total_gb"] > 0 and r["saved_bytes_per_token_per_layer"] > 0
+        assert r["vocab_buffers"] and r["vocab_buffers"][0]["shape"][-1] == 512
+    assert runs["mcpo"]["formula_flops"] < runs["mcpo"]["anchor_flops"]  # y0 out of the policy pass

@@ -64,3 +64,50 @@ def test_bf16_hidden_close_to_float32():
     want = _naive(hidden, head, ids, mask)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=3e-2, atol=0.5)
+
+
+def _completion_inputs(seed=4):
+    """Right-padded rows: a prompt of 5..9 tokens, then a completion of 4..12 (loss mask 1), then padding."""
+    hidden, head, ids, _ = _inputs(seed)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((N, T), np.int32)
+    for row in range(N):
+        p, c = rng.integers(5, 10), rng.integers(4, 13)
+        mask[row, p:p + c] = 1
+    mask[0, T - 12:] = 1  # a completion that ends at the last position: the window moves left to fit
+    mask[0, :T - 12] = 0
+    return hidden, head, ids, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("window", [12, 20])
+def test_completion_window_same_values_and_gradients(window):
+    """The LM head on the completion window only: same log-probs and the same gradient for the hidden states
+    and the head, to float tolerance, with the head run on `window` of the T - 1 positions."""
+    hidden, head, ids, mask = _completion_inputs()
+    w = jnp.arange(1.0, N + 1.0)
+    full = lambda h, W: jnp.sum(w * logprobs.sequence_logps(h, W, ids, mask, chunk_size=8))
+    win = lambda h, W: jnp.sum(w * logprobs.sequence_logps(h, W, ids, mask, chunk_size=8, window=window))
+    (v0, g0), (v1, g1) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, head) for f in (full, win))
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(jnp.sum(logprobs.window_overflow(mask, window))) == 0
+    # the head ran on [N, window] positions (padded to whole chunks), never on all T - 1
+    text = str(jax.make_jaxpr(win)(hidden, head))
+    assert f"f32[{N},8,{V}]" in text and f"f32[{N},{T - 1},{V}]" not in text
+    assert int(jnp.sum(logprobs.window_overflow(mask, 3))) > 0  # a too-short window is counted
+
+
+def test_backward_keeps_the_softmax_and_runs_no_head_forward_again():
+    """The chunk's backward is two matmuls (dh, dW) from the saved softmax: the head's forward matmul runs
+    once per chunk, not twice (no recompute)."""
+    hidden, head, ids, mask = _inputs(5)
+    fn = lambda h, W: jnp.sum(logprobs.sequence_logps(h, W, ids, mask, chunk_size=8))
+    jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(hidden, head)
+    text = str(jaxpr)
+    # [N,8,D] x [D,V] -> [N,8,V] forward products: one per chunk loop body (the forward scan only)
+    assert text.count("remat") == 0 and "checkpoint" not in text
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    inner = [str(e.params["jaxpr"]) for e in dots]
+    fwd_products = sum(t.count(f"f32[{N},8,{V}] = dot_general") for t in inner)
+    assert fwd_products == 1, inner

@@ -63,6 +63,7 @@ def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round
 
     from mcpo_jax import bench, models, sharding
     from mcpo_jax.data.synthetic import TOKEN_LIMITS
+    from mcpo_jax.training import program as program_lib
     from mcpo_jax.training import refcache
     from mcpo_jax.training import state as state_lib
     from mcpo_jax.training import step as step_lib
@@ -72,9 +73,7 @@ def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round
     mesh = sharding.make_mesh(1, -1, 1)
     model = models.init_random(config, seed=seed, mesh=mesh)
     graphdef, params, rest = state_lib.split_model(model)
-    param_sh = sharding.param_shardings(models.logical_axes(model), params, mesh)
     tx, schedule = step_lib.make_optimizer(learning_rate=1e-7, total_steps=10**6, warmup_ratio=0.0, decay="constant")
-    state_sh = state_lib.state_shardings(tx, params, param_sh, mesh)
     prompt_len = TOKEN_LIMITS["max_prompt_length"]
     np_batch = bench.make_batch(prompts=int(s["batch"]), candidates=5, prompt_len=prompt_len,
                                 completion_len=TOKEN_LIMITS["max_length"] - prompt_len,
@@ -90,11 +89,9 @@ def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round
         batch = sharding.global_batch({k: v[None] for k, v in host.items() if k in keys}, mesh, batch_axis=1)
         cfg = step_lib.StepConfig(objective=objective, sampler=sampler, num_negatives=m, beta=common.BETA,
                                   reference="precomputed")
-        st = state_lib.init_state(jax.tree.map(jnp.copy, params), tx, seed, shardings=state_sh)
-        fn = step_lib.make_train_step(cfg, graphdef, rest, tx, schedule)
-        compiled, _ = step_lib.compile_train_step(fn, st, None, batch, state_shardings=state_sh, ref_shardings=None,
-                                                  batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-                                                  metric_shardings=sharding.replicated(mesh))
+        program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
+        st = program.init_state(jax.tree.map(jnp.copy, params), seed)
+        compiled = program.compiled(batch)
         for _ in range(3):  # warm-up
             st, _ = jax.block_until_ready(compiled(st, None, batch))
         states[label], steps[label] = st, (compiled, batch)

@@ -24,6 +24,7 @@ contracts named dimensions and heads stay a separate axis for tensor parallelism
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,12 +33,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from .config import ModelConfig
 
 Dtype = Any
+log = logging.getLogger(__name__)
+
+# The tensors of one layer the backward needs when no matmul is recomputed (`checkpoint_name` tags in the
+# layer body): the roped q and k, v, the attention output (cuDNN's own residuals, and o_proj's input), the
+# residual stream after attention (mlp_norm's input) and the MLP's gate and up. The layer input comes with
+# the scan; the RMSNorms, RoPE and SiLU(gate)·up are recomputed from these (elementwise, no matmul).
+LAYER_SAVED_NAMES = ("q", "k", "v", "attn_out", "x_mid", "gate", "up")
 
 REMAT_POLICIES = {
+    # keep only LAYER_SAVED_NAMES: about a third of what a plain scan saves (bf16 1B: 51 kB per token per layer
+    # against 142 kB), for elementwise recomputation only. The layer is checkpointed in two pieces around
+    # attention (see `Transformer.layer_body`), so attention keeps its own residuals and is not run again.
+    "minimal": jax.checkpoint_policies.save_only_these_names(*LAYER_SAVED_NAMES),
     "full": None,  # save nothing, recompute the whole layer
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -176,13 +189,36 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     return out.astype(x_BTNH.dtype)
 
 
-def _attention_impl(dtype, head_dim) -> str:
+# Every time the model ran attention through XLA where cuDNN was wanted (GPU, bf16/fp16): the reason, once
+# per distinct reason. The trainer copies `attention_fallbacks()` into the run's summary; the bench fails a
+# GPU run whose program has no cuDNN call.
+_ATTENTION_FALLBACKS: list[dict[str, str]] = []
+
+
+def attention_fallbacks() -> list[dict[str, str]]:
+    """The cuDNN-attention fallbacks of this process so far (empty: none)."""
+    return [dict(r) for r in _ATTENTION_FALLBACKS]
+
+
+def record_attention_fallback(reason: str, **details) -> None:
+    """Say loudly, once per reason, that attention falls back to XLA on a GPU in half precision (XLA's
+    attention stores float32 [B, H, T, T] scores: at 8B and 1024 tokens that is tens of GB and often OOM)."""
+    record = {"reason": str(reason), **{k: str(v) for k, v in details.items()}}
+    if any(r["reason"] == record["reason"] for r in _ATTENTION_FALLBACKS):
+        return
+    _ATTENTION_FALLBACKS.append(record)
+    log.warning("!!! cuDNN attention NOT used, falling back to XLA attention (slower, float32 T x T scores "
+                "in memory): %s %s", reason, {k: v for k, v in record.items() if k != "reason"})
+
+
+def _attention_impl(dtype, head_dim, backend: str | None = None) -> str:
     """cuDNN flash attention on GPU in half precision, XLA otherwise (CPU/TPU, fp32)."""
-    if jax.default_backend() != "gpu":
+    if (backend or jax.default_backend()) != "gpu":
         return "xla"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "xla"
     if head_dim > 128 or head_dim % 8:
+        record_attention_fallback(f"head_dim {head_dim} is not a multiple of 8 up to 128", dtype=jnp.dtype(dtype))
         return "xla"
     return "cudnn"
 
@@ -201,7 +237,8 @@ class Transformer(nnx.Module):
       param_dtype: storage dtype of the weights.
       remat: False, True (recompute each layer in the backward pass) or a policy name from
         REMAT_POLICIES.
-      attention_impl: None (auto: cuDNN on GPU in bf16/fp16, XLA otherwise), "xla" or "cudnn".
+      attention_impl: None (auto: cuDNN on GPU in bf16/fp16, XLA otherwise), "xla", "cudnn", or a callable
+        `(q, k, v, lengths, scale, window) -> out` (the compile-only audit's stand-in, `mcpo_jax.audit`).
         The cuDNN path assumes right padding (`attention_mask` a prefix of ones per row).
     """
 
@@ -217,7 +254,7 @@ class Transformer(nnx.Module):
     ):
         if remat not in (False, True) and remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}")
-        if attention_impl not in (None, "xla", "cudnn"):
+        if attention_impl not in (None, "xla", "cudnn") and not callable(attention_impl):
             raise ValueError(f"attention_impl={attention_impl!r}: use None, 'xla' or 'cudnn'")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
@@ -260,16 +297,35 @@ class Transformer(nnx.Module):
         else:
             mask_BT = jnp.asarray(attention_mask).astype(bool)
             positions_BT = jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
-        cos, sin = rope_cos_sin(c, positions_BT)
-        attend = self._forward_attention(mask_BT, T)
+        x_BTD = self.embed[...].astype(self.dtype)[ids_BT]
+        x_BTD, _ = jax.lax.scan(self.layer_body(mask_BT, positions_BT), x_BTD, self.layers.stacked())
+        return rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps, self.dtype)
+
+    def layer_body(self, mask_BT, positions_BT):
+        """The scanned body `(x_BTD, layer_params) -> (x_BTD, None)`, remat policy applied (the audit
+        reads what its backward saves)."""
+        cos, sin = rope_cos_sin(self.config, positions_BT)
+        attend = self._forward_attention(mask_BT, positions_BT.shape[1])
+        if self.remat == "minimal":
+            # Two checkpointed pieces around attention: a custom_vjp attention (cuDNN) inside a checkpoint is
+            # recomputed in the backward whatever the policy; outside, it keeps its own residuals (q, k, v,
+            # output, softmax statistics) and runs once. The pieces recompute only RMSNorm, RoPE and SiLU·up.
+            policy = REMAT_POLICIES["minimal"]
+            qkv = jax.checkpoint(lambda p, x: self._qkv(p, x, cos, sin), policy=policy, prevent_cse=False)
+            out_and_mlp = jax.checkpoint(self._out_and_mlp, policy=policy, prevent_cse=False)
+
+            def split_body(x_BTD, p):
+                q, k, v = qkv(p, x_BTD)
+                return out_and_mlp(p, x_BTD, checkpoint_name(attend(q, k, v), "attn_out")), None
+
+            return split_body
 
         def body(x_BTD, p):
             q, k, v = self._qkv(p, x_BTD, cos, sin)
-            return self._out_and_mlp(p, x_BTD, attend(q, k, v)), None
+            out = checkpoint_name(attend(q, k, v), "attn_out")
+            return self._out_and_mlp(p, x_BTD, out), None
 
-        x_BTD = self.embed[...].astype(self.dtype)[ids_BT]
-        x_BTD, _ = jax.lax.scan(self._maybe_remat(body), x_BTD, self.layers.stacked())
-        return rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps, self.dtype)
+        return self._maybe_remat(body)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
         """Empty KV cache with `max_length` slots per row."""
@@ -338,6 +394,9 @@ class Transformer(nnx.Module):
         impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
         scale = c.head_dim**-0.5
         window = c.sliding_window if c.sliding_window is not None and c.sliding_window < T else None
+        if callable(impl):
+            lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
+            return lambda q, k, v: impl(q, k, v, lengths, scale, window)
         xla_attend = self._xla_attention(mask_BT, T, window, scale)
         if impl == "cudnn":
             # right padding: padding keys are exactly those past each row's length
@@ -351,10 +410,12 @@ class Transformer(nnx.Module):
                         q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
                         local_window_size=local, implementation="cudnn",
                     )
-                except (NotImplementedError, ValueError, RuntimeError):
+                except (NotImplementedError, ValueError, RuntimeError) as e:
                     if explicit:
                         raise
-                    return xla_attend(q, k, v)  # shape / dtype / GPU generation cuDNN does not take
+                    # shape / dtype / GPU generation cuDNN does not take: never silently
+                    record_attention_fallback(f"{type(e).__name__}: {e}", q_shape=q.shape, dtype=q.dtype)
+                    return xla_attend(q, k, v)
 
             return attend
         return xla_attend
@@ -384,20 +445,22 @@ class Transformer(nnx.Module):
             q = q + p["q_bias"].astype(dt)
             k = k + p["k_bias"].astype(dt)
             v = v + p["v_bias"].astype(dt)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return (checkpoint_name(apply_rope(q, cos, sin), "q"), checkpoint_name(apply_rope(k, cos, sin), "k"),
+                checkpoint_name(v, "v"))
 
     def _out_and_mlp(self, p, x_BTD, attn_BTNH):
         c, dt = self.config, self.dtype
         o = jnp.einsum("btnh,nhd->btd", attn_BTNH.astype(dt), p["o_proj"].astype(dt))
         if c.attention_bias:
             o = o + p["o_bias"].astype(dt)
-        x_BTD = x_BTD + o
+        x_BTD = checkpoint_name(x_BTD + o, "x_mid")
         h = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps, dt)
         gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt))
         up = jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt))
         if c.mlp_bias:
             gate = gate + p["gate_bias"].astype(dt)
             up = up + p["up_bias"].astype(dt)
+        gate, up = checkpoint_name(gate, "gate"), checkpoint_name(up, "up")
         down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
         if c.mlp_bias:
             down = down + p["down_bias"].astype(dt)

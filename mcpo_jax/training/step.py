@@ -44,6 +44,10 @@ class StepConfig:
     reference: str = "online"  # "online" | "precomputed" | "none" (reference-free objectives)
     loss_hparams: tuple[tuple[str, Any], ...] = ()
     logprob_chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+    # The LM head and log-softmax run on this many positions per row, from its first completion token (the
+    # data's max_completion_length); None: every position. Completion tokens past the window would be lost:
+    # the metric `logprobs/window_overflow` counts them (it must stay 0).
+    completion_window: int | None = None
     # Leave out model work whose result nothing reads: the no-grad policy pass when the selection does not
     # depend on the policy, and y0 from that pass when the kernel cannot pick y0. Same loss and gradient;
     # False runs every pass (the before/after reference for tests and the benchmark).
@@ -72,19 +76,20 @@ def negatives_key(rng, step, micro):
     return jax.random.fold_in(jax.random.fold_in(rng, step), micro)
 
 
-def forward_logps(graphdef, params, rest, ids_NT, mask_NT, loss_mask_NT, *, chunk_size):
+def forward_logps(graphdef, params, rest, ids_NT, mask_NT, loss_mask_NT, *, chunk_size, window=None):
     model = nnx.merge(graphdef, params, rest)
     hidden_NTD = model.hidden_states(ids_NT, mask_NT)
     return logprobs.sequence_logps(
-        hidden_NTD, model.lm_head_kernel(), ids_NT, loss_mask_NT, chunk_size=chunk_size
+        hidden_NTD, model.lm_head_kernel(), ids_NT, loss_mask_NT, chunk_size=chunk_size, window=window
     )
 
 
-def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size):
+def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size, window=None):
     b, k, t = ids_BKT.shape
     flat = lambda x: x.reshape(b * k, t)
     logps_N = forward_logps(
-        graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size
+        graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size,
+        window=window,
     )
     return logps_N.reshape(b, k)
 
@@ -125,12 +130,31 @@ def select_columns(cfg: StepConfig, key, policy_BC, ref_BC, valid_BC, fixed_inde
     return jnp.concatenate([zero_B1, neg_BM], axis=1), neg_BM
 
 
+def initial_loss_state(cfg: StepConfig):
+    """The objective's state across steps, kept in the train state (None: the objective has none).
+
+    BCO: TRL's running mean of the detached batch-mean reward (`delta`), updated with each micro-batch before
+    the loss uses it (`losses.running_mean_update`); starts at (0, 0)."""
+    if cfg.objective == "bco":
+        return {"bco_delta": jnp.zeros((), jnp.float32), "bco_count": jnp.zeros((), jnp.float32)}
+    return None
+
+
 def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True, ranking=False):
-    """Gradient sum and metric (sum, count) pairs of one micro-batch."""
+    """Gradient sum and metric (sum, count) pairs of one micro-batch (objectives without a loss state);
+    `ranking`: also the held-out metrics over every candidate (mcpo_jax/ranking_metrics.py)."""
+    return _micro_step_with_state(cfg, graphdef, rest, params, ref_params, mb, key, with_grad,
+                                  ranking=ranking)[:5]
+
+
+def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True,
+                           loss_state=None, ranking=False):
+    """`_micro_step` and the objective's updated loss state (None when `loss_state` is None)."""
     ids_BCT, mask_BCT, loss_mask_BCT = mb["input_ids"], mb["attention_mask"], mb["loss_mask"]
     valid_BC = mb["valid"].astype(bool)
-    b, c, _ = ids_BCT.shape
+    b, c, t = ids_BCT.shape
     chunk = cfg.logprob_chunk_size
+    window = cfg.completion_window
     sums: dict[str, jax.Array] = {}
 
     def add(name, total, count):
@@ -142,15 +166,15 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
         if cfg.prune_passes and not cfg.include_preferred:
             # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
             rest_BL = _rows_logps(graphdef, params, rest, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:],
-                                  chunk)
+                                  chunk, window)
             policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
         else:
-            policy_BC = _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
+            policy_BC = _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window)
         policy_BC = jax.lax.stop_gradient(policy_BC)
     if not cfg.is_sft:
         if cfg.reference == "online":
             ref_BC = jax.lax.stop_gradient(
-                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk)
+                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window)
             )
         elif cfg.reference == "precomputed":
             ref_BC = mb["ref_logps"].astype(jnp.float32)
@@ -167,18 +191,28 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
 
     # 3. Gradient through the selected rows only.
     def loss_fn(p):
-        sel_policy_BK = _rows_logps(graphdef, p, rest, sel_ids, sel_mask, sel_loss_mask, chunk)
+        sel_policy_BK = _rows_logps(graphdef, p, rest, sel_ids, sel_mask, sel_loss_mask, chunk, window)
+        extra, new_state = {}, None
+        if loss_state is not None and cfg.objective == "bco":
+            # TRL: the running mean takes this batch's detached mean reward first, then the loss uses it
+            reward = losses.bco_batch_reward(sel_policy_BK, sel_ref_BK, beta=cfg.beta, valid=sel_valid_BK)
+            mean, count = losses.running_mean_update(loss_state["bco_delta"], loss_state["bco_count"], reward)
+            extra["delta"], new_state = mean, {"bco_delta": mean, "bco_count": count}
         per_example_B, aux = objective(
-            sel_policy_BK, sel_ref_BK, beta=cfg.beta, lengths=lengths_BK, valid=sel_valid_BK, **hparams
+            sel_policy_BK, sel_ref_BK, beta=cfg.beta, lengths=lengths_BK, valid=sel_valid_BK, **hparams, **extra
         )
-        return jnp.sum(per_example_B), (per_example_B, aux, sel_policy_BK)
+        return jnp.sum(per_example_B), (per_example_B, aux, sel_policy_BK, new_state)
 
     if with_grad:
-        (loss_sum, (_, aux, sel_policy_BK)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss_sum, (_, aux, sel_policy_BK, new_loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params)
     else:
-        loss_sum, (_, aux, sel_policy_BK) = loss_fn(params)
+        loss_sum, (_, aux, sel_policy_BK, new_loss_state) = loss_fn(params)
         grads = None
     add("loss", loss_sum, b)
+    if window is not None and window < t - 1:
+        dropped = logprobs.window_overflow(loss_mask_BCT.reshape(b * c, t), window)
+        add("logprobs/window_overflow", jnp.sum(dropped), b)
     # The objective's own metrics (TRL names: rewards/chosen, rewards/rejected, rewards/margins,
     # rewards/accuracies, nll, ...) are per-example [B] arrays: summed here, averaged over all examples.
     for name, value_B in aux.items():
@@ -189,10 +223,12 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
     tokens = jnp.sum(mask_BCT[:, 0] if cfg.is_sft else mask_BCT)
     if cfg.is_sft:
         add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
-        return grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32)
+        return (grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32),
+                new_loss_state)
 
     if ranking:  # held-out metrics over every candidate, comparable across samplers (mcpo_jax/ranking_metrics.py)
-        all_BC = jax.lax.stop_gradient(_rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk))
+        all_BC = jax.lax.stop_gradient(_rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk,
+                                                    window))
         for name, (total, count) in ranking_metrics.sums(all_BC, ref_BC, cfg.beta, valid_BC, mb.get("ranks")).items():
             add(name, total, count)
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
@@ -207,13 +243,14 @@ def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, wi
     ranks_BM = _gather_cols(mb["ranks"], neg_BM) if "ranks" in mb else jnp.full_like(neg_BM, -1)
     bins_BM = jnp.clip(ranks_BM, 0, RANK_BINS - 1)
     hist = jnp.sum(jax.nn.one_hot(bins_BM, RANK_BINS) * neg_valid_BM[..., None], axis=(0, 1))
-    return grads, sums, hist, tokens, neg_BM
+    return grads, sums, hist, tokens, neg_BM, new_loss_state
 
 
 def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransformation, schedule=None):
     """The pure step function `(state, ref_params, batch) -> (state, metrics)`.
 
-    `state` = {"params", "opt_state", "step", "rng"}; batch arrays are [A, b, ...] with A the
+    `state` = {"params", "opt_state", "step", "rng"} (+ "loss_state" for BCO: `initial_loss_state`, updated
+    every micro-batch); batch arrays are [A, b, ...] with A the
     number of accumulated micro-batches; metrics are exact global means over all A * b examples.
     """
 
@@ -221,32 +258,42 @@ def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransform
         params = state["params"]
         step = state["step"]
         num_micro = jax.tree.leaves(batch)[0].shape[0]
+        loss_state = state.get("loss_state")
 
         def body(carry, xs):
-            grad_acc, sums_acc, hist_acc, tok_acc = carry
+            grad_acc, sums_acc, hist_acc, tok_acc, loss_state = carry
             micro, mb = xs
-            grads, sums, hist, tokens, selected_BM = _micro_step(
-                cfg, graphdef, rest, params, ref_params, mb, negatives_key(state["rng"], step, micro)
-            )
-            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+            grads, sums, hist, tokens, selected_BM, loss_state = _micro_step_with_state(
+                cfg, graphdef, rest, params, ref_params, mb, negatives_key(state["rng"], step, micro),
+                loss_state=loss_state)
+            # float32 accumulation whatever the parameter dtype: bf16 sums of micro-batch gradients lose bits
+            grad_acc = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_acc, grads)
             sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
-            return (grad_acc, sums_acc, hist_acc + hist, tok_acc + tokens), selected_BM
+            return (grad_acc, sums_acc, hist_acc + hist, tok_acc + tokens, loss_state), selected_BM
 
         first_mb = jax.tree.map(lambda x: x[0], batch)
-        sums_shape = jax.eval_shape(
-            lambda: _micro_step(cfg, graphdef, rest, params, ref_params, first_mb, state["rng"], False)[1]
-        )
-        init = (
-            jax.tree.map(jnp.zeros_like, params),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
-            jnp.zeros((RANK_BINS,), jnp.float32),
-            jnp.zeros((), jnp.int32),
-        )
-        (grad_sum, sums, hist, tokens), selected_ABM = jax.lax.scan(
-            body, init, (jnp.arange(num_micro, dtype=jnp.int32), batch)
-        )
+        if num_micro == 1:
+            # No accumulation: no loop and no float32 gradient-sized accumulator (8B: 32 GB) around one call.
+            grad_sum, sums, hist, tokens, selected_BM, loss_state = _micro_step_with_state(
+                cfg, graphdef, rest, params, ref_params, first_mb, negatives_key(state["rng"], step, 0),
+                loss_state=loss_state)
+            selected_ABM = selected_BM[None]
+        else:
+            sums_shape = jax.eval_shape(
+                lambda: _micro_step(cfg, graphdef, rest, params, ref_params, first_mb, state["rng"], False)[1]
+            )
+            init = (
+                jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+                jnp.zeros((RANK_BINS,), jnp.float32),
+                jnp.zeros((), jnp.int32),
+                loss_state,
+            )
+            (grad_sum, sums, hist, tokens, loss_state), selected_ABM = jax.lax.scan(
+                body, init, (jnp.arange(num_micro, dtype=jnp.int32), batch)
+            )
         num_examples = sums["loss"][1]
-        grads = jax.tree.map(lambda g: (g / num_examples).astype(g.dtype), grad_sum)
+        grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / num_examples).astype(p.dtype), grad_sum, params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -261,13 +308,16 @@ def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransform
             metrics["kernel/rank_hist"] = hist
             metrics["selected"] = selected_ABM  # [A, b, M] column indices of the negatives
         new_state = dict(state, params=new_params, opt_state=opt_state, step=step + 1)
+        if loss_state is not None:
+            new_state["loss_state"] = loss_state
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(cfg: StepConfig, graphdef, rest):
-    """Loss and reward accuracy without an update (held-out split); same kernel key as step 0."""
+    """Metric (sum, count) pairs of one batch without an update (held-out split). `rng` is the kernel's key
+    for the negatives, given by the caller (the trainer passes a fixed key, so every evaluation draws alike)."""
 
     def eval_step(params, ref_params, rng, batch):
         _, sums, _, _, _ = _micro_step(cfg, graphdef, rest, params, ref_params, batch, rng, with_grad=False,
@@ -346,7 +396,7 @@ def step_config_from(config: Mapping[str, Any] | Any) -> StepConfig:
     hp = dict(hp.to_dict() if hasattr(hp, "to_dict") else hp)
     objective = config.objective
     reference = config.get("reference", "online")
-    if objective in getattr(losses, "REFERENCE_FREE", ()):
+    if objective in losses.REFERENCE_FREE:
         reference = "none"
     return StepConfig(
         objective=objective,
@@ -357,4 +407,12 @@ def step_config_from(config: Mapping[str, Any] | Any) -> StepConfig:
         reference=reference,
         loss_hparams=tuple(sorted(hp.items())),
         logprob_chunk_size=int(config.get("logprob_chunk_size", logprobs.DEFAULT_CHUNK_SIZE)),
+        # the tokenizer cuts every completion to max_completion_length: the LM head runs on those positions only
+        completion_window=_completion_window(config),
     )
+
+
+def _completion_window(config) -> int | None:
+    data = config.get("data") if hasattr(config, "get") else None
+    window = None if data is None else data.get("max_completion_length")
+    return int(window) if window else None

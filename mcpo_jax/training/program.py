@@ -1,0 +1,136 @@
+"""The compiled train program, built in one place: model -> parameter shardings -> state -> compiled step.
+
+    program = TrainProgram(model, step_cfg, tx, schedule, mesh=mesh, with_reference=True)
+    state = program.init_state(params, seed)          # or program.abstract_state() (shapes only)
+    compiled = program.compiled(batch)                 # cached per batch shape: one compile per bucket
+    state, metrics = compiled(state, ref_params, batch)
+
+`model` may be abstract (`nnx.eval_shape(lambda: Transformer(...))`): the program then compiles from shapes
+(`program.lower(program.abstract_batch(shapes))`), which is what the compile-only audit does. Batches are
+the step's `[A, b, ...]` micro-batch layout; each distinct (key, shape, dtype) signature compiles once, so a
+length-bucketed loader compiles one program per bucket and reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from mcpo_jax import sharding as shd
+from mcpo_jax.models import logical_axes
+from mcpo_jax.training import state as state_lib
+from mcpo_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+def _signature(batch) -> tuple:
+    return tuple(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype))
+                        for k, v in batch.items()))
+
+
+class TrainProgram:
+    """One train step program for a model, a StepConfig, an optimizer and a mesh.
+
+    Attributes: `graphdef`, `rest` (static model parts), `param_shardings`, `state_shardings`,
+    `ref_shardings` (None without a reference in the step),
+    `axes`: the parameters' logical axes (default `models.logical_axes(model)`); `step_fn` (the pure step), `compile_info`
+    (per batch signature: compile seconds and XLA's memory analysis).
+    """
+
+    def __init__(self, model, cfg: step_lib.StepConfig, tx: optax.GradientTransformation, schedule=None, *,
+                 mesh, axes=None, with_reference: bool | None = None, donate: bool = True,
+                 batch_axis: int = 1):
+        self.cfg, self.tx, self.schedule, self.mesh = cfg, tx, schedule, mesh
+        self.graphdef, params, self.rest = state_lib.split_model(model)
+        self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+        self.param_shardings = shd.param_shardings(logical_axes(model) if axes is None else axes, params, mesh)
+        self.loss_state = step_lib.initial_loss_state(cfg)
+        self.state_shardings = state_lib.state_shardings(tx, self.abstract_params, self.param_shardings, mesh,
+                                                         loss_state=self.loss_state)
+        if with_reference is None:
+            with_reference = cfg.reference == "online" and not cfg.is_sft
+        self.ref_shardings = self.param_shardings if with_reference else None
+        self.metric_shardings = shd.replicated(mesh)
+        self.batch_axis = batch_axis
+        self.donate = donate
+        self.step_fn = step_lib.make_train_step(cfg, self.graphdef, self.rest, tx, schedule)
+        self._jitted = None
+        self._cache: dict[tuple, Any] = {}
+        self.compile_info: dict[tuple, dict[str, Any]] = {}
+
+    # -- state ------------------------------------------------------------------------------
+
+    def init_state(self, params, seed: int):
+        """A fresh train state on the program's shardings."""
+        return state_lib.init_state(params, self.tx, seed, shardings=self.state_shardings, loss_state=self.loss_state)
+
+    def abstract_state(self):
+        """The state as ShapeDtypeStructs with shardings (compile from shapes; orbax restore target)."""
+        shapes = jax.eval_shape(lambda p: state_lib.init_state(p, self.tx, 0, loss_state=self.loss_state),
+                                self.abstract_params)
+        return state_lib.abstract_state(shapes, self.state_shardings)
+
+    def abstract_ref(self):
+        if self.ref_shardings is None:
+            return None
+        return state_lib.abstract_state(self.abstract_params, self.ref_shardings)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def batch_shardings(self, batch):
+        return {k: shd.batch_sharding(self.mesh, len(np.shape(v)), self.batch_axis) for k, v in batch.items()}
+
+    def abstract_batch(self, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]):
+        """{key: (shape, dtype)} -> ShapeDtypeStructs with the batch shardings."""
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(self.mesh, len(shape),
+                                                                                 self.batch_axis))
+                for k, (shape, dtype) in batch_shapes.items()}
+
+    # -- compilation ------------------------------------------------------------------------
+
+    def jitted(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(
+                self.step_fn,
+                in_shardings=(self.state_shardings, self.ref_shardings, None),
+                out_shardings=(self.state_shardings, self.metric_shardings),
+                donate_argnums=(0,) if self.donate else (),
+            )
+        return self._jitted
+
+    def lower(self, batch):
+        """Lower for this batch's shapes (arrays or ShapeDtypeStructs); nothing is allocated."""
+        batch = {k: (v if isinstance(v, jax.ShapeDtypeStruct) else
+                     jax.ShapeDtypeStruct(np.shape(v), v.dtype,
+                                          sharding=shd.batch_sharding(self.mesh, np.ndim(v), self.batch_axis)))
+                 for k, v in batch.items()}
+        return self.jitted().lower(self.abstract_state(), self.abstract_ref(), batch)
+
+    def compiled(self, batch):
+        """The compiled step for this batch's shapes, compiled on first use and cached."""
+        key = _signature(batch)
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            compiled = self.lower(batch).compile()
+            info: dict[str, Any] = {"compile_seconds": time.perf_counter() - t0}
+            try:
+                mem = compiled.memory_analysis()
+                for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                              "generated_code_size_in_bytes", "alias_size_in_bytes"):
+                    if mem is not None and hasattr(mem, field):
+                        info[field] = int(getattr(mem, field))
+            except Exception as e:  # noqa: BLE001 - some backends do not implement it
+                log.debug("memory_analysis unavailable: %s", e)
+            log.info("compiled train step for %s in %.1fs; memory %s", dict((k, s) for k, s, _ in key),
+                     info["compile_seconds"], {k: v for k, v in info.items() if k != "compile_seconds"})
+            self._cache[key], self.compile_info[key] = compiled, info
+        return self._cache[key]
+
+    def __call__(self, state, ref_params, batch):
+        return self.compiled(batch)(state, ref_params, batch)

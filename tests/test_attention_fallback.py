@@ -1,0 +1,53 @@
+"""No silent cuDNN fallback: on a GPU in half precision, attention that cannot use cuDNN says so once, loudly,
+and is recorded (`decoder.attention_fallbacks()`, for the run's summary). Simulated on the CPU."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mcpo_jax import models
+from mcpo_jax.models import decoder
+
+CONFIG = models.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                            rms_norm_eps=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_record(monkeypatch):
+    monkeypatch.setattr(decoder, "_ATTENTION_FALLBACKS", [])
+
+
+def test_unsupported_head_dim_on_gpu_is_recorded(caplog):
+    with caplog.at_level(logging.WARNING, logger=decoder.__name__):
+        assert decoder._attention_impl(jnp.bfloat16, 100, backend="gpu") == "xla"
+        assert decoder._attention_impl(jnp.bfloat16, 100, backend="gpu") == "xla"
+    assert len(decoder.attention_fallbacks()) == 1  # once per reason
+    assert "head_dim 100" in decoder.attention_fallbacks()[0]["reason"]
+    assert sum("cuDNN attention NOT used" in r.getMessage() for r in caplog.records) == 1
+    # nothing to say where cuDNN is not wanted: CPU, or float32
+    assert decoder._attention_impl(jnp.bfloat16, 64, backend="cpu") == "xla"
+    assert decoder._attention_impl(jnp.float32, 64, backend="gpu") == "xla"
+    assert len(decoder.attention_fallbacks()) == 1
+
+
+def test_cudnn_call_that_raises_falls_back_loudly(monkeypatch, caplog):
+    """Auto mode chose cuDNN (simulated on the CPU, where the cuDNN call raises): XLA attention runs, the same
+    logits come out, and the reason is logged and recorded."""
+    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, backend=None: "cudnn")
+    model = models.Transformer(CONFIG, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.arange(12).reshape(2, 6) % 32, jnp.int32)
+    with caplog.at_level(logging.WARNING, logger=decoder.__name__):
+        got = model(ids)
+    record = decoder.attention_fallbacks()
+    assert len(record) == 1 and record[0]["reason"], record
+    assert any("cuDNN attention NOT used" in r.getMessage() for r in caplog.records)
+    want = models.Transformer(CONFIG, attention_impl="xla", rngs=nnx.Rngs(0))(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # asked for explicitly, cuDNN failing is an error, not a fallback
+    with pytest.raises(Exception):
+        models.Transformer(CONFIG, attention_impl="cudnn", rngs=nnx.Rngs(0))(ids)
