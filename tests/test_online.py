@@ -174,5 +174,5 @@ def test_segment_start_reference_is_saved_per_segment(tmp_path, compilation_cach
         assert os.path.exists(os.path.join(onmcpo.segment_dir(str(tmp_path), s), "reference", "config.json"))
     rows = _rows(str(tmp_path))
     # at a segment's first step pi_ref is the policy itself: every log-ratio, hence every reward, is 0
-    assert rows[1]["rewards/chosen"] == 0.0 and rows[3]["rewards/chosen"] == 0.0
-    assert rows[2]["rewards/chosen"] != 0.0
+    assert abs(rows[1]["rewards/chosen"]) < 1e-5 and abs(rows[3]["rewards/chosen"]) < 1e-5  # float noise only
+    assert abs(rows[2]["rewards/chosen"]) > 1e-3

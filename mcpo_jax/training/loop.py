@@ -36,6 +36,7 @@ from mcpo_jax.training import metrics as metrics_lib
 from mcpo_jax.training import state as state_lib
 from mcpo_jax.training import step as step_lib
 from mcpo_jax.training.config import ConfigError
+from mcpo_jax.training.program import TrainProgram
 from mcpo_jax.training.signals import StopFlag, run_interruptible
 
 log = logging.getLogger("mcpo_jax.train")
@@ -84,13 +85,20 @@ class Trainer:
         self.mesh = shd.mesh_from_config(config.mesh)
         log.info("mesh %s (%d devices, %d processes)", dict(self.mesh.shape), self.mesh.size, jax.process_count())
         self.model_path = config.model.path if model_path is None else model_path
-        self.graphdef, params, self.rest = state_lib.split_model(
-            build.build_model(config.model, self.mesh, self.rules, path=self.model_path))
-        self.param_shardings = shd.param_shardings(
-            models.logical_axes(state_lib.merge_model(self.graphdef, params, self.rest)), params, self.mesh,
-            self.rules)
+        model = build.build_model(config.model, self.mesh, self.rules, path=self.model_path)
+        _, params, _ = state_lib.split_model(model)
         log.info("model: %.2fM parameters", state_lib.count_params(params) / 1e6)
         self.step_cfg = step_lib.step_config_from(config)
+        opt = config.optimizer
+        tx, schedule = step_lib.make_optimizer(
+            learning_rate=float(opt.learning_rate), total_steps=self.total_steps,
+            warmup_ratio=float(opt.warmup_ratio), decay=opt.decay, weight_decay=float(opt.weight_decay),
+            b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), max_grad_norm=float(opt.max_grad_norm))
+        # model -> shardings -> state -> compiled step (one per batch shape), built in one place
+        self.program = TrainProgram(model, self.step_cfg, tx, schedule, mesh=self.mesh, rules=self.rules)
+        self.graphdef, self.rest, self.param_shardings = (self.program.graphdef, self.program.rest,
+                                                          self.program.param_shardings)
+        del model
         self.reference_path = self.model_path  # "" = the random-init preset
         self.ref_params = None
         if self.step_cfg.needs_reference:
@@ -98,13 +106,8 @@ class Trainer:
                 self.set_reference(config.reference_path, like=params)
             else:  # the initial policy, frozen (a copy: the policy's buffers are donated)
                 self.ref_params = jax.tree.map(jnp.copy, params)
-        opt = config.optimizer
-        self.tx, self.schedule = step_lib.make_optimizer(
-            learning_rate=float(opt.learning_rate), total_steps=self.total_steps,
-            warmup_ratio=float(opt.warmup_ratio), decay=opt.decay, weight_decay=float(opt.weight_decay),
-            b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), max_grad_norm=float(opt.max_grad_norm))
-        self.shardings = state_lib.state_shardings(self.tx, params, self.param_shardings, self.mesh)
-        self.state = state_lib.init_state(params, self.tx, int(config.seed), shardings=self.shardings)
+        self.shardings = self.program.state_shardings
+        self.state = self.program.init_state(params, int(config.seed))
         del params
         self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.checkpoint.keep),
                                                   async_save=bool(config.checkpoint.async_save))
@@ -119,8 +122,6 @@ class Trainer:
             metrics_lib.drop_after(self.run_dir / "metrics.jsonl", self.step)
         self.writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.primary,
                                                 tensorboard=bool(config.tensorboard))
-        self.step_fn = step_lib.make_train_step(self.step_cfg, self.graphdef, self.rest, self.tx, self.schedule)
-        self._compiled: dict[Any, Any] = {}
         self.compiled_shapes: list[tuple[int, ...]] = []
         self.compile_info: dict[str, Any] = {}
 
@@ -158,20 +159,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- training
     def _compile(self, batch):
-        key = jax.tree.map(lambda x: (x.shape, str(x.dtype)), batch)
-        key = tuple(sorted((k, v) for k, v in key.items()))
-        if key not in self._compiled:
-            ref = None if self.step_cfg.reference == "precomputed" else self.ref_params
-            compiled, info = run_interruptible(
-                step_lib.compile_train_step, self.step_fn, self.state, ref, batch,
-                state_shardings=self.shardings,
-                ref_shardings=None if ref is None else self.param_shardings,
-                batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-                metric_shardings=shd.replicated(self.mesh))
-            self._compiled[key] = compiled  # length-aware batches: one compile per bucket length seen
+        """The compiled step for this batch's shape (compiled in a worker thread: signals stay responsive)."""
+        known = len(self.program.compile_info)
+        compiled = run_interruptible(self.program.compiled, batch)
+        if len(self.program.compile_info) > known:  # length-aware batches: one compile per bucket length seen
             self.compiled_shapes.append(tuple(batch["input_ids"].shape))
-            self.compile_info = info
-        return self._compiled[key]
+            self.compile_info = list(self.program.compile_info.values())[-1]
+        return compiled
 
     def train(self, train_ds, eval_ds=None, *, start_step: int = 0, end_step: int | None = None) -> dict:
         """Steps [max(self.step, start_step), end_step) on `train_ds` (which begins at run step `start_step`).
@@ -222,8 +216,8 @@ class Trainer:
                 if self.step == int(c.debug.nan_at_step):
                     self.state = dict(self.state, params=jax.tree.map(lambda x: x * jnp.nan, self.state["params"]))
                 t0 = time.perf_counter()
-                self.state, metrics = compiled(self.state, None if self.step_cfg.reference == "precomputed"
-                                               else self.ref_params, batch)
+                self.state, metrics = compiled(
+                    self.state, None if self.program.ref_shardings is None else self.ref_params, batch)
                 self.step += 1
                 last = self._drain(pending, bar) or last  # the previous step's metrics, while this one runs
                 pending = (self.step, metrics, t0)

@@ -44,12 +44,14 @@ class TrainProgram:
     """
 
     def __init__(self, model, cfg: step_lib.StepConfig, tx: optax.GradientTransformation, schedule=None, *,
-                 mesh, axes=None, with_reference: bool | None = None, donate: bool = True,
-                 batch_axis: int = 1):
+                 mesh, rules=shd.DEFAULT_RULES, axes=None, with_reference: bool | None = None,
+                 donate: bool = True, batch_axis: int = 1):
         self.cfg, self.tx, self.schedule, self.mesh = cfg, tx, schedule, mesh
         self.graphdef, params, self.rest = state_lib.split_model(model)
         self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-        self.param_shardings = shd.param_shardings(logical_axes(model) if axes is None else axes, params, mesh)
+        self.rules = rules
+        self.param_shardings = shd.param_shardings(logical_axes(model) if axes is None else axes, params, mesh,
+                                                   rules)
         self.loss_state = step_lib.initial_loss_state(cfg)
         self.state_shardings = state_lib.state_shardings(tx, self.abstract_params, self.param_shardings, mesh,
                                                          loss_state=self.loss_state)
@@ -84,12 +86,13 @@ class TrainProgram:
     # -- batches ----------------------------------------------------------------------------
 
     def batch_shardings(self, batch):
-        return {k: shd.batch_sharding(self.mesh, len(np.shape(v)), self.batch_axis) for k, v in batch.items()}
+        return {k: shd.batch_sharding(self.mesh, len(np.shape(v)), self.batch_axis, self.rules)
+                for k, v in batch.items()}
 
     def abstract_batch(self, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]):
         """{key: (shape, dtype)} -> ShapeDtypeStructs with the batch shardings."""
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(self.mesh, len(shape),
-                                                                                 self.batch_axis))
+                                                                                 self.batch_axis, self.rules))
                 for k, (shape, dtype) in batch_shapes.items()}
 
     # -- compilation ------------------------------------------------------------------------
@@ -108,7 +111,8 @@ class TrainProgram:
         """Lower for this batch's shapes (arrays or ShapeDtypeStructs); nothing is allocated."""
         batch = {k: (v if isinstance(v, jax.ShapeDtypeStruct) else
                      jax.ShapeDtypeStruct(np.shape(v), v.dtype,
-                                          sharding=shd.batch_sharding(self.mesh, np.ndim(v), self.batch_axis)))
+                                          sharding=shd.batch_sharding(self.mesh, np.ndim(v), self.batch_axis,
+                                                                      self.rules)))
                  for k, v in batch.items()}
         return self.jitted().lower(self.abstract_state(), self.abstract_ref(), batch)
 

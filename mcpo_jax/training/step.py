@@ -390,29 +390,18 @@ def compile_train_step(step_fn, state, ref_params, batch, *, state_shardings, re
     return compiled, info
 
 
-def step_config_from(config: Mapping[str, Any] | Any) -> StepConfig:
-    """StepConfig from the trainer ConfigDict (`config.objective`, `config.sampler`, ...)."""
-    hp = config.get("loss_hparams", {}) or {}
-    hp = dict(hp.to_dict() if hasattr(hp, "to_dict") else hp)
-    objective = config.objective
-    reference = config.get("reference", "online")
-    if objective in losses.REFERENCE_FREE:
-        reference = "none"
+def step_config_from(config) -> StepConfig:
+    """StepConfig from the validated trainer config (training/config.py owns every default)."""
+    reference = "none" if config.objective in losses.REFERENCE_FREE else config.reference
     return StepConfig(
-        objective=objective,
-        sampler=config.get("sampler", "mc"),
-        num_negatives=int(config.get("num_negatives", 1)),
-        beta=float(config.get("beta", 0.01)),
-        include_preferred=bool(config.get("include_preferred", False)),
+        objective=config.objective,
+        sampler=config.sampler,
+        num_negatives=int(config.num_negatives),
+        beta=float(config.beta),
+        include_preferred=bool(config.include_preferred),
         reference=reference,
-        loss_hparams=tuple(sorted(hp.items())),
-        logprob_chunk_size=int(config.get("logprob_chunk_size", logprobs.DEFAULT_CHUNK_SIZE)),
+        loss_hparams=tuple(sorted(config.loss_hparams.to_dict().items())),
+        logprob_chunk_size=int(config.logprob_chunk_size),
         # the tokenizer cuts every completion to max_completion_length: the LM head runs on those positions only
-        completion_window=_completion_window(config),
+        completion_window=int(config.data.max_completion_length),
     )
-
-
-def _completion_window(config) -> int | None:
-    data = config.get("data") if hasattr(config, "get") else None
-    window = None if data is None else data.get("max_completion_length")
-    return int(window) if window else None
