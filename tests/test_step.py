@@ -286,3 +286,17 @@ def test_bco_delta_is_a_running_mean_kept_in_the_state():
     r2 = batch_rewards(state1["params"], s["batch"])
     state2, _ = s["compiled"](state1, s["ref"], s["batch"])
     np.testing.assert_allclose(state2["loss_state"]["bco_delta"], np.mean(r + r2), rtol=1e-5, atol=1e-7)
+
+
+def test_program_compiles_once_per_batch_shape():
+    """TrainProgram caches the compiled step per batch signature: a second length bucket compiles once more,
+    the first bucket's program is reused."""
+    cfg = S.StepConfig(objective="dpo", sampler="fixed", num_negatives=1, beta=0.5)
+    s = _setup(cfg, accum=1)
+    program = s["program"]
+    longer = toy_batch(b=4, c=4, t=16, accum=1)
+    first = program.compiled(s["batch"])
+    second = program.compiled(longer)
+    assert second is not first and program.compiled(longer) is second and len(program.compile_info) == 2
+    _, m = program(s["state"], s["ref"], longer)
+    assert np.isfinite(float(m["loss"]))
