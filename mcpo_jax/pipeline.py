@@ -69,6 +69,10 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
         else:
             result = train_offline(config, workdir, start_path=start, stop=stop)
         summary.update({k: v for k, v in result.items() if v is not None})  # a rerun keeps what it did not redo
+        from mcpo_jax.models.decoder import attention_fallbacks
+
+        if attention_fallbacks():  # cuDNN attention could not be used on a GPU in half precision: say so here too
+            summary["attention_fallbacks"] = attention_fallbacks()
         if result["status"] != "completed":
             return summary
         if primary:
