@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcpo_jax import audit
+from mcpo_jax import batch as batch_lib
 from mcpo_jax.online.generate import generation_throughput
 
 PEAK_TFLOPS_H200_BF16 = 989.0  # dense bf16, datasheet (the anchor's PEAK)
@@ -277,8 +278,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
 
     def device_batch(b: dict[str, np.ndarray]):
         """[A=1, b, ...]: one micro-batch, the trainer's keys, placed as the trainer places them."""
-        keys = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "ref_logps")
-        return sharding.global_batch({k: v[None] for k, v in b.items() if k in keys}, mesh, batch_axis=1)
+        return sharding.global_batch({k: v[None] for k, v in batch_lib.step_arrays(b).items()}, mesh, batch_axis=1)
 
     if any(v.endswith("precomputed_ref") for v in variants):
         # Reference log-probs of every candidate, once and outside the timed steps, with the
@@ -346,12 +346,8 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
 def batch_shapes(variant: str, *, prompts: int, candidates: int, seq: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{key: (shape, dtype)} of the step's one-micro-batch batch for a variant ([A=1, b, ...])."""
     c = 2 if variant.startswith("dpo") else 1 + candidates
-    out = {"input_ids": ((1, prompts, c, seq), jnp.int32), "attention_mask": ((1, prompts, c, seq), jnp.int32),
-           "loss_mask": ((1, prompts, c, seq), jnp.int32), "valid": ((1, prompts, c), jnp.bool_),
-           "ranks": ((1, prompts, c), jnp.int32), "fixed_index": ((1, prompts), jnp.int32)}
-    if variant.endswith("precomputed_ref"):
-        out["ref_logps"] = ((1, prompts, c), jnp.float32)
-    return out
+    return batch_lib.abstract_shapes((1, prompts), columns=c, length=seq,
+                                     precomputed_ref=variant.endswith("precomputed_ref"))
 
 
 def abstract_model(config, args):

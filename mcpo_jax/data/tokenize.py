@@ -40,12 +40,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mcpo_jax.batch import HOST_KEYS
 from mcpo_jax.data.example import DataError, PreferenceExample
 
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 2
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "example_id")
+BATCH_KEYS = HOST_KEYS  # the batch is defined once: data/batch.py
 # What is stored: the masks are derived from the lengths (right padding), a third of the memory of three
 # [N, C, T] arrays.
 STORED_KEYS = ("input_ids", "prompt_lengths", "completion_lengths", "valid", "ranks", "fixed_index", "example_id")

@@ -62,6 +62,7 @@ def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round
     import numpy as np
 
     from mcpo_jax import bench, models, sharding
+    from mcpo_jax import batch as batch_lib
     from mcpo_jax.data.synthetic import TOKEN_LIMITS
     from mcpo_jax.training import program as program_lib
     from mcpo_jax.training import refcache
@@ -81,12 +82,11 @@ def controlled_timing(scale: str = "small", *, rounds: int = 20, steps_per_round
     logps_fn = refcache.make_logps_fn(graphdef, rest, mesh, 128)
     np_batch["ref_logps"] = np.asarray(logps_fn(params, np_batch["input_ids"], np_batch["attention_mask"],
                                                 np_batch["loss_mask"]))
-    keys = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index",
-                                  "ref_logps")
     states, steps = {}, {}
     for label, objective, sampler, c, m in CONTROLLED:
         host = bench.pair_batch(np_batch) if c == 2 else dict(np_batch)
-        batch = sharding.global_batch({k: v[None] for k, v in host.items() if k in keys}, mesh, batch_axis=1)
+        batch = sharding.global_batch({k: v[None] for k, v in batch_lib.step_arrays(host).items()}, mesh,
+                                      batch_axis=1)
         cfg = step_lib.StepConfig(objective=objective, sampler=sampler, num_negatives=m, beta=common.BETA,
                                   reference="precomputed")
         program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcpo_jax import models
+from mcpo_jax import batch as batch_lib
 from mcpo_jax import sharding as shd
 from mcpo_jax.training import build, refcache
 from mcpo_jax.training import checkpoint as ckpt_lib
@@ -40,9 +41,6 @@ from mcpo_jax.training.program import TrainProgram
 from mcpo_jax.training.signals import StopFlag, run_interruptible
 
 log = logging.getLogger("mcpo_jax.train")
-
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "valid", "ranks", "fixed_index", "ref_logps")
-
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss or gradient; the last good checkpoint is kept."""
@@ -59,14 +57,9 @@ def planned_steps(config, num_examples: int) -> int:
 
 def to_global(local: dict, mesh, accum: int | None):
     """This process's batch (numpy) -> global jax.Arrays, [accum, b, ...] when accumulating."""
-    out = {}
-    for k in BATCH_KEYS:
-        if k not in local:
-            continue
-        x = np.asarray(local[k])
-        if x.dtype == np.int64:
-            x = x.astype(np.int32)
-        out[k] = x if accum is None else x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+    out = batch_lib.step_arrays(local)
+    if accum is not None:
+        out = {k: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]) for k, x in out.items()}
     return shd.global_batch(out, mesh, batch_axis=0 if accum is None else 1)
 
 
