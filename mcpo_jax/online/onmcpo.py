@@ -92,7 +92,8 @@ def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequenc
             for o, js in zip(orders, per_prompt)]
 
 
-def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict | None, str | None]:
+def training_row(prompt, completions: Sequence[str], result: dict,
+                 drop_ranks: Sequence[int] = ()) -> tuple[dict | None, str | None]:  # [issue 13] drop_ranks
     """The ``pairs``-format row (chosen = y0 = the winner, rejected = the rest) or (None, reason skipped).
 
     Candidates identical to y0 (after stripping) or empty are dropped: the readers reject such rows, and a copy of
@@ -103,6 +104,8 @@ def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict
     if not chosen.strip():
         return None, "empty_winner"
     others = result["order"][1:] if result.get("order") else [i for i in range(len(completions)) if i != winner]
+    if drop_ranks and result.get("order"):  # [issue 13] Nectar's preprocessing: rank 1 = y0, rank 2 dropped
+        others = [i for r, i in enumerate(others, start=2) if r not in drop_ranks]
     rejected = [completions[i] for i in others if completions[i].strip() and completions[i].strip() != chosen.strip()]
     if not rejected:
         return None, "no_distinct_candidates"
@@ -164,7 +167,8 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
                       temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
                       batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
                       max_prompt_tokens: int | None = None,
-                      score_fn: Callable[[Any, str], float] | None = None) -> dict:
+                      score_fn: Callable[[Any, str], float] | None = None,
+                      drop_ranks: Sequence[int] = ()) -> dict:  # [issue 13] drop_ranks
     """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists.
 
     ``model`` and ``judge`` may be zero-argument loaders: the policy is then dropped before the judge is
@@ -192,7 +196,7 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     t2 = time.perf_counter()
     samples, data, skipped = [], [], {}
     for p, c, r in zip(prompts, completions, results):
-        row, reason = training_row(p, c, r)
+        row, reason = training_row(p, c, r, drop_ranks)  # [issue 13] drop_ranks
         samples.append({"prompt": p, "completions": list(c), "temperatures": list(temperatures), **r,
                         "skipped": reason})
         if row is None:
@@ -295,6 +299,10 @@ def load_online_prompts(o) -> list:
         from mcpo_jax.data import synthetic
 
         return [r["prompt"] for r in synthetic.sft_rows(n or 1024, seed=int(o.get("seed", 0)))]
+    if source == "task:instructions":  # [issue 13] mcpo_jax.data.instructions' training prompts
+        from mcpo_jax.data import instructions
+
+        return instructions.prompts(n or 1024, seed=int(o.get("seed", 0)), split="train")
     if os.path.exists(source):
         from mcpo_jax.evaluate import load_prompts
 
@@ -422,6 +430,8 @@ def train_online(config, workdir: str) -> dict:
     score_fn = None
     if o.prompts == "synthetic":
         from mcpo_jax.data.synthetic import oracle_score as score_fn
+    elif o.prompts == "task:instructions":  # [issue 13] per-segment rule scores in stats.json
+        from mcpo_jax.data.instructions import instruction_score as score_fn
     max_prompt_tokens = int(o.get("max_prompt_tokens", 0) or 0) or int(config.data.max_prompt_length)
 
     policy, segments = initial, []
@@ -448,7 +458,8 @@ def train_online(config, workdir: str) -> dict:
                                       top_p=float(o.top_p), batch_size=int(o.generation_batch_size),
                                       seed=int(o.seed) * 1000 + s, ranking=o.ranking,
                                       use_chat_template=bool(config.data.use_chat_template),
-                                      max_prompt_tokens=max_prompt_tokens, score_fn=score_fn)
+                                      max_prompt_tokens=max_prompt_tokens, score_fn=score_fn,
+                                      drop_ranks=tuple(o.get("drop_ranks", ())))  # [issue 13] drop_ranks
             log.info("online: segment %d data: %s", s, {k: v for k, v in stats.items() if k != "judge_stats"})
         else:
             log.info("online: segment %d: reusing %s", s, data_path)
