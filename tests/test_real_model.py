@@ -405,3 +405,32 @@ def test_evaluate_cli_end_to_end(smollm2_dir, tmp_path):
     got = [v["verdict"] for v in r["per_prompt"]]
     assert got == ["A" if d > 0 else "B" if d < 0 else "tie" for d in want]
     print("[real-model evaluate]", r["win_rate"], r["n_cand"], r["n_tie"], r["n_base"], [o["output"] for o in outputs])
+
+
+# ------------------------------------------------------------------------------------------------ the job's config
+def test_smollm2_config_variants(smollm2_dir, monkeypatch):
+    """configs/smollm2.py builds every variant in the online block's schema (the run itself: docs/real_model.md)."""
+    import importlib.util
+
+    from mcpo_jax.online.onmcpo import PAPER_TEMPERATURES, load_online_prompts
+
+    monkeypatch.setenv("MCPO_SMOLLM2_DIR", smollm2_dir)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smollm2.py")
+    spec = importlib.util.spec_from_file_location("smollm2_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert c.model.path == smollm2_dir and c.online.num_segments == 1
+    assert tuple(c.online.temperatures) == PAPER_TEMPERATURES and tuple(c.online.drop_ranks) == (2,)
+    assert c.num_candidates == len(PAPER_TEMPERATURES) - 2  # y0 + rank 2 dropped
+    assert c.data.max_prompt_length + c.data.max_completion_length <= c.data.max_length
+    prompts = load_online_prompts(c.online)
+    assert len(prompts) == c.online.num_prompts and all(instructions.parse_instructions(p) for p in prompts)
+    held = instructions.prompts(c.online.final_eval.num_prompts, seed=c.online.final_eval.seed, split="eval")
+    assert not set(held) & set(instructions.prompts(1000, seed=c.online.seed))
+    assert (module.get_config("dpo").objective, module.get_config("dpo").sampler) == ("dpo", "random")
+    assert module.get_config("online").online.num_segments == 3
+    gpu = module.get_config("gpu")
+    assert gpu.model.dtype == "bfloat16" and gpu.online.num_prompts > c.online.num_prompts
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("nope")

@@ -196,7 +196,7 @@ def prompts(n: int, seed: int = 0, *, split: str = "train", numeric_fraction: fl
     """``n`` task prompts with 1-2 instructions each (or a sum with "number only"), deterministic in ``seed``.
 
     ``split`` "train" uses the even-indexed topics, "eval" the odd ones: held-out prompts share no topic with
-    training prompts.
+    training prompts. (The sums are not split: a held-out "What is A + B?" may also be a training prompt.)
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: 'train' or 'eval'")
