@@ -23,6 +23,7 @@ RUNTIME = [
     "tqdm>=4.66",
     "jinja2>=3.1",  # chat templates (transformers apply_chat_template)
     "absl-py>=2.0",
+    "gguf==0.19.0",  # GGUF checkpoints (models.gguf, models.fetch): NumPy reader and dequantizers, no torch
 ]
 
 setup(

@@ -39,6 +39,8 @@ class Task:
     kind: str = "oracle"
     perfect_score: float | None = 1.0
     description: str = ""
+    # Training prompts (online sampling): disjoint from `prompts` where the task can guarantee it; None = `prompts`
+    train_prompts: Callable[[int, int], Sequence[Any]] | None = None
 
     def recognizes(self, prompt) -> bool:
         """Whether ``prompt`` is a prompt of this task (``is_prompt``, else: ``score`` accepts it)."""
@@ -56,7 +58,8 @@ _TASKS: dict[str, Task] = {}
 
 def register(name: str, *, prompts: Callable[[int, int], Sequence[Any]], score: Callable[[Any, str], float],
              is_prompt: Callable[[Any], bool] | None = None, kind: str = "oracle",
-             perfect_score: float | None = 1.0, description: str = "", replace: bool = False) -> Task:
+             perfect_score: float | None = 1.0, description: str = "", replace: bool = False,
+             train_prompts: Callable[[int, int], Sequence[Any]] | None = None) -> Task:
     """Add a task to the registry (``replace=True`` to redefine a name; otherwise a second use is an error)."""
     if not name or ":" in name:
         raise ValueError(f"task name {name!r}: a non-empty name without ':'")
@@ -64,7 +67,7 @@ def register(name: str, *, prompts: Callable[[int, int], Sequence[Any]], score: 
         raise ValueError(f"task {name!r}: kind={kind!r}, expected one of {KINDS}")
     if name in _TASKS and not replace:
         raise ValueError(f"task {name!r} is already registered (pass replace=True to redefine it)")
-    task = Task(name, prompts, score, is_prompt, kind, perfect_score, description)
+    task = Task(name, prompts, score, is_prompt, kind, perfect_score, description, train_prompts)
     _TASKS[name] = task
     return task
 
@@ -81,10 +84,16 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from mcpo_jax.data import synthetic
+    from mcpo_jax.data import instructions, synthetic
 
     register("sorting", prompts=synthetic.prompts, score=synthetic.oracle_score, is_prompt=synthetic.is_prompt,
+             train_prompts=lambda n, seed: [r["prompt"] for r in synthetic.sft_rows(n, seed=seed)],
              description="sort the digits of 'sort 5391' (data/synthetic.py); oracle: 1 - normalized edit distance")
+    register("instructions", kind="rule", score=instructions.instruction_score, is_prompt=instructions.is_prompt,
+             prompts=lambda n, seed: instructions.prompts(n, seed, split="eval"),
+             train_prompts=lambda n, seed: instructions.prompts(n, seed, split="train"),
+             description="short writing tasks with program-checked instructions (data/instructions.py); rule "
+                         "judge: the fraction of the prompt's instructions the answer satisfies")
 
 
 _register_builtins()

@@ -19,3 +19,8 @@ __all__ += ["CheckpointError", "from_pretrained", "save_pretrained"]
 from .presets import PRESETS, init_random, preset_config  # noqa: E402
 
 __all__ += ["PRESETS", "init_random", "preset_config"]
+from .gguf import GGUFError, convert_gguf  # noqa: E402
+
+# The model fetcher is the submodule `mcpo_jax.models.fetch` (also a script: python -m mcpo_jax.models.fetch);
+# it is not imported here so that running it as __main__ does not import it twice.
+__all__ += ["GGUFError", "convert_gguf"]

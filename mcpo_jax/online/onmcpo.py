@@ -92,7 +92,8 @@ def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequenc
             for o, js in zip(orders, per_prompt)]
 
 
-def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict | None, str | None]:
+def training_row(prompt, completions: Sequence[str], result: dict,
+                 drop_ranks: Sequence[int] = ()) -> tuple[dict | None, str | None]:
     """The ``pairs``-format row (chosen = y0 = the winner, rejected = the rest) or (None, reason skipped).
 
     Candidates identical to y0 (after stripping) or empty are dropped: the readers reject such rows, and a copy of
@@ -103,6 +104,8 @@ def training_row(prompt, completions: Sequence[str], result: dict) -> tuple[dict
     if not chosen.strip():
         return None, "empty_winner"
     others = result["order"][1:] if result.get("order") else [i for i in range(len(completions)) if i != winner]
+    if drop_ranks and result.get("order"):  # Nectar's preprocessing (Sec. 5.1): rank 1 = y0, rank 2 dropped
+        others = [i for r, i in enumerate(others, start=2) if r not in drop_ranks]
     rejected = [completions[i] for i in others if completions[i].strip() and completions[i].strip() != chosen.strip()]
     if not rejected:
         return None, "no_distinct_candidates"
@@ -164,7 +167,7 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
                       temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
                       batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
                       max_prompt_tokens: int | None = None,
-                      score_fn: Callable[[Any, str], float] | None = None) -> dict:
+                      score_fn: Callable[[Any, str], float] | None = None, drop_ranks: Sequence[int] = ()) -> dict:
     """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists.
 
     ``model`` and ``judge`` may be zero-argument loaders: the policy is then dropped before the judge is
@@ -192,7 +195,7 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     t2 = time.perf_counter()
     samples, data, skipped = [], [], {}
     for p, c, r in zip(prompts, completions, results):
-        row, reason = training_row(p, c, r)
+        row, reason = training_row(p, c, r, drop_ranks)
         samples.append({"prompt": p, "completions": list(c), "temperatures": list(temperatures), **r,
                         "skipped": reason})
         if row is None:
@@ -229,10 +232,11 @@ def load_online_prompts(o) -> list:
         from mcpo_jax.data import synthetic
 
         return [r["prompt"] for r in synthetic.sft_rows(n or 1024, seed=int(o.seed))]
-    if source.startswith("task:"):
+    if source.startswith("task:"):  # the task's training prompts (held out from its evaluation prompts)
         from mcpo_jax.data import tasks
 
-        return list(tasks.get(source[len("task:"):]).prompts(n or 1024, int(o.seed)))
+        task = tasks.get(source[len("task:"):])
+        return list((task.train_prompts or task.prompts)(n or 1024, int(o.seed)))
     if os.path.exists(source):
         from mcpo_jax.data.text import load_prompts
 
@@ -309,6 +313,11 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
         judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
                             dtype=build.DTYPES[o.judge_dtype], mode=o.ranking, mesh=trainer.mesh)
     max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
+    score_fn = None  # a task's own score of every sample, in each segment's stats.json
+    if o.prompts.startswith("task:") or o.prompts == "synthetic":
+        from mcpo_jax.data import tasks
+
+        score_fn = tasks.get("sorting" if o.prompts == "synthetic" else o.prompts[len("task:"):]).score
     segments, result = [], {"status": "completed", "start_step": trainer.step}
     try:
         for s, ((begin, end), part) in enumerate(zip(bounds, parts)):
@@ -328,7 +337,8 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
                                       top_p=float(o.top_p), batch_size=int(o.generation_batch_size),
                                       seed=int(o.seed) * 1000 + s, ranking=o.ranking,
                                       use_chat_template=bool(config.data.use_chat_template),
-                                      max_prompt_tokens=max_prompt_tokens)
+                                      max_prompt_tokens=max_prompt_tokens, score_fn=score_fn,
+                                      drop_ranks=tuple(o.drop_ranks))
             if stop.should_stop():
                 result.update(status="interrupted", signal=stop.signal or "a signal on another process",
                               step=trainer.step)

@@ -148,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.max_prompt_tokens = 0  # 0 = data.max_prompt_length
     c.online.generation_batch_size = 64  # rows (prompt x temperature) per generate call
     c.online.ranking = "winner"  # App. B.1: iterative pairwise ranking (K - 1 comparisons); "full" = whole order
+    c.online.drop_ranks = ()  # with ranking="full": ranks left out of the candidates (Nectar, Sec. 5.1: (2,))
     c.online.judge = "oracle:sorting"  # oracle:TASK | rule:TASK | llm:MODEL_DIR | reward:module:function
     c.online.judge_max_new_tokens = 512
     c.online.judge_batch_size = 8
@@ -394,6 +395,8 @@ def _validate_online(config, errors: list[str]) -> None:
         errors.append(f"online.num_segments must be >= 1, got {o.num_segments}")
     if o.ranking not in ("winner", "full"):
         errors.append(f"online.ranking={o.ranking!r}: 'winner' (iterative pairwise) or 'full'")
+    if tuple(o.drop_ranks) and o.ranking != "full":
+        errors.append(f"online.drop_ranks={tuple(o.drop_ranks)} needs online.ranking='full' (a whole order)")
     if o.reference not in ("initial", "segment_start"):
         errors.append(f"online.reference={o.reference!r}: 'initial' or 'segment_start'")
     if not 0 < float(o.top_p) <= 1:
