@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -117,35 +117,48 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(path: str, config: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face key, fp32 array) for every tensor of the file, dequantized, one at a time."""
+def _hf_key(name: str, path: str) -> str:
+    for gguf_name, hf in _NAMES.items():
+        parts = gguf_name.split("{i}")
+        if len(parts) == 1 and name == parts[0]:
+            return hf
+        if len(parts) == 2 and name.startswith(parts[0]) and name.endswith(parts[1]):
+            layer = name[len(parts[0]):len(name) - len(parts[1])]
+            if layer.isdigit():
+                return hf.replace("{i}", layer)
+    if name.startswith("rope_freqs"):
+        raise GGUFError(f"{path}: tensor {name!r} (llama3 RoPE scaling) is not converted")
+    raise GGUFError(f"{path}: tensor {name!r} has no Hugging Face name in mcpo_jax.models.gguf._NAMES")
+
+
+def hf_tensor_plan(path: str, config: dict | None = None) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(Hugging Face key, shape, producer of the fp32 array) per tensor; nothing is dequantized until called,
+    so a conversion holds one tensor at a time (GGUF lists dimensions fastest first: the shape is reversed)."""
     import gguf
 
     reader = _reader(path)
     if config is None:
         config = hf_config({k: f.contents() for k, f in reader.fields.items()}, path)
-    patterns = [(g.split("{i}"), h) for g, h in _NAMES.items()]
-    for t in reader.tensors:
-        key = None
-        for parts, hf in patterns:
-            if len(parts) == 1 and t.name == parts[0]:
-                key = hf
-            elif len(parts) == 2 and t.name.startswith(parts[0]) and t.name.endswith(parts[1]):
-                layer = t.name[len(parts[0]):len(t.name) - len(parts[1])]
-                if layer.isdigit():
-                    key = hf.replace("{i}", layer)
-            if key:
-                break
-        if key is None:
-            if t.name.startswith("rope_freqs"):
-                raise GGUFError(f"{path}: tensor {t.name!r} (llama3 RoPE scaling) is not converted")
-            raise GGUFError(f"{path}: tensor {t.name!r} has no Hugging Face name in mcpo_jax.models.gguf._NAMES")
+
+    def produce(t, key):
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if ".q_proj." in key:
             w = _unpermute(w, config["num_attention_heads"])
         elif ".k_proj." in key:
             w = _unpermute(w, config["num_key_value_heads"])
-        yield key, w
+        return w
+
+    plan = []
+    for t in reader.tensors:
+        key = _hf_key(t.name, path)
+        plan.append((key, tuple(int(d) for d in reversed(list(t.shape))), lambda t=t, key=key: produce(t, key)))
+    return plan
+
+
+def hf_tensors(path: str, config: dict | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face key, fp32 array) for every tensor of the file, dequantized, one at a time."""
+    for key, _, produce in hf_tensor_plan(path, config):
+        yield key, produce()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,17 +236,17 @@ def convert_gguf(gguf_path: str, out_dir: str, *, generation: dict | None = None
 
     meta = read_metadata(gguf_path)
     config = hf_config(meta, gguf_path)
-    tensors = dict(hf_tensors(gguf_path, config))
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    plan = hf_tensor_plan(gguf_path, config)
+    config["tie_word_embeddings"] = "lm_head.weight" not in {key for key, _, _ in plan}
     tmp = out_dir.rstrip("/") + ".partial"
     if os.path.exists(tmp):
         import shutil
 
         shutil.rmtree(tmp)
     os.makedirs(tmp)
+    # streamed: one dequantized tensor in memory at a time
     write_safetensors(os.path.join(tmp, SINGLE_FILE),
-                      [(k, v.shape, np.dtype(np.float32), lambda v=v: v) for k, v in tensors.items()])
-    del tensors
+                      [(key, shape, np.dtype(np.float32), produce) for key, shape, produce in plan])
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     build_tokenizer(meta, gguf_path).save(os.path.join(tmp, "tokenizer.json"))
