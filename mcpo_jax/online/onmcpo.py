@@ -194,8 +194,14 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     results = judge_completions(judge, prompts, completions, ranking=ranking)
     t2 = time.perf_counter()
     samples, data, skipped = [], [], {}
-    for p, c, r in zip(prompts, completions, results):
+    # A score-based judge that gives every sample of a prompt the same score expresses no preference: such a
+    # row would train y0 against negatives that are just as good (noise); it is skipped as "no_preference".
+    for i, (p, c, r) in enumerate(zip(prompts, completions, results)):
         row, reason = training_row(p, c, r, drop_ranks)
+        if row is not None and hasattr(judge, "scores"):
+            s_ = np.asarray(judge.scores([p] * len(c), list(c)), np.float64)
+            if float(s_.max() - s_.min()) <= float(getattr(judge, "tie_margin", 0.0)):
+                row, reason = None, "no_preference"
         samples.append({"prompt": p, "completions": list(c), "temperatures": list(temperatures), **r,
                         "skipped": reason})
         if row is None:
