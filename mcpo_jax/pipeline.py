@@ -43,6 +43,9 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
     `problems`: config problems found before (the CLI's overrides of unknown keys), reported with the rest."""
     config = cfg_lib.prepare(config, problems=problems)
     check_final_eval(config)
+    if config.online.enabled and files.is_url(workdir):
+        raise ConfigError(f"--workdir {workdir}: online training writes its segment files to a local or shared "
+                          "filesystem; a URL workdir is not supported for it yet")
     run_dir = files.workdir_path(workdir)
     workdir = os.fspath(run_dir)
     primary = shd.is_primary()

@@ -216,3 +216,47 @@ def test_second_ctrl_c_during_compile_exits_at_once(tmp_path):
     assert proc.returncode == 130, out[-3000:]
     assert "again: exiting now without saving" in out and "Traceback" not in out
     assert "compiled train step" not in out  # it left while the compiler was still at work
+
+
+# ------------------------------------------------------------------------------------------- user errors (CLI)
+
+
+def _smoke_cli(tmp_path, *overrides, env=None):
+    # the demo's smoke run without its warm start and final evaluation (tests/_multiprocess_config.py)
+    return _cli(["--config", "tests/_multiprocess_config.py", "--workdir", str(tmp_path / "run"), *overrides], env=env)
+
+
+def test_cli_data_where_every_row_fails_the_schema(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "x"}) + "\n" for i in range(50)))
+    proc = _smoke_cli(tmp_path, f"--config.data.source={rows}", "--config.tokenizer=synthetic")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "50 of 50 rows" in proc.stderr and f"{rows}:1" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any model was built
+
+
+def test_cli_missing_model_folder_and_offline_hub_id(tmp_path):
+    proc = _smoke_cli(tmp_path, "--config.model.preset=", "--config.model.path=./no/such/model")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.path='./no/such/model': no such folder" in proc.stderr
+    t0 = time.time()
+    proc = _smoke_cli(tmp_path, "--config.model.preset=", "--config.model.path=someorg/somemodel",
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "pass a local folder (--config.model.path=" in proc.stderr
+    assert time.time() - t0 < 60  # no retries against an unreachable hub
+
+
+def test_cli_changed_batch_size_on_an_existing_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    pipeline.run(tiny_config(**{"debug.stop_after_steps": 1}), str(workdir))
+    saved = (workdir / "config.json").read_text()
+    # the CLI path: a config file whose batch differs from the saved run's
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("import sys\nsys.path.insert(0, 'tests')\nfrom _train_fixtures import tiny_config\n"
+                   "def get_config(arg=None):\n    return tiny_config(batch_size=16, micro_batch_size=8)\n")
+    proc = _cli(["--config", str(cfg), "--workdir", str(workdir)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "batch_size: 8 -> 16" in proc.stderr and "--config.resume_policy=restart" in proc.stderr
+    assert (workdir / "config.json").read_text() == saved
