@@ -111,3 +111,41 @@ def test_backward_keeps_the_softmax_and_runs_no_head_forward_again():
     inner = [str(e.params["jaxpr"]) for e in dots]
     fwd_products = sum(t.count(f"f32[{N},8,{V}] = dot_general") for t in inner)
     assert fwd_products == 1, inner
+
+
+def test_sequence_logps_equal_transformers_sum_over_completion_tokens(tmp_path):
+    """An independent reference: transformers' PyTorch Llama on the same weights, its logits log-softmaxed and
+    log p(x_t | x_<t) summed over the completion tokens by an explicit loop (no shared shift/mask code)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from mcpo_jax import models
+    from mcpo_jax.training import state as state_lib
+    from mcpo_jax.training import step as step_lib
+
+    from _models_fixtures import HF_CONFIGS, random_model
+
+    config = models.ModelConfig.from_hf(HF_CONFIGS["llama_gqa_llama3_tied"])
+    folder = str(tmp_path / "m")
+    models.save_pretrained(random_model(config, seed=3), folder)
+    rng = np.random.RandomState(0)
+    prompts, completions = (5, 3, 7), (6, 9, 2)  # right-padded rows: prompt, completion, padding
+    t = 16
+    ids = rng.randint(1, config.vocab_size, (3, t)).astype(np.int32)
+    mask = np.zeros((3, t), np.int32)
+    loss_mask = np.zeros((3, t), np.int32)
+    for r, (p, c) in enumerate(zip(prompts, completions)):
+        mask[r, :p + c] = 1
+        loss_mask[r, p:p + c] = 1
+    ids = ids * mask
+    graphdef, params, rest = state_lib.split_model(models.from_pretrained(folder))
+    got = np.asarray(jax.jit(lambda p: step_lib.forward_logps(graphdef, p, rest, ids, mask, loss_mask,
+                                                              chunk_size=4))(params))
+    pt = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    want = []
+    with torch.no_grad():
+        for r, (p, c) in enumerate(zip(prompts, completions)):
+            row = torch.tensor(ids[r:r + 1, :p + c], dtype=torch.long)  # the row alone, no padding at all
+            logp = torch.log_softmax(pt(row).logits[0].double(), dim=-1)
+            want.append(sum(float(logp[k - 1, row[0, k]]) for k in range(p, p + c)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
