@@ -104,13 +104,18 @@ def tiny_config(**overrides):
     c.progress_bar = False
     c.tensorboard = True
     c.export_hf = False
+    return set_keys(c, overrides)
+
+
+def set_keys(config, overrides: dict):
+    """`config` with dotted keys set ({"optimizer.learning_rate": 1e-3, ...})."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config
 
 
 def deterministic_params(params):

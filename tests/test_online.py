@@ -32,7 +32,7 @@ def test_training_row_drops_copies_of_y0_and_empty_candidates():
 def _config(**overrides):
     import importlib.util
 
-    from _train_fixtures import tiny_config
+    from _train_fixtures import set_keys, tiny_config
 
     spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
                                                                               "configs", "demo.py"))
@@ -57,13 +57,7 @@ def _config(**overrides):
     c.checkpoint.async_save = False
     c.tensorboard = False
     c.progress_bar = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,7 @@ from mcpo_jax.training import metrics as metrics_lib
 from _train_fixtures import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The resumed run reuses the bucketed run's compiled steps (a CPU compile takes seconds per shape)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def _losses(workdir):
