@@ -82,6 +82,12 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
             summary["plot"] = metrics_lib.plot_curves(workdir)
         if config.final_eval.judge and not stop.should_stop():
             summary["final_eval"] = final_evaluation(config, summary, start_path=start)
+    except loop.TrainingDiverged as e:
+        summary.update(status="diverged", message=str(e))
+        raise
+    except Exception as e:
+        summary.update(status="failed", message=f"{type(e).__name__}: {e}")
+        raise
     finally:
         if summary.get("status") == "interrupted":
             summary["message"] = (f"{summary.get('signal', 'a signal')}: saved step {summary.get('step')}; resume "
