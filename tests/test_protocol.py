@@ -126,6 +126,8 @@ def test_tables_name_the_selected_lr_and_the_p_values(tmp_path):
     md = section["markdown"]
     assert "| MC-PO | 75.0 ± 0.0 (lr 1e-4) | 1e-4 | 1e-4: 75.0, 2e-4: 50.0, 5e-4: 25.0 |" in md
     assert "| DPO | 50.0 ± 0.0 (lr 2e-4) | 2e-4 |" in md
+    # pooled over seeds against the start policy: MC-PO 6 wins / 2 losses per seed -> 18/6, p = 0.023
+    assert "| — | — | — | 18/6 (0.023) |" in md
     assert "| MC-PO (lr 1e-4) vs DPO (lr 2e-4) | 6 | 0 | 18 | 0.031 | +25.0 [" in md
     assert "s0: 2/0, 0.5; s1: 2/0, 0.5; s2: 2/0, 0.5 |" in md
     assert protocol.cell({"test_win_rates": [0.5, 0.6], "selected_lr": 2e-3}) == "55.0 ± 7.1 (lr 2e-3, n=2)"

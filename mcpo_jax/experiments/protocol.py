@@ -401,15 +401,18 @@ def method_table(names: Sequence[str], evals: dict[str, dict], *, start_label: s
     """Table 1: test win rate vs the start policy with the selected lr, the validation win rate of every grid
     point (selection seed), and the sampler-independent held-out metrics (mean over seeds)."""
     lines = ["| method | test win rate vs " + start_label + " (%) | selected lr | validation win rate by lr (%) "
-             "| margin over all candidates (mean) | (min) | Spearman vs data ranking |",
-             "|---|---|---|---|---|---|---|"]
+             "| margin over all candidates (mean) | (min) | Spearman vs data ranking | test W/L vs start (sign p) |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in names:
         ev = evals.get(n)
         if not ev:
-            lines.append(f"| {n} | — | — | — | — | — | — |")
+            lines.append(f"| {n} | — | — | — | — | — | — | — |")
             continue
         grid = ", ".join(f"{fmt_lr(lr)}: {100 * v:.1f}" for lr, v in sorted(ev["grid"].items()))
-        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])} | {grid} | {heldout_summary(ev)} |")
+        verdicts = [v for r in ev["runs"] for v in r["test"]["verdicts"]]
+        w, l = verdicts.count("A"), verdicts.count("B")
+        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])} | {grid} | {heldout_summary(ev)} "
+                     f"| {w}/{l} ({stats.format_p(stats.sign_test(w, l))}) |")
     return "\n".join(lines)
 
 
