@@ -165,3 +165,16 @@ def test_report_only_trains_nothing_and_marks_what_did_not_run(tmp_path):
     md = protocol.markdown(record)
     assert "| DPO | 50.0 ± 0.0 (lr 2e-4, n=2) |" in md and "| MC-PO | — |" in md
     assert "on 8 validation prompts with seed 0, reported on 8 test prompts over seeds 0, 1" in md
+
+
+def test_cli_method_lists_and_grid_points():
+    from mcpo_jax.experiments import run_protocol
+
+    ms = run_protocol._methods("DPO@dpo:random:1,MC-PO Min@mcpo:min,RNCE (M = 2)@rnce:random:2")
+    assert [(m.name, dict(m.overrides)["sampler"], dict(m.overrides)["num_negatives"]) for m in ms] == [
+        ("DPO", "random", 1), ("MC-PO Min", "min", 1), ("RNCE (M = 2)", "random", 2)]
+    assert ms[0].key == protocol.table1_methods()[0].key  # the same run as Table 1's DPO
+    with pytest.raises(SystemExit):
+        run_protocol._methods("no-objective")
+    assert run_protocol._baselines("winning") == protocol.WINNING_BASELINES
+    assert run_protocol._baselines("SPPO=sppo") == (("SPPO", "sppo"),)
