@@ -9,7 +9,7 @@
 #   scripts/gpu_reproduce.sh --toy          # the same protocol on the synthetic demo config, tiny, on a CPU
 #
 # Environment knobs (defaults sized for the 8-minute target; the real-model defaults are NOT yet measured):
-#   MODEL_DIR (default runs/models/smollm2; fetched with `python -m mcpo_jax.models.fetch smollm2 DIR` if absent),
+#   BASE / ONLINE_BASE (configs/smollm2.py:gpu and :gpu,online), MODEL_DIR (default runs/models/smollm2; fetched with `python -m mcpo_jax.models.fetch smollm2 DIR` if absent),
 #   PROMPTS / JUDGE (default: the online config's online.prompts file and online.judge),
 #   GRID_POINTS (3: the paper's 7 values centred on the base lr, kept 3), SEEDS (0,1,2),
 #   NUM_VALIDATION / NUM_TEST prompts, OUT (runs/gpu_reproduce), DOC (docs/results.md), PYTHON (python).
@@ -51,7 +51,7 @@ else
     $PYTHON -m mcpo_jax.models.fetch smollm2 "$MODEL_DIR"
   fi
   $PYTHON -m mcpo_jax.experiments.run_protocol --task config \
-    --base configs/smollm2.py:gpu --online-base configs/smollm2.py:gpu,online \
+    --base "${BASE:-configs/smollm2.py:gpu}" --online-base "${ONLINE_BASE:-configs/smollm2.py:gpu,online}" \
     --model-dir "$MODEL_DIR" ${PROMPTS:+--prompts "$PROMPTS"} ${JUDGE:+--judge "$JUDGE"} \
     --seeds "$SEEDS" --grid-points "$GRID_POINTS" \
     --num-validation "${NUM_VALIDATION:-64}" --num-test "${NUM_TEST:-256}" \

@@ -126,6 +126,8 @@ def test_tables_name_the_selected_lr_and_the_p_values(tmp_path):
     md = section["markdown"]
     assert "| MC-PO | 75.0 ± 0.0 (lr 1e-4) | 1e-4 | 1e-4: 75.0, 2e-4: 50.0, 5e-4: 25.0 |" in md
     assert "| DPO | 50.0 ± 0.0 (lr 2e-4) | 2e-4 |" in md
+    # pooled over seeds against the start policy: MC-PO 6 wins / 2 losses per seed -> 18/6, p = 0.023
+    assert "| — | — | — | 18/6 (0.023) |" in md
     assert "| MC-PO (lr 1e-4) vs DPO (lr 2e-4) | 6 | 0 | 18 | 0.031 | +25.0 [" in md
     assert "s0: 2/0, 0.5; s1: 2/0, 0.5; s2: 2/0, 0.5 |" in md
     assert protocol.cell({"test_win_rates": [0.5, 0.6], "selected_lr": 2e-3}) == "55.0 ± 7.1 (lr 2e-3, n=2)"
@@ -163,3 +165,16 @@ def test_report_only_trains_nothing_and_marks_what_did_not_run(tmp_path):
     md = protocol.markdown(record)
     assert "| DPO | 50.0 ± 0.0 (lr 2e-4, n=2) |" in md and "| MC-PO | — |" in md
     assert "on 8 validation prompts with seed 0, reported on 8 test prompts over seeds 0, 1" in md
+
+
+def test_cli_method_lists_and_grid_points():
+    from mcpo_jax.experiments import run_protocol
+
+    ms = run_protocol._methods("DPO@dpo:random:1,MC-PO Min@mcpo:min,RNCE (M = 2)@rnce:random:2")
+    assert [(m.name, dict(m.overrides)["sampler"], dict(m.overrides)["num_negatives"]) for m in ms] == [
+        ("DPO", "random", 1), ("MC-PO Min", "min", 1), ("RNCE (M = 2)", "random", 2)]
+    assert ms[0].key == protocol.table1_methods()[0].key  # the same run as Table 1's DPO
+    with pytest.raises(SystemExit):
+        run_protocol._methods("no-objective")
+    assert run_protocol._baselines("winning") == protocol.WINNING_BASELINES
+    assert run_protocol._baselines("SPPO=sppo") == (("SPPO", "sppo"),)

@@ -332,7 +332,8 @@ class Protocol:
     def evaluate(self, method: Method) -> dict:
         sel = self.select(method)
         runs = [self.run(method, sel["lr"], s) for s in self.seeds]
-        return {"method": method.name, "key": method.key, "selected_lr": sel["lr"], "grid": sel["grid"],
+        return {"method": method.name, "key": method.key, "method_obj": method, "selected_lr": sel["lr"],
+                "grid": sel["grid"],
                 "runs": runs, "test_win_rates": [r["test"]["win_rate"] for r in runs]}
 
     # -- step 5 ---------------------------------------------------------------------------------------------
@@ -399,15 +400,18 @@ def method_table(names: Sequence[str], evals: dict[str, dict], *, start_label: s
     """Table 1: test win rate vs the start policy with the selected lr, the validation win rate of every grid
     point (selection seed), and the sampler-independent held-out metrics (mean over seeds)."""
     lines = ["| method | test win rate vs " + start_label + " (%) | selected lr | validation win rate by lr (%) "
-             "| margin over all candidates (mean) | (min) | Spearman vs data ranking |",
-             "|---|---|---|---|---|---|---|"]
+             "| margin over all candidates (mean) | (min) | Spearman vs data ranking | test W/L vs start (sign p) |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in names:
         ev = evals.get(n)
         if not ev:
-            lines.append(f"| {n} | — | — | — | — | — | — |")
+            lines.append(f"| {n} | — | — | — | — | — | — | — |")
             continue
         grid = ", ".join(f"{fmt_lr(lr)}: {100 * v:.1f}" for lr, v in sorted(ev["grid"].items()))
-        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])} | {grid} | {heldout_summary(ev)} |")
+        verdicts = [v for r in ev["runs"] for v in r["test"]["verdicts"]]
+        w, l = verdicts.count("A"), verdicts.count("B")
+        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])} | {grid} | {heldout_summary(ev)} "
+                     f"| {w}/{l} ({stats.format_p(stats.sign_test(w, l))}) |")
     return "\n".join(lines)
 
 
@@ -546,9 +550,12 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
                                        "\n\n" + comparison_table(comps) if comps else ""),
                                    "evals": {n: _slim(e) for n, e in evals.items()}, "comparisons": comps})
     record["seconds"] = time.time() - t0
-    record["train_seconds"] = sum(r["train_seconds"] for e in cache.values() if e for r in e["runs"])
-    record["runs"] = len({(r["key"], r["lr"], r["seed"]) for e in cache.values() if e for r in e["runs"]}
-                         | {(e["key"], lr, proto.selection_seed) for e in cache.values() if e for lr in e["grid"]})
+    used = {(r["key"], r["lr"], r["seed"]) for e in cache.values() if e for r in e["runs"]}
+    used |= {(e["key"], lr, proto.selection_seed) for e in cache.values() if e for lr in e["grid"]}
+    methods = {e["key"]: e for e in cache.values() if e}
+    record["train_seconds"] = sum(
+        proto.run(methods[k]["method_obj"], lr, seed)["train_seconds"] for k, lr, seed in used)
+    record["runs"] = len(used)
     record["grid_points"] = len(proto.grid)
     return record
 
@@ -569,8 +576,8 @@ def markdown(record: dict, *, heading: str = "###") -> str:
             f"scaled to the base config's learning rate), selected per method on {record['validation_prompts']} validation "
             f"prompts with seed {record['selection_seed']}, reported on {record['test_prompts']} test prompts over "
             f"seeds {', '.join(map(str, record['seeds']))} (mean ± std; every cell names its selected lr). "
-            f"{record['runs']} runs, {record['train_seconds'] / 60:.1f} min of summed training, "
-            f"{record['seconds'] / 60:.1f} min in all.\n")
+            f"{record['runs']} runs, {record['train_seconds'] / 60:.1f} min of summed training (the runs' own "
+            f"wall time, evaluation not included).\n")
     parts = [head]
     for s in record["sections"]:
         parts += [f"**{s['title']}**", "", s["markdown"], ""]
