@@ -10,7 +10,8 @@
 #
 # Environment knobs (defaults sized for the 8-minute target; the real-model defaults are NOT yet measured):
 #   BASE / ONLINE_BASE (configs/smollm2.py:gpu and :gpu,online), MODEL_DIR (default runs/models/smollm2; fetched with `python -m mcpo_jax.models.fetch smollm2 DIR` if absent),
-#   PROMPTS / JUDGE (default: the online config's online.prompts file and online.judge),
+#   PROMPTS / JUDGE (default: the base config's final_eval.prompts and final_eval.judge: task:instructions held-out
+#   prompts and the rule judge for configs/smollm2.py),
 #   GRID_POINTS (3: the paper's 7 values centred on the base lr, kept 3), SEEDS (0,1,2),
 #   NUM_VALIDATION / NUM_TEST prompts, OUT (runs/gpu_reproduce), DOC (docs/results.md), PYTHON (python).
 set -euo pipefail

@@ -184,8 +184,13 @@ def config_task(base: str, online_base: str, model_dir: str, prompts_path: str, 
     from mcpo_jax.data.text import load_prompts
     from mcpo_jax.judges import make_judge
 
-    rows = load_prompts(prompts_path)
-    prompts = [r["instruction"] if isinstance(r, dict) else r for r in rows]
+    if prompts_path.startswith("task:"):  # a registered task's held-out prompts (e.g. task:instructions)
+        from mcpo_jax.data import tasks
+
+        prompts = list(tasks.get(prompts_path[len("task:"):]).prompts(4 * (num_validation + num_test), 1))
+    else:
+        rows = load_prompts(prompts_path)
+        prompts = [r["instruction"] if isinstance(r, dict) else r for r in rows]
     val, test = _split([p for p in prompts if isinstance(p, str)], num_validation, num_test)
 
     def answers(policy: str, ps: Sequence[str]) -> list[str]:

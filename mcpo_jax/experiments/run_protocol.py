@@ -109,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                        num_validation=args.num_validation, num_test=args.num_test,
                                        overrides=overrides, online_overrides=online_overrides)
     else:
-        if args.online_base and not (args.judge and args.prompts):  # the online config's judge and prompts
-            o = protocol.load_config(args.online_base).online
-            args.judge = args.judge or o.get("judge", "")
-            args.prompts = args.prompts or (o.get("prompts", "") if os.path.exists(o.get("prompts", "")) else "")
+        if not (args.judge and args.prompts):  # the base config's final evaluation: its judge, its held-out prompts
+            fe = protocol.load_config(args.base).final_eval
+            args.judge = args.judge or fe.judge
+            args.prompts = args.prompts or fe.prompts
         missing = [f for f in ("model_dir", "prompts", "judge") if not getattr(args, f)]
         if missing:
             raise SystemExit(f"--task config needs --{', --'.join(m.replace('_', '-') for m in missing)}")
