@@ -323,7 +323,8 @@ def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdi
             msg += f"; exact answers {100 * s['policy_exact']:.1f}% vs {100 * s['baseline_exact']:.1f}%"
         msg += f", mean {task.kind} score {s['policy_score']:.3f} vs {s['baseline_score']:.3f}"
     out["message"] = msg
-    logging.getLogger("mcpo_jax.evaluate").info(msg)
+    # the run's log gets it; a console that shows the printed line leaves this record out (result_line)
+    logging.getLogger("mcpo_jax.evaluate").info(msg, extra={"result_line": True})
     print(msg, flush=True)
     if workdir is not None:
         path = os.path.join(workdir, "final_eval.json")

@@ -248,6 +248,7 @@ def setup_logging(run_dir, primary: bool) -> None:
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
         h = logging.StreamHandler()
         h.setFormatter(fmt)
+        h.addFilter(lambda record: not getattr(record, "result_line", False))  # printed to stdout already
         root.addHandler(h)
     path = os.fspath(run_dir / "train.log")
     if primary and not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
