@@ -376,9 +376,10 @@ def hlo_report(text: str, *, num_layers: int | None = None, vocab_size: int | No
     }
 
 
-def memory_report(compiled) -> dict[str, float] | None:
-    """XLA's accounting of a compiled executable in GB (1e9 bytes): arguments + outputs + temporaries −
-    donated aliases = what that program needs on the device."""
+def memory_report(compiled, *, unit: float = 1e9) -> dict[str, float] | None:
+    """XLA's accounting of a compiled executable in units of `unit` bytes (GB = 1e9 by default; the timed
+    bench reports GiB, 2**30): arguments + outputs + temporaries − donated aliases = what that program needs on
+    the device."""
     try:
         ma = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
@@ -386,9 +387,9 @@ def memory_report(compiled) -> dict[str, float] | None:
     if ma is None:
         return None
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    return {"arguments_gb": ma.argument_size_in_bytes / 1e9, "outputs_gb": ma.output_size_in_bytes / 1e9,
-            "temp_gb": ma.temp_size_in_bytes / 1e9, "aliased_gb": ma.alias_size_in_bytes / 1e9,
-            "total_gb": total / 1e9}
+    return {"arguments_gb": ma.argument_size_in_bytes / unit, "outputs_gb": ma.output_size_in_bytes / unit,
+            "temp_gb": ma.temp_size_in_bytes / unit, "aliased_gb": ma.alias_size_in_bytes / unit,
+            "total_gb": total / unit}
 
 
 # ----------------------------------------------------------------------------------------------

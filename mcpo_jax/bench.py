@@ -101,26 +101,6 @@ def device_memory() -> dict[str, float | None]:
     }
 
 
-def compiled_memory(compiled) -> dict[str, float] | None:
-    """XLA's own accounting of one compiled executable (arguments + outputs + temporaries -
-    donated aliases), in GiB: what that step needs on the device, on any backend."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if ma is None:
-        return None
-    gib = 2.0**30
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    return {
-        "arguments_gb": ma.argument_size_in_bytes / gib,
-        "outputs_gb": ma.output_size_in_bytes / gib,
-        "temp_gb": ma.temp_size_in_bytes / gib,
-        "aliased_gb": ma.alias_size_in_bytes / gib,
-        "total_gb": total / gib,
-    }
-
-
 def hlo_census(compiled) -> dict[str, int] | None:
     """What the optimized program is made of: fused-attention and GEMM library calls, Triton
     fusions, while loops (a length-1 accumulation loop that survived shows here)."""
@@ -323,7 +303,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
                               seq=args.prompt_len + args.completion_len)
         row = result_row(model=args.model, variant=variant, shapes=shapes, work=work, times=times,
                          compile_s=info["compile_seconds"], peak_tflops=args.peak_tflops, memory=device_memory(),
-                         compiled_mem=compiled_memory(compiled), anchor=anchor)
+                         compiled_mem=audit.memory_report(compiled, unit=2.0**30), anchor=anchor)
         row["head_positions"] = getattr(cfg, "completion_window", None) or work.seq
         row["hlo"] = hlo_census(compiled)
         if (jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16")
