@@ -120,6 +120,12 @@ class Work:
     seq: int
     head_trained_tokens: int | None = None
     head_forward_tokens: int | None = None
+    # The shared prompt (`StepConfig.prompt_window`): prompt tokens encoded once per example and pass, attending
+    # over `prompt_seq` keys, no LM head; the tokens above then count the completions' (attending over `seq` =
+    # prompt + completion keys) and the rows of passes encoded whole.
+    prompt_trained_tokens: int = 0
+    prompt_forward_tokens: int = 0
+    prompt_seq: int = 0
 
     def flops(self, s: Shapes) -> float:
         total = self.trained_tokens * flops_per_token(s, self.seq, train=True) + self.forward_tokens * flops_per_token(
@@ -129,6 +135,10 @@ class Work:
             total -= 6 * s.head_params * (self.trained_tokens - self.head_trained_tokens)
         if self.head_forward_tokens is not None:
             total -= 2 * s.head_params * (self.forward_tokens - self.head_forward_tokens)
+        if self.prompt_trained_tokens or self.prompt_forward_tokens:
+            total += self.prompt_trained_tokens * (flops_per_token(s, self.prompt_seq, train=True) - 6 * s.head_params)
+            total += self.prompt_forward_tokens * (flops_per_token(s, self.prompt_seq, train=False)
+                                                   - 2 * s.head_params)
         return float(total)
 
 
@@ -167,8 +177,30 @@ def executed_work(cfg, *, prompts: int, columns: int, prompt_len: int, completio
     rows = pass_rows(cfg, columns)
     seq = prompt_len + completion_len
     fwd_rows = rows["policy_no_grad"] + rows["reference_no_grad"]
-    work = Work(trained_tokens=prompts * rows["trained"] * seq, forward_tokens=prompts * fwd_rows * seq, seq=seq)
     window = getattr(cfg, "completion_window", None)
+    if getattr(cfg, "prompt_window", None) and window:
+        from mcpo_jax.logprobs import shared_prompt_windows
+
+        # per pass: the prompt once per example (no LM head) and the rows' completions, or the rows whole
+        tokens = dict(trained_tokens=0, forward_tokens=0, head_trained_tokens=0, head_forward_tokens=0,
+                      prompt_trained_tokens=0, prompt_forward_tokens=0)
+        windows = {}
+        for name, kind, k in (("trained", "trained", rows["trained"]), ("policy", "forward", rows["policy_no_grad"]),
+                              ("reference", "forward", rows["reference_no_grad"])):
+            shared = shared_prompt_windows(cfg.prompt_window, window, k, seq) if k else None
+            if shared is not None and sum(shared) != seq:
+                raise ValueError(f"the formula needs prompt_len + completion_len = the windows {shared}")
+            windows[name] = shared
+            p, w = shared or (0, seq)
+            tokens[f"{kind}_tokens"] += prompts * k * w
+            tokens[f"head_{kind}_tokens"] += prompts * k * min(w, window, seq - 1)
+            # the policy's no-gradient pass reuses the gradient pass's prompt encoding (`step.prompt_reuse`)
+            reused = (name == "policy" and shared is not None and shared == windows["trained"]
+                      and getattr(cfg, "reuse_prompt_encoding", False))
+            tokens[f"prompt_{kind}_tokens"] += prompts * p if k and not reused else 0
+        if tokens["prompt_trained_tokens"] or tokens["prompt_forward_tokens"]:
+            return Work(seq=seq, prompt_seq=min(int(cfg.prompt_window), seq - 1), **tokens)
+    work = Work(trained_tokens=prompts * rows["trained"] * seq, forward_tokens=prompts * fwd_rows * seq, seq=seq)
     if window:
         head = min(window, seq - 1)
         work = dataclasses.replace(work, head_trained_tokens=prompts * rows["trained"] * head,
@@ -325,6 +357,14 @@ def _dot_flops(ins: _Instr, symbols: dict[str, tuple[int, ...]]) -> int:
     return 2 * int(np.prod(out, dtype=np.int64)) * contracted
 
 
+def _keys(ins: _Instr, symbols: dict[str, tuple[int, ...]], default: int) -> int:
+    """S, the key length of an attention call: its second operand is k [B, S, K, hd] (the stand-in's and
+    cuDNN's layout); `default` (T) when the operand's shape is not known."""
+    operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")", 1)[0])
+    shape = symbols.get(operands[1]) if len(operands) > 1 else None
+    return shape[1] if shape is not None and len(shape) == 4 else default
+
+
 def hlo_report(text: str, *, num_layers: int | None = None, vocab_size: int | None = None) -> dict[str, Any]:
     """FLOPs, loops, attention calls and vocab-sized buffers of an optimized HLO module's text."""
     comps, entry = parse_hlo(text)
@@ -351,11 +391,11 @@ def hlo_report(text: str, *, num_layers: int | None = None, vocab_size: int | No
                 if STANDIN_FWD in ins.rest or "__cudnn$fmhaSoftmax" in ins.rest and "Backward" not in ins.rest:
                     b, t, h, hd = out[0][1]
                     attn["forward_calls"] += times
-                    attn["flops"] += times * 4 * b * t * t * h * hd
+                    attn["flops"] += times * 4 * b * t * _keys(ins, symbols, t) * h * hd
                 elif STANDIN_BWD in ins.rest or "__cudnn$fmhaSoftmaxBackward" in ins.rest:
                     b, t, h, hd = out[0][1]
                     attn["backward_calls"] += times
-                    attn["flops"] += times * 8 * b * t * t * h * hd
+                    attn["flops"] += times * 8 * b * t * _keys(ins, symbols, t) * h * hd
                 if "__cudnn$fmha" in ins.rest:
                     attn["cudnn_calls"] += times
             if vocab_size and name not in fused and ins.opcode not in ("parameter", "get-tuple-element", "bitcast",

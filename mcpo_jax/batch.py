@@ -4,6 +4,7 @@
     valid, ranks                           [..., C]    bool / int32 (dataset rank of each row, -1 = none)
     fixed_index                            [...]       int32 (the dataset's own rejected: the `fixed` sampler)
     ref_logps (reference="precomputed")    [..., C]    float32
+    stop_request (multi-process runs)      [...]       int32 (this process was asked to stop)
 
 The data pipeline yields these (plus `example_id`, host bookkeeping) per process; `step_arrays` keeps the
 step's keys; `abstract_shapes` describes one for compiling from shapes (the bench's audit).
@@ -22,9 +23,14 @@ STEP_FIELDS: dict[str, tuple[tuple[str, ...], type]] = {
     "ranks": (("C",), np.int32),
     "fixed_index": ((), np.int32),
     "ref_logps": (("C",), np.float32),  # only with reference="precomputed"
+    # multi-process runs: 1 on every row of a process that was asked to stop (a signal); the step returns the
+    # maximum over all processes as the metric `stop_request`, read with the metrics one step late, so that
+    # every process stops after the same step without a host-side collective per step
+    "stop_request": ((), np.int32),
 }
 STEP_KEYS = tuple(STEP_FIELDS)
-HOST_KEYS = STEP_KEYS[:-1] + ("example_id",)  # what a tokenized dataset's `take` returns (+ ref_logps if set)
+OPTIONAL_KEYS = ("ref_logps", "stop_request")
+HOST_KEYS = tuple(k for k in STEP_KEYS if k not in OPTIONAL_KEYS) + ("example_id",)  # a dataset's `take`
 
 
 def step_arrays(batch: dict) -> dict[str, np.ndarray]:
@@ -41,4 +47,4 @@ def abstract_shapes(lead: tuple[int, ...], *, columns: int, length: int, precomp
     """{key: (shape, dtype)} of a batch whose example axes are `lead` (e.g. (A, b)) for the step's keys."""
     sizes = {"C": columns, "T": length}
     return {k: (tuple(lead) + tuple(sizes[d] for d in dims), dtype) for k, (dims, dtype) in STEP_FIELDS.items()
-            if k != "ref_logps" or precomputed_ref}
+            if k not in OPTIONAL_KEYS or (k == "ref_logps" and precomputed_ref)}

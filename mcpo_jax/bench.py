@@ -141,13 +141,15 @@ def make_batch(
 ) -> dict[str, np.ndarray]:
     """A batch in the data pipeline's layout: [B, C, T] ids, full attention, completion loss mask.
 
-    Random token ids (never zeros: constant inputs can run faster than real data), every
-    sequence exactly `prompt_len + completion_len` long like the anchor's. Token t of a
+    Random token ids (never zeros: constant inputs can run faster than real data), the same prompt in every
+    row of an example (as the tokenizer lays them out), every sequence exactly `prompt_len + completion_len`
+    long like the anchor's. Token t of a
     completion is predicted from position t - 1, so loss_mask is 1 from position prompt_len on.
     """
     rng = np.random.default_rng(seed)
     b, c, t = prompts, 1 + candidates, prompt_len + completion_len
-    input_ids = rng.integers(0, vocab_size, size=(b, c, t), dtype=np.int32)
+    input_ids = rng.integers(1, vocab_size, size=(b, c, t), dtype=np.int32)
+    input_ids[:, 1:, :prompt_len] = input_ids[:, :1, :prompt_len]  # the rows of an example share its prompt
     loss_mask = np.zeros((b, c, t), np.int32)
     loss_mask[:, :, prompt_len:] = 1
     return {
@@ -191,12 +193,13 @@ DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "f
 
 
 def step_config(variant: str, *, negatives: int, beta: float, chunk_size: int | None = None,
-                completion_len: int | None = None):
+                completion_len: int | None = None, prompt_len: int | None = None, reuse_prompt: bool = True):
     """The trainer's StepConfig for a bench variant.
 
     DPO runs on the (y0, y1) pairs with the `fixed` sampler (y1 is the designated rejected), as
     TRL's DPO does; MC-PO samples `negatives` of the L candidates with the MC kernel. `completion_len` sets
-    the LM-head window (`StepConfig.completion_window`) as the trainer does from `max_completion_length`.
+    the LM-head window (`StepConfig.completion_window`) as the trainer does from `max_completion_length`,
+    `prompt_len` the shared prompt (`StepConfig.prompt_window`) as it does from `max_prompt_length`.
     """
     from mcpo_jax.training import step as step_lib
 
@@ -204,6 +207,9 @@ def step_config(variant: str, *, negatives: int, beta: float, chunk_size: int | 
     extra = {} if chunk_size is None else {"logprob_chunk_size": chunk_size}
     if completion_len is not None:  # every completion is `completion_len` long: the LM head runs on those only
         extra["completion_window"] = completion_len
+    if prompt_len is not None:  # the prompt encoded once per example (`StepConfig.prompt_window`)
+        extra["prompt_window"] = prompt_len
+    extra["reuse_prompt_encoding"] = reuse_prompt
     if variant.startswith("dpo"):
         return step_lib.StepConfig(objective="dpo", sampler="fixed", num_negatives=1, beta=beta, reference=reference,
                                    **extra)
@@ -238,7 +244,9 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
 
     def program(variant):
         cfg = step_config(variant, negatives=args.negatives, beta=args.beta, chunk_size=args.chunk_size,
-                          completion_len=args.completion_len)
+                          completion_len=args.completion_len,
+                          prompt_len=args.prompt_len if args.share_prompt else None,
+                          reuse_prompt=args.reuse_prompt)
         return program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
 
     first = program(variants[0])
@@ -360,7 +368,9 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
         f"(remat={args.remat})")
     for variant in variants:
         cfg = step_config(variant, negatives=args.negatives, beta=args.beta, chunk_size=args.chunk_size,
-                          completion_len=args.completion_len)
+                          completion_len=args.completion_len,
+                          prompt_len=args.prompt_len if args.share_prompt else None,
+                          reuse_prompt=args.reuse_prompt)
         program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
         t0 = time.perf_counter()
         compiled = program.lower(program.abstract_batch(
@@ -423,10 +433,11 @@ def result_row(*, model: str, variant: str, shapes: Shapes, work: Work, times: S
         "median_s": med,
         "times": list(times),
         "compile_s": compile_s,
-        "trained_tokens": work.trained_tokens,
-        "forward_tokens": work.forward_tokens,
+        # tokens the model ran, with and without gradient (a shared prompt counted once per example and pass)
+        "trained_tokens": work.trained_tokens + work.prompt_trained_tokens,
+        "forward_tokens": work.forward_tokens + work.prompt_forward_tokens,
         "model_flops": flops,
-        "trained_tok_per_s": work.trained_tokens / med,
+        "trained_tok_per_s": (work.trained_tokens + work.prompt_trained_tokens) / med,
         "model_tflops": flops / med / 1e12,
         "mfu": flops / med / (peak_tflops * 1e12),
         "anchor_flops": anchor_flops,
@@ -567,6 +578,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also time the sampler (prefill + decode tokens/s)")
     p.add_argument("--gen-batch", type=int, default=None, help="default: prompts x (1 + candidates)")
     p.add_argument("--gen-new-tokens", type=int, default=None, help="default: min(completion-len, 128)")
+    p.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode each prompt once per example (the trainer's default, share_prompt=True); "
+                        "--no-share-prompt encodes every row whole")
+    p.add_argument("--reuse-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="the policy's prompt encoded once for its no-gradient and gradient passes (the trainer's "
+                        "default, reuse_prompt_encoding=True): fewer FLOPs, one more gradient-sized buffer")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--compile-only", action="store_true",
                    help="compile each variant from abstract shapes (no parameter allocated, runs on a CPU at the real "

@@ -114,6 +114,16 @@ def sequence_logps(
     return jnp.sum(logps_NS * mask_NS, axis=-1)
 
 
+def shared_prompt_windows(prompt_window, completion_window, rows: int, length: int) -> tuple[int, int] | None:
+    """(P, W): prompt and completion positions of the shared-prompt layout for `rows` rows of `length` tokens
+    per example, or None when it would not run fewer tokens than the rows whole (P + rows·W >= rows·length:
+    short length buckets, a single row)."""
+    if prompt_window is None or completion_window is None or length < 2:
+        return None
+    p, w = min(int(prompt_window), length - 1), min(int(completion_window), length - 1)
+    return (p, w) if p + rows * w < rows * length else None
+
+
 def naive_sequence_logps(logits_NTV, input_ids_NT, loss_mask_NT):
     """Reference implementation from full logits (tests, tiny models)."""
     logp_NTV = jax.nn.log_softmax(logits_NTV[:, :-1].astype(jnp.float32), axis=-1)

@@ -301,3 +301,17 @@ def test_program_compiles_once_per_batch_shape():
     assert second is not first and program.compiled(longer) is second and len(program.compile_info) == 2
     _, m = program(s["state"], s["ref"], longer)
     assert np.isfinite(float(m["loss"]))
+
+
+def test_stop_request_is_the_maximum_over_the_batch():
+    """Multi-process runs send each process's stop request through the step (batch key `stop_request`, one
+    value per row): the metric is its maximum over the global batch, so every process reads the same answer
+    one step late, with no host-side collective per step."""
+    cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=2.0)
+    s = _setup(cfg)
+    for rows, want in (([0, 0, 0, 0], 0.0), ([0, 0, 1, 0], 1.0)):
+        batch = dict(s["batch"], stop_request=np.asarray(rows, np.int32).reshape(2, 2))
+        _, metrics = s["program"].compiled(batch)(s["state"], s["ref"], batch)
+        assert float(metrics["stop_request"]) == want
+    _, metrics = s["compiled"](s["state"], s["ref"], s["batch"])
+    assert "stop_request" not in metrics  # one process: no key, no metric

@@ -174,11 +174,28 @@ def rope_inv_freq(c: ModelConfig, positions=None):
     raise ValueError(f"unsupported rope_type {rope_type!r}")
 
 
-def rope_cos_sin(c: ModelConfig, positions_BT):
-    inv = rope_inv_freq(c, positions_BT)
+def rope_cos_sin(c: ModelConfig, positions_BT, inv_freq=None):
+    """cos, sin [B, T, hd] of the positions (`inv_freq`: the inverse frequencies when already computed)."""
+    inv = rope_inv_freq(c, positions_BT) if inv_freq is None else inv_freq
     angles = positions_BT.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def _prompt_positions(prompt_len_B, P):
+    """[B, P]: 0..len-1, padding repeating the last real position (as `hidden_states` numbers right padding)."""
+    return jnp.minimum(jnp.arange(P, dtype=jnp.int32)[None], jnp.maximum(prompt_len_B - 1, 0)[:, None])
+
+
+def _completion_positions(prompt_len_B, completion_len_BK, W):
+    """[B, K, W]: the completion's positions after its prompt, padding repeating the last real one."""
+    j = jnp.arange(W, dtype=jnp.int32)
+    return prompt_len_B[:, None, None] + jnp.minimum(j, jnp.maximum(completion_len_BK - 1, 0)[..., None])
+
+
+def _per_row(x_B, K):
+    """[B, ...] -> [B * K, ...]: each example's prompt keys / values once per completion row."""
+    return jnp.broadcast_to(x_B[:, None], (x_B.shape[0], K) + x_B.shape[1:]).reshape((-1,) + x_B.shape[1:])
 
 
 def apply_rope(x_BTNH, cos_BTH, sin_BTH):
@@ -238,7 +255,8 @@ class Transformer(nnx.Module):
       remat: False, True (recompute each layer in the backward pass) or a policy name from
         REMAT_POLICIES.
       attention_impl: None (auto: cuDNN on GPU in bf16/fp16, XLA otherwise), "xla", "cudnn", or a callable
-        `(q, k, v, lengths, scale, window) -> out` (the compile-only audit's stand-in, `mcpo_jax.audit`).
+        `(q, k, v, lengths, scale, window) -> out` (the compile-only audit's stand-in, `mcpo_jax.audit`;
+        for the completions of `prefix_hidden_states`, `lengths` is the boolean mask [B, 1, T, S] instead).
         The cuDNN path assumes right padding (`attention_mask` a prefix of ones per row).
     """
 
@@ -300,6 +318,108 @@ class Transformer(nnx.Module):
         x_BTD = self.embed[...].astype(self.dtype)[ids_BT]
         x_BTD, _ = jax.lax.scan(self.layer_body(mask_BT, positions_BT), x_BTD, self.layers.stacked())
         return rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps, self.dtype)
+
+    def prefix_hidden_states(self, prompt_ids, prompt_lengths, completion_ids, completion_lengths):
+        """The prompt encoded once per example, each of its K completions attending to the prompt's keys.
+
+        prompt_ids [B, P] (right padded; prompt_lengths [B], at least 1 real token each), completion_ids
+        [B, K, W] (right padded; completion_lengths [B, K]). Returns the final-norm hidden states of the prompt
+        [B, P, D] and of the completions [B, K, W, D]: the same values as `hidden_states` of each row
+        `prompt + completion` at those positions (RoPE positions continue after the prompt), for a trunk that
+        runs the prompt's tokens once instead of K times. (`encode_prompt` then `encode_completions` compute the
+        same in two scans, for a prompt encoding reused by several passes.)
+        """
+        c = self.config
+        p_ids_BP = jnp.asarray(prompt_ids, jnp.int32)
+        c_ids_BKW = jnp.asarray(completion_ids, jnp.int32)
+        B, P = p_ids_BP.shape
+        _, K, W = c_ids_BKW.shape
+        p_len_B = jnp.asarray(prompt_lengths, jnp.int32)
+        p_pos_BP = _prompt_positions(p_len_B, P)
+        c_pos_NW = _completion_positions(p_len_B, jnp.asarray(completion_lengths, jnp.int32), W).reshape(B * K, W)
+        # dynamic NTK RoPE depends on the longest position of the call: both streams use the whole call's
+        inv = rope_inv_freq(c, jnp.concatenate([p_pos_BP.ravel(), c_pos_NW.ravel()]))
+        cos_p, sin_p = rope_cos_sin(c, p_pos_BP, inv)
+        cos_c, sin_c = rope_cos_sin(c, c_pos_NW, inv)
+        attend_prompt = self._forward_attention(jnp.arange(P, dtype=jnp.int32)[None] < p_len_B[:, None], P)
+        attend_completion = self._prefix_attention(p_len_B, K, P, W)
+        qkv, out_and_mlp, wrap = self._layer_pieces()
+
+        # One scan over the layers for both streams: each layer's parameter gradient is summed inside the layer
+        # (two scans would each produce a parameter-sized gradient stack, added at the end).
+        def body(carry, p):
+            xp_BPD, xc_NWD = carry
+            qp, kp, vp = qkv(p, xp_BPD, cos_p, sin_p)
+            qc, kc, vc = qkv(p, xc_NWD, cos_c, sin_c)
+            out_p = checkpoint_name(attend_prompt(qp, kp, vp), "attn_out")
+            k_all = jnp.concatenate([_per_row(kp, K), kc], axis=1)
+            v_all = jnp.concatenate([_per_row(vp, K), vc], axis=1)
+            out_c = checkpoint_name(attend_completion(qc, k_all, v_all), "attn_out")
+            return (out_and_mlp(p, xp_BPD, out_p), out_and_mlp(p, xc_NWD, out_c)), None
+
+        embed = self.embed[...].astype(self.dtype)
+        carry = (embed[p_ids_BP], embed[c_ids_BKW.reshape(B * K, W)])
+        (xp_BPD, xc_NWD), _ = jax.lax.scan(wrap(body), carry, self.layers.stacked())
+        norm = lambda x: rms_norm(x, self.final_norm[...], c.rms_norm_eps, self.dtype)
+        return norm(xp_BPD), norm(xc_NWD).reshape(B, K, W, -1)
+
+    def encode_prompt(self, prompt_ids, prompt_lengths, *, inv_freq=None):
+        """The prompts alone (right padded, [B, P]): final-norm hidden states [B, P, D] and every layer's roped
+        keys and values [layers, B, P, kv_heads, head_dim] for `encode_completions`. `inv_freq`: RoPE's
+        inverse frequencies of the whole call (needed for dynamic NTK RoPE, see `prefix_hidden_states`)."""
+        c = self.config
+        p_ids_BP = jnp.asarray(prompt_ids, jnp.int32)
+        B, P = p_ids_BP.shape
+        p_len_B = jnp.asarray(prompt_lengths, jnp.int32)
+        positions_BP = _prompt_positions(p_len_B, P)
+        cos, sin = rope_cos_sin(c, positions_BP, inv_freq)
+        attend = self._forward_attention(jnp.arange(P, dtype=jnp.int32)[None] < p_len_B[:, None], P)
+        qkv, out_and_mlp, wrap = self._layer_pieces()
+
+        def body(x_BPD, p):
+            q, k, v = qkv(p, x_BPD, cos, sin)
+            out = checkpoint_name(attend(q, k, v), "attn_out")
+            return out_and_mlp(p, x_BPD, out), (k, v)
+
+        x_BPD, (k_LBPKH, v_LBPKH) = jax.lax.scan(wrap(body), self.embed[...].astype(self.dtype)[p_ids_BP],
+                                                 self.layers.stacked())
+        return rms_norm(x_BPD, self.final_norm[...], c.rms_norm_eps, self.dtype), k_LBPKH, v_LBPKH
+
+    def encode_completions(self, prompt_k, prompt_v, prompt_lengths, completion_ids, completion_lengths, *,
+                           inv_freq=None):
+        """Completions [B, K, W] (right padded) after their example's prompt, given the prompt's keys and values
+        from `encode_prompt`: final-norm hidden states [B, K, W, D]. Attention runs over [prompt keys | own
+        keys] with an explicit mask (prompt padding, causality, sliding window)."""
+        c = self.config
+        c_ids_BKW = jnp.asarray(completion_ids, jnp.int32)
+        B, K, W = c_ids_BKW.shape
+        P = prompt_k.shape[2]
+        p_len_B = jnp.asarray(prompt_lengths, jnp.int32)
+        positions_NW = _completion_positions(p_len_B, jnp.asarray(completion_lengths, jnp.int32), W).reshape(B * K, W)
+        cos, sin = rope_cos_sin(c, positions_NW, inv_freq)
+        attend = self._prefix_attention(p_len_B, K, P, W)
+        qkv, out_and_mlp, wrap = self._layer_pieces()
+
+        def body(x_NWD, xs):
+            p, kp, vp = xs
+            q, k, v = qkv(p, x_NWD, cos, sin)
+            k_all = jnp.concatenate([_per_row(kp.astype(k.dtype), K), k], axis=1)
+            v_all = jnp.concatenate([_per_row(vp.astype(v.dtype), K), v], axis=1)
+            out = checkpoint_name(attend(q, k_all, v_all), "attn_out")
+            return out_and_mlp(p, x_NWD, out), None
+
+        x_NWD = self.embed[...].astype(self.dtype)[c_ids_BKW.reshape(B * K, W)]
+        x_NWD, _ = jax.lax.scan(wrap(body), x_NWD, (self.layers.stacked(), prompt_k, prompt_v))
+        return rms_norm(x_NWD, self.final_norm[...], c.rms_norm_eps, self.dtype).reshape(B, K, W, -1)
+
+    def _layer_pieces(self):
+        """(qkv, out_and_mlp, wrap): the layer's two halves and how to wrap the scanned body, per the remat
+        setting; with remat="minimal" the halves are checkpointed around attention, as in `layer_body`."""
+        if self.remat == "minimal":
+            policy = REMAT_POLICIES["minimal"]
+            return (jax.checkpoint(self._qkv, policy=policy, prevent_cse=False),
+                    jax.checkpoint(self._out_and_mlp, policy=policy, prevent_cse=False), lambda f: f)
+        return self._qkv, self._out_and_mlp, self._maybe_remat
 
     def layer_body(self, mask_BT, positions_BT):
         """The scanned body `(x_BTD, layer_params) -> (x_BTD, None)`, remat policy applied (the audit
@@ -419,6 +539,46 @@ class Transformer(nnx.Module):
 
             return attend
         return xla_attend
+
+    def _prefix_attention(self, prompt_len_B, K, P, W):
+        """`attend(q [B*K, W, ...], k, v [B*K, P + W, ...])` for completions over [prompt keys | own keys]:
+        a prompt key is visible when it is real (j < the prompt's length), an own key when causal; with a
+        sliding window, when within the window of the query's absolute position."""
+        c = self.config
+        impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
+        scale = c.head_dim**-0.5
+        i_W1 = jnp.arange(W, dtype=jnp.int32)[:, None]
+        j_P = jnp.arange(P, dtype=jnp.int32)[None]
+        p_len_N11 = jnp.repeat(prompt_len_B, K)[:, None, None]
+        prompt_ok = j_P[None] < p_len_N11  # [N, 1, P]
+        own_ok = jnp.arange(W, dtype=jnp.int32)[None] <= i_W1  # [W, W]
+        if c.sliding_window is not None:
+            prompt_ok = prompt_ok & ((p_len_N11 + i_W1[None]) - j_P[None] < c.sliding_window)
+            own_ok = own_ok & (i_W1 - jnp.arange(W, dtype=jnp.int32)[None] < c.sliding_window)
+        n = prompt_ok.shape[0]
+        allowed = jnp.concatenate([jnp.broadcast_to(prompt_ok, (n, W, P)),
+                                   jnp.broadcast_to(own_ok[None], (n, W, W))], axis=2)[:, None]  # [N, 1, W, P+W]
+        if callable(impl):
+            return lambda q, k, v: impl(q, k, v, allowed, scale, None)
+
+        def xla(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
+
+        if impl != "cudnn":
+            return xla
+        explicit = self.attention_impl == "cudnn"
+
+        def attend(q, k, v):
+            try:  # cuDNN flash attention with the mask as an additive bias
+                return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError) as e:
+                if explicit:
+                    raise
+                record_attention_fallback(f"prompt-prefix attention: {type(e).__name__}: {e}", q_shape=q.shape,
+                                          dtype=q.dtype)
+                return xla(q, k, v)
+
+        return attend
 
     @staticmethod
     def _xla_attention(mask_BT, T, window, scale):

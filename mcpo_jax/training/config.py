@@ -27,7 +27,7 @@ FREE_FORM = ("model.overrides", "data.options", "loss_hparams", "sharding_rules"
 RERUN_FREE = ("name", "log_every", "eval_every", "eval_batches", "progress_bar", "tensorboard", "export_hf",
               "checkpoint", "debug", "final_eval", "mesh", "sharding_rules", "data.worker_count",
               "data.cache_dir", "reference_cache_dir", "resume_policy", "model.remat", "logprob_chunk_size",
-              "compilation_cache_dir")
+              "share_prompt", "reuse_prompt_encoding", "compilation_cache_dir")
 RESUME_POLICIES = ("refuse", "restart")
 JUDGE_KINDS = ("oracle", "rule", "llm", "reward")
 
@@ -92,6 +92,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.reference_path = ""
     c.reference_cache_dir = ""
     c.logprob_chunk_size = 128
+    # Encode each example's prompt once per pass, its rows' completions attending to its keys (the rows of an
+    # example share the prompt): the same log-probs for fewer FLOPs. False: every row encoded whole.
+    c.share_prompt = True
+    # With share_prompt: the policy's prompt encoded once for both its no-gradient pass (the kernel's
+    # log-probs) and its gradient pass: fewer FLOPs, for a second parameter-sized gradient buffer during the
+    # backward. False when memory binds (e.g. 8B with the reference in the step).
+    c.reuse_prompt_encoding = True
 
     # Optimization (App. B.1): effective batch 128, 2 epochs, AdamW, lr from the grid.
     c.batch_size = 128  # examples per optimizer step (global)

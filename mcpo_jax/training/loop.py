@@ -134,8 +134,11 @@ class Trainer:
         if self.step_cfg.reference != "precomputed":
             return {}
         report = {}
-        fn = refcache.make_logps_fn(self.graphdef, self.rest, self.mesh, self.step_cfg.logprob_chunk_size)
-        settings = dict(build.tokenize_args(self.config, None), chunk=self.step_cfg.logprob_chunk_size)
+        cfg = self.step_cfg
+        fn = refcache.make_logps_fn(self.graphdef, self.rest, self.mesh, cfg.logprob_chunk_size,
+                                    window=cfg.completion_window, prompt_window=cfg.prompt_window)
+        settings = dict(build.tokenize_args(self.config, None), chunk=cfg.logprob_chunk_size,
+                        window=cfg.completion_window, prompt_window=cfg.prompt_window)
         for name, ds in datasets.items():
             if ds is None:
                 continue
@@ -196,15 +199,24 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=c.name, dynamic_ncols=True, smoothing=0.1)
         pending = None  # (step number, metrics on device, dispatch time) of the last dispatched step
         last = None
+        # One process: a signal stops the loop at once. Several: each sends its stop request through the step
+        # (batch key `stop_request`) and all stop once a step's metrics, read one step late, say any asked: the
+        # same step everywhere, with no host-side collective per step.
+        multi = jax.process_count() > 1
+        self._stop_agreed = False
         try:
             while self.step < end_step:
-                if self.stop.should_stop():
+                if self._stop_agreed if multi else self.stop.requested:
                     last = self._drain(pending, bar) or last
                     pending = None
                     self._save(iterator)
                     result.update(status="interrupted", signal=self.stop.signal or "a signal on another process")
                     break
-                batch = to_global(next(iterator), self.mesh, accum)
+                local = next(iterator)
+                if multi:
+                    local = dict(local, stop_request=np.full((len(local["input_ids"]),), self.stop.requested,
+                                                             np.int32))
+                batch = to_global(local, self.mesh, accum)
                 compiled = self._compile(batch)
                 if self.step == int(c.debug.nan_at_step):
                     self.state = dict(self.state, params=jax.tree.map(lambda x: x * jnp.nan, self.state["params"]))
@@ -253,7 +265,20 @@ class Trainer:
                    f"(step {self.last_saved}) is kept in {self.checkpointer.directory}")
             log.error(msg)
             raise TrainingDiverged(msg)
-        record = {k: v for k, v in metrics_lib.to_python(metrics).items() if k not in ("selected", "finite")}
+        if float(metrics.get("stop_request", 0.0)) > 0:
+            self._stop_agreed = True
+        if float(metrics.get("logprobs/prompt_mismatch", 0.0)) > 0:
+            from mcpo_jax.data.example import DataError
+
+            msg = (f"step {done}: {float(metrics['logprobs/prompt_mismatch']):.0%} of the examples have rows whose "
+                   f"prompts differ, or a prompt longer than data.max_prompt_length "
+                   f"({int(self.config.data.max_prompt_length)}): the shared-prompt encoding (share_prompt=True) "
+                   f"needs every row of an example to start with the same prompt. Fix the data or set "
+                   f"share_prompt=False. The last good checkpoint (step {self.last_saved}) is kept.")
+            log.error(msg)
+            raise DataError(msg)
+        record = {k: v for k, v in metrics_lib.to_python(metrics).items()
+                  if k not in ("selected", "finite", "stop_request")}
         record.update(step_time=dt, tokens_per_sec=float(metrics["tokens"]) / max(dt, 1e-9),
                       examples_per_sec=float(metrics["examples"]) / max(dt, 1e-9))
         self.writer.write(done, record)

@@ -69,11 +69,14 @@ def cache_key(dataset, model_cfg, settings: dict, *, path: str) -> str:
     return h.hexdigest()[:32]
 
 
-def make_logps_fn(graphdef, rest, mesh, chunk_size: int):
-    """jit: (params, ids, mask, loss_mask) [b, C, T] -> log-probs [b, C], replicated (every process reads it)."""
+def make_logps_fn(graphdef, rest, mesh, chunk_size: int, *, window: int | None = None,
+                  prompt_window: int | None = None):
+    """jit: (params, ids, mask, loss_mask) [b, C, T] -> log-probs [b, C], replicated (every process reads it).
+    `window` / `prompt_window`: the step's LM-head window and shared prompt (`StepConfig`), the same values."""
 
     def fn(params, ids_BCT, mask_BCT, loss_mask_BCT):
-        return step_lib._rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk_size)
+        return step_lib._rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk_size, window,
+                                    prompt_window)
 
     return jax.jit(fn, out_shardings=shd.replicated(mesh))
 

@@ -48,6 +48,16 @@ class StepConfig:
     # data's max_completion_length); None: every position. Completion tokens past the window would be lost:
     # the metric `logprobs/window_overflow` counts them (it must stay 0).
     completion_window: int | None = None
+    # The prompt encoded once per example in every pass (its keys and values shared by the example's rows):
+    # the data's max_prompt_length, or None to encode each row whole. Used for a pass when it runs fewer
+    # tokens than the rows whole (`logprobs.shared_prompt_windows`); needs `completion_window`. Every row of an
+    # example must hold the same prompt (the tokenizer's layout): the metric `logprobs/prompt_mismatch` counts
+    # the examples where one does not, or whose prompt is longer than the window (it must stay 0).
+    prompt_window: int | None = None
+    # With the shared prompt: the policy's prompt encoding computed once (with its backward kept, `jax.vjp`)
+    # for both its no-gradient pass and its gradient pass: -2·N·P FLOPs per example, for a second
+    # parameter-sized gradient buffer (the prompt's and the completions' gradients are added at the end).
+    reuse_prompt_encoding: bool = True
     # Leave out model work whose result nothing reads: the no-grad policy pass when the selection does not
     # depend on the policy, and y0 from that pass when the kernel cannot pick y0. Same loss and gradient;
     # False runs every pass (the before/after reference for tests and the benchmark).
@@ -84,8 +94,89 @@ def forward_logps(graphdef, params, rest, ids_NT, mask_NT, loss_mask_NT, *, chun
     )
 
 
-def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size, window=None):
+def prompt_mismatch(ids_BCT, loss_mask_BCT, valid_BC, prompt_window: int):
+    """[B] bool: examples the shared-prompt layout would get wrong: a valid row whose prompt (the tokens
+    before its first loss-mask position) differs from row 0's, or a prompt longer than `prompt_window`."""
+    t = ids_BCT.shape[-1]
+    first_BC = jnp.argmax(loss_mask_BCT > 0, axis=-1)
+    p_B = first_BC[:, 0]
+    in_prompt_B1T = (jnp.arange(t)[None] < p_B[:, None])[:, None]
+    same_BC = (first_BC == p_B[:, None]) & jnp.all((ids_BCT == ids_BCT[:, :1]) | ~in_prompt_B1T, axis=-1)
+    return jnp.any(~same_BC & valid_BC, axis=1) | (p_B > prompt_window)
+
+
+def _prompt_lengths(loss_mask_BKT):
+    """[B] int32: each example's prompt length, the first loss-mask position of its first row."""
+    return jnp.argmax(loss_mask_BKT[:, 0] > 0, axis=-1).astype(jnp.int32)
+
+
+def encode_prompts(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int):
+    """Each example's prompt encoded once (`Transformer.encode_prompt`): (the prompt's last final-norm hidden
+    state [B, D], every layer's keys and values) for `shared_prompt_logps(encoded=...)`. The step encodes the
+    prompt once for the policy's no-gradient pass and its gradient pass together (`jax.vjp`)."""
+    model = nnx.merge(graphdef, params, rest)
+    p_len_B = _prompt_lengths(loss_mask_BKT)
+    h_BPD, k, v = model.encode_prompt(ids_BKT[:, 0, :prompt_len], p_len_B)
+    h_last_BD = jnp.take_along_axis(h_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return h_last_BD, k, v
+
+
+def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int, window: int,
+                        chunk_size, encoded=None):
+    """`_rows_logps` with each example's prompt encoded once (`Transformer.prefix_hidden_states`): [B, K].
+
+    The rows' layout is the tokenizer's (prompt, then completion, right padded; the prompt's length is the
+    first loss-mask position, the same in every row of an example); `prompt_len` / `window` are the static
+    prompt and completion positions kept (at least the longest prompt / completion). `encoded`: the prompts
+    already encoded by `encode_prompts` with these parameters (then only the completions run here)."""
+    model = nnx.merge(graphdef, params, rest)
     b, k, t = ids_BKT.shape
+    p_len_B = _prompt_lengths(loss_mask_BKT)
+    idx_BKW = jnp.broadcast_to(p_len_B[:, None, None] + jnp.arange(window, dtype=jnp.int32), (b, k, window))
+    inside = idx_BKW < t
+    idx_BKW = jnp.minimum(idx_BKW, t - 1)
+    comp_BKW = jnp.take_along_axis(ids_BKT, idx_BKW, axis=-1)
+    comp_mask_BKW = jnp.take_along_axis(loss_mask_BKT, idx_BKW, axis=-1) * inside
+    comp_len_BK = jnp.sum(comp_mask_BKW, axis=-1, dtype=jnp.int32)
+    if encoded is None:
+        h_prompt_BPD, h_comp_BKWD = model.prefix_hidden_states(ids_BKT[:, 0, :prompt_len], p_len_B, comp_BKW,
+                                                               comp_len_BK)
+        h_last_BD = jnp.take_along_axis(h_prompt_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    else:
+        h_last_BD, k_prompt, v_prompt = encoded
+        h_comp_BKWD = model.encode_completions(k_prompt, v_prompt, p_len_B, comp_BKW, comp_len_BK)
+    # completion token i is predicted from the position before it: the prompt's last for i = 0
+    h_last_BK1D = jnp.broadcast_to(h_last_BD[:, None, None], (b, k, 1, h_last_BD.shape[-1]))
+    hidden_NWD = jnp.concatenate([h_last_BK1D, h_comp_BKWD[:, :, :-1]], axis=2).reshape(b * k, window, -1)
+    # token_logps predicts position i + 1 from i: one dummy position at the end, one dummy target in front
+    hidden_NWD = jnp.pad(hidden_NWD, ((0, 0), (0, 1), (0, 0)))
+    ids_NW = jnp.pad(comp_BKW.reshape(b * k, window), ((0, 0), (1, 0)))
+    mask_NW = comp_mask_BKW.reshape(b * k, window).astype(jnp.float32)
+    logps_NW = logprobs.token_logps(hidden_NWD, model.lm_head_kernel(), ids_NW, chunk_size=chunk_size)
+    return jnp.sum(logps_NW * mask_NW, axis=-1).reshape(b, k)
+
+
+def prompt_reuse(cfg: StepConfig, num_columns: int, length: int, *, with_grad: bool = True,
+                 dynamic_rope: bool = False) -> tuple[int, int] | None:
+    """(P, W) when the policy's prompt encoding is shared by its no-gradient pass and its gradient pass (both
+    passes in the shared layout with the same windows), else None. Not with dynamic NTK RoPE, whose angles
+    depend on the longest row of each pass."""
+    if (dynamic_rope or cfg.is_sft or not cfg.reuse_prompt_encoding
+            or not (with_grad and cfg.selection_reads_policy(num_columns))):
+        return None
+    nograd_rows = num_columns - 1 if cfg.prune_passes and not cfg.include_preferred else num_columns
+    windows = {logprobs.shared_prompt_windows(cfg.prompt_window, cfg.completion_window, k, length)
+               for k in (nograd_rows, 1 + cfg.num_negatives)}
+    return windows.pop() if len(windows) == 1 else None
+
+
+def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size, window=None,
+                prompt_window=None):
+    b, k, t = ids_BKT.shape
+    shared = logprobs.shared_prompt_windows(prompt_window, window, k, t)
+    if shared is not None:
+        return shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, prompt_len=shared[0],
+                                   window=shared[1], chunk_size=chunk_size)
     flat = lambda x: x.reshape(b * k, t)
     logps_N = forward_logps(
         graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size,
@@ -155,26 +246,44 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     b, c, t = ids_BCT.shape
     chunk = cfg.logprob_chunk_size
     window = cfg.completion_window
+    prompt_window = cfg.prompt_window if window is not None else None
     sums: dict[str, jax.Array] = {}
 
     def add(name, total, count):
         sums[name] = (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
 
+    # 0. The policy's prompts, encoded once for its no-gradient and gradient passes (shared-prompt layout).
+    model_config = getattr(nnx.merge(graphdef, params, rest), "config", None)
+    reuse = None
+    if prompt_window is not None:
+        reuse = prompt_reuse(cfg, c, t, with_grad=with_grad,
+                             dynamic_rope=getattr(model_config, "rope_type", None) == "dynamic")
+    encoded = encoded_vjp = None
+    if reuse is not None:
+        encoded, encoded_vjp = jax.vjp(
+            lambda p: encode_prompts(graphdef, p, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0]), params)
+
+    def policy_logps(p, ids, mask, loss_mask, enc):
+        if enc is None:
+            return _rows_logps(graphdef, p, rest, ids, mask, loss_mask, chunk, window, prompt_window)
+        return shared_prompt_logps(graphdef, p, rest, ids, loss_mask, prompt_len=reuse[0], window=reuse[1],
+                                   chunk_size=chunk, encoded=enc)
+
     # 1. No-gradient log-probs of every candidate the kernel reads (SFT only needs y0).
     policy_BC = ref_BC = None
     if cfg.selection_reads_policy(c):
+        enc = None if encoded is None else jax.lax.stop_gradient(encoded)
         if cfg.prune_passes and not cfg.include_preferred:
             # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
-            rest_BL = _rows_logps(graphdef, params, rest, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:],
-                                  chunk, window)
+            rest_BL = policy_logps(params, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:], enc)
             policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
         else:
-            policy_BC = _rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window)
+            policy_BC = policy_logps(params, ids_BCT, mask_BCT, loss_mask_BCT, enc)
         policy_BC = jax.lax.stop_gradient(policy_BC)
     if not cfg.is_sft:
         if cfg.reference == "online":
             ref_BC = jax.lax.stop_gradient(
-                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window)
+                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window, prompt_window)
             )
         elif cfg.reference == "precomputed":
             ref_BC = mb["ref_logps"].astype(jnp.float32)
@@ -190,8 +299,8 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     hparams = dict(cfg.loss_hparams)
 
     # 3. Gradient through the selected rows only.
-    def loss_fn(p):
-        sel_policy_BK = _rows_logps(graphdef, p, rest, sel_ids, sel_mask, sel_loss_mask, chunk, window)
+    def loss_fn(p, enc=None):
+        sel_policy_BK = policy_logps(p, sel_ids, sel_mask, sel_loss_mask, enc)
         extra, new_state = {}, None
         if loss_state is not None and cfg.objective == "bco":
             # TRL: the running mean takes this batch's detached mean reward first, then the loss uses it
@@ -203,7 +312,12 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
         )
         return jnp.sum(per_example_B), (per_example_B, aux, sel_policy_BK, new_state)
 
-    if with_grad:
+    if with_grad and encoded is not None:
+        # the gradient through the completions, then through the shared prompt encoding (its vjp)
+        (loss_sum, (_, aux, sel_policy_BK, new_loss_state)), (grads, d_encoded) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(params, encoded)
+        grads = jax.tree.map(jnp.add, grads, encoded_vjp(d_encoded)[0])
+    elif with_grad:
         (loss_sum, (_, aux, sel_policy_BK, new_loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params)
     else:
@@ -213,6 +327,8 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     if window is not None and window < t - 1:
         dropped = logprobs.window_overflow(loss_mask_BCT.reshape(b * c, t), window)
         add("logprobs/window_overflow", jnp.sum(dropped), b)
+    if prompt_window is not None:
+        add("logprobs/prompt_mismatch", jnp.sum(prompt_mismatch(ids_BCT, loss_mask_BCT, valid_BC, prompt_window)), b)
     # The objective's own metrics (TRL names: rewards/chosen, rewards/rejected, rewards/margins,
     # rewards/accuracies, nll, ...) are per-example [B] arrays: summed here, averaged over all examples.
     for name, value_B in aux.items():
@@ -228,7 +344,7 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
 
     if ranking:  # held-out metrics over every candidate, comparable across samplers (mcpo_jax/ranking_metrics.py)
         all_BC = jax.lax.stop_gradient(_rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk,
-                                                    window))
+                                                    window, prompt_window))
         for name, (total, count) in ranking_metrics.sums(all_BC, ref_BC, cfg.beta, valid_BC, mb.get("ranks")).items():
             add(name, total, count)
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
@@ -255,6 +371,8 @@ def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransform
     """
 
     def train_step(state, ref_params, batch):
+        batch = dict(batch)
+        stop_request = batch.pop("stop_request", None)
         params = state["params"]
         step = state["step"]
         num_micro = jax.tree.leaves(batch)[0].shape[0]
@@ -304,6 +422,8 @@ def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransform
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        if stop_request is not None:  # any process asked to stop (a max over the batch, so over all processes)
+            metrics["stop_request"] = jnp.max(stop_request).astype(jnp.float32)
         if not cfg.is_sft:
             metrics["kernel/rank_hist"] = hist
             metrics["selected"] = selected_ABM  # [A, b, M] column indices of the negatives
@@ -404,4 +524,7 @@ def step_config_from(config) -> StepConfig:
         logprob_chunk_size=int(config.logprob_chunk_size),
         # the tokenizer cuts every completion to max_completion_length: the LM head runs on those positions only
         completion_window=int(config.data.max_completion_length),
+        # every row of an example holds the same prompt, cut to max_prompt_length: encoded once per example
+        prompt_window=int(config.data.max_prompt_length) if config.share_prompt else None,
+        reuse_prompt_encoding=bool(config.reuse_prompt_encoding),
     )
