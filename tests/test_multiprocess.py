@@ -429,7 +429,12 @@ def test_trainer_two_processes_x_two_devices_train_as_one_process_x_four(tmp_pat
     two, one = train_records(tmp_path / "p2"), train_records(tmp_path / "p1")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
     for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "kernel/entropy", "tokens", "examples"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=2e-5, atol=1e-6, err_msg=key)
+        # step 1 runs with policy = reference: its margins are rounding noise (below 1e-6) between the reference
+        # pass and the gradient pass, whose sign (the accuracy) differs with the device layout
+        first = 1 if key == "rewards/accuracies" else 0
+        np.testing.assert_allclose([r[key] for r in two][first:], [r[key] for r in one][first:], rtol=2e-5,
+                                   atol=1e-6, err_msg=key)
+    assert abs(two[0]["rewards/margins"]) < 1e-6 and abs(one[0]["rewards/margins"]) < 1e-6
     assert [r["kernel/rank_hist"] for r in two] == [r["kernel/rank_hist"] for r in one]  # the same negatives
     assert two[0]["examples"] == 16
     assert two[2]["loss"] < two[0]["loss"] - 1e-3  # it trains

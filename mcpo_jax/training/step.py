@@ -281,7 +281,14 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
             policy_BC = policy_logps(params, ids_BCT, mask_BCT, loss_mask_BCT, enc)
         policy_BC = jax.lax.stop_gradient(policy_BC)
     if not cfg.is_sft:
-        if cfg.reference == "online":
+        if cfg.reference == "online" and reuse is not None:
+            # the policy's passes' arithmetic (prompt, then completions): where policy = reference (the first
+            # step) every implicit reward is exactly 0, not rounding noise between two fusions of the same sums
+            ref_enc = encode_prompts(graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0])
+            ref_BC = jax.lax.stop_gradient(shared_prompt_logps(
+                graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0], window=reuse[1],
+                chunk_size=chunk, encoded=ref_enc))
+        elif cfg.reference == "online":
             ref_BC = jax.lax.stop_gradient(
                 _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window, prompt_window)
             )
