@@ -117,10 +117,12 @@ def sequence_logps(
 def shared_prompt_windows(prompt_window, completion_window, rows: int, length: int) -> tuple[int, int] | None:
     """(P, W): prompt and completion positions of the shared-prompt layout for `rows` rows of `length` tokens
     per example, or None when it would not run fewer tokens than the rows whole (P + rows·W >= rows·length:
-    short length buckets, a single row)."""
+    short length buckets, a single row). Both are rounded up to even numbers (at most `length`): cuDNN's flash
+    attention with a mask (the completions') takes only even query and key lengths when training."""
     if prompt_window is None or completion_window is None or length < 2:
         return None
-    p, w = min(int(prompt_window), length - 1), min(int(completion_window), length - 1)
+    even = lambda n: min(n + n % 2, length)
+    p, w = even(min(int(prompt_window), length - 1)), even(min(int(completion_window), length - 1))
     return (p, w) if p + rows * w < rows * length else None
 
 

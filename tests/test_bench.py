@@ -187,10 +187,10 @@ def test_compile_only_audit_on_a_small_preset(tmp_path):
     assert "while-loop-invariant-code-motion" in res["environment"]["xla_flags"]
     runs = {r["step"]: r for r in res["runs"]}
     # 2 layers; the shared prompt. MC-PO: the policy's prompt (its forward, kept for the backward), the policy's
-    # completions without gradient, the reference's prompt and completions in one scan (2 attention calls per
-    # layer), the trained completions forward and backward, the prompt's backward. DPO with a precomputed
-    # reference: the trained prompt and completions in one scan, forward and backward.
-    for name, passes, fwd_attn, bwd_attn in (("mcpo", 6, 2 + 2 + 4 + 2, 2 + 2), ("dpo_precomputed_ref", 2, 4, 4)):
+    # completions without gradient, the reference's prompt then completions (the policy's arithmetic), the
+    # trained completions forward and backward, the prompt's backward. DPO with a precomputed reference: the
+    # trained prompt and completions in one scan (2 attention calls per layer), forward and backward.
+    for name, passes, fwd_attn, bwd_attn in (("mcpo", 7, 2 + 2 + 2 + 2 + 2, 2 + 2), ("dpo_precomputed_ref", 2, 4, 4)):
         r = runs[name]
         assert r["layer_passes"] == passes, r["while_loops"]
         assert (r["attention"]["forward_calls"], r["attention"]["backward_calls"]) == (fwd_attn, bwd_attn)

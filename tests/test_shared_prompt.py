@@ -80,7 +80,7 @@ def test_shared_logps_and_gradients_equal_whole_rows(variant):
     def f(p, prompt_window):
         return S._rows_logps(graphdef, p, rest, ids, mask, loss, 4, 7, prompt_window)
 
-    assert logprobs.shared_prompt_windows(6, 7, 3, 13) == (6, 7)
+    assert logprobs.shared_prompt_windows(6, 7, 3, 13) == (6, 8)  # W rounded up to even
     whole, shared = f(params, None), f(params, 6)
     np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-5)
     g_whole = jax.grad(lambda p: jnp.sum(f(p, None) * weights))(params)
@@ -145,6 +145,8 @@ def test_the_layout_is_used_only_where_it_runs_fewer_tokens():
     assert logprobs.shared_prompt_windows(256, 768, 6, 1024) == (256, 768)
     assert logprobs.shared_prompt_windows(256, 768, 1, 1024) is None  # one row: nothing to share
     assert logprobs.shared_prompt_windows(512, 512, 5, 256) is None  # a short length bucket: 255 + 5 * 255 > 5 * 256
+    assert logprobs.shared_prompt_windows(7, 9, 3, 24) == (8, 10)  # even lengths for cuDNN's masked attention
+    assert logprobs.shared_prompt_windows(63, 121, 4, 201) == (64, 122)
     assert logprobs.shared_prompt_windows(None, 768, 6, 1024) is None
     assert logprobs.shared_prompt_windows(256, None, 6, 1024) is None
 
@@ -172,10 +174,10 @@ def test_audit_counts_the_shared_prompt_work():
 
     tx, sched = S.make_optimizer(learning_rate=1e-6, total_steps=10, warmup_ratio=0.0)
     flops = {}
-    # layer passes: whole rows = policy, reference, trained forward + backward; shared = the reference's one scan
-    # of both streams, the policy's prompt (forward + backward), its completions without gradient, the trained
-    # completions (forward + backward); without reuse the policy's passes are one scan each again
-    for pw, reuse, passes in ((None, True, 4), (16, True, 6), (16, False, 4)):
+    # layer passes: whole rows = policy, reference, trained forward + backward; shared with reuse = the policy's
+    # prompt (forward + backward), its completions without gradient, the reference's prompt and completions,
+    # the trained completions (forward + backward); without reuse every pass is one scan of both streams
+    for pw, reuse, passes in ((None, True, 4), (16, True, 7), (16, False, 4)):
         cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=1, completion_window=48, prompt_window=pw,
                            reuse_prompt_encoding=reuse)
         program = TrainProgram(model, cfg, tx, sched, mesh=shd.make_mesh(1, 1, 1))

@@ -12,7 +12,8 @@ segment with that segment's data, and AdamW state, step and schedule carry on. T
 
 The step's metrics are read one step late: step k+1 is dispatched before the host reads step k's metrics,
 so the device never waits for the host. A save (and the end of a data phase) reads them first, so a NaN is
-caught before a checkpoint could keep it.
+caught before a checkpoint could keep it. Nothing else syncs the host in the loop: in a multi-process run a
+stop request (SIGTERM on any process) travels through the step and comes back with those metrics.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 saves and the run exits 0 with the resume command); a second exits at once.
 
 A preemption notice may reach one process of a multi-process job only, and a process that saves (a
-collective) while the others run the next step hangs the job: `should_stop` agrees across processes (one tiny
-all-gather; none in a single process).
+collective) while the others run the next step hangs the job. The trainer's loop sends each process's request
+through the train step (batch key `stop_request`, its maximum returned with the metrics, read one step late):
+every process stops after the same step with no host-side collective per step. `should_stop` agrees across
+processes with one tiny all-gather (none in a single process), for the rare points outside the step loop
+(between phases, before an evaluation).
 
 Long blocking calls (XLA compilation) run in a worker thread through `run_interruptible`, so the handler runs
 in the main thread while they last: a second signal there exits at once instead of waiting for the compiler.
