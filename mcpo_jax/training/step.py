@@ -253,9 +253,9 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
         sums[name] = (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
 
     # 0. The policy's prompts, encoded once for its no-gradient and gradient passes (shared-prompt layout).
-    model_config = getattr(nnx.merge(graphdef, params, rest), "config", None)
     reuse = None
     if prompt_window is not None:
+        model_config = getattr(nnx.merge(graphdef, params, rest), "config", None)
         reuse = prompt_reuse(cfg, c, t, with_grad=with_grad,
                              dynamic_rope=getattr(model_config, "rope_type", None) == "dynamic")
     encoded = encoded_vjp = None
@@ -282,16 +282,15 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
         policy_BC = jax.lax.stop_gradient(policy_BC)
     if not cfg.is_sft:
         if cfg.reference == "online" and reuse is not None:
-            # the policy's passes' arithmetic (prompt, then completions): where policy = reference (the first
-            # step) every implicit reward is exactly 0, not rounding noise between two fusions of the same sums
+            # the policy's passes' arithmetic (prompt, then completions), so that policy = reference (the first
+            # step) gives rewards of rounding size only, not two different fusions of the same sums
             ref_enc = encode_prompts(graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0])
             ref_BC = jax.lax.stop_gradient(shared_prompt_logps(
                 graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0], window=reuse[1],
                 chunk_size=chunk, encoded=ref_enc))
         elif cfg.reference == "online":
-            ref_BC = jax.lax.stop_gradient(
-                _rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk, window, prompt_window)
-            )
+            ref_BC = jax.lax.stop_gradient(_rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT,
+                                                       chunk, window, prompt_window))
         elif cfg.reference == "precomputed":
             ref_BC = mb["ref_logps"].astype(jnp.float32)
 
