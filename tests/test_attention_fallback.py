@@ -51,3 +51,19 @@ def test_cudnn_call_that_raises_falls_back_loudly(monkeypatch, caplog):
     # asked for explicitly, cuDNN failing is an error, not a fallback
     with pytest.raises(Exception):
         models.Transformer(CONFIG, attention_impl="cudnn", rngs=nnx.Rngs(0))(ids)
+
+
+def test_prompt_prefix_attention_falls_back_loudly(monkeypatch):
+    """The shared prompt's masked completion attention (a bias for cuDNN): where cuDNN raises it falls back to XLA
+    with the same hidden states, and says so, naming the prompt-prefix attention."""
+    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, backend=None: "cudnn")
+    model = models.Transformer(CONFIG, rngs=nnx.Rngs(0))
+    args = (jnp.asarray([[3, 4, 5, 0], [6, 7, 0, 0]]), jnp.asarray([3, 2]),
+            jnp.asarray([[[8, 9, 10, 0], [11, 0, 0, 0]], [[12, 13, 0, 0], [14, 15, 16, 17]]]),
+            jnp.asarray([[3, 1], [2, 4]]))
+    got = model.prefix_hidden_states(*args)
+    reasons = [r["reason"] for r in decoder.attention_fallbacks()]
+    assert any(r.startswith("prompt-prefix attention:") for r in reasons), reasons
+    want = models.Transformer(CONFIG, attention_impl="xla", rngs=nnx.Rngs(0)).prefix_hidden_states(*args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
