@@ -189,3 +189,28 @@ def test_audit_counts_the_shared_prompt_work():
         assert report["hlo_flops"] == pytest.approx(work.flops(audit.Shapes.of(config)), rel=0.005), (pw, report)
         assert report["layer_passes"] == passes
     assert flops[16, False] < 0.9 * flops[None, True] and flops[16, True] < flops[16, False]
+
+
+@pytest.mark.parametrize("remat", [False, "minimal", True])
+def test_prompt_then_completions_equal_one_scan_with_gradients(remat):
+    """`encode_prompt` + `encode_completions` (the reused prompt encoding, two scans) give the hidden states and
+    the gradients of `prefix_hidden_states` (one scan), whatever the remat setting."""
+    graphdef, params, rest = st.split_model(models.Transformer(_config("sliding_window"), remat=remat,
+                                                               rngs=nnx.Rngs(6)))
+    prompt_ids, prompt_len, comp_ids, comp_len = _data(seed=2)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=(3, 3, 7, 32)), jnp.float32)
+
+    def one_scan(p):
+        return nnx.merge(graphdef, p, rest).prefix_hidden_states(prompt_ids, prompt_len, comp_ids, comp_len)[1]
+
+    def two_scans(p):
+        model = nnx.merge(graphdef, p, rest)
+        _, k, v = model.encode_prompt(prompt_ids, prompt_len)
+        return model.encode_completions(k, v, prompt_len, comp_ids, comp_len)
+
+    mask = (np.arange(7)[None, None] < comp_len[..., None])[..., None]
+    np.testing.assert_allclose(two_scans(params) * mask, one_scan(params) * mask, rtol=1e-5, atol=2e-6)
+    g1 = jax.grad(lambda p: jnp.sum(one_scan(p) * w * mask))(params)
+    g2 = jax.grad(lambda p: jnp.sum(two_scans(p) * w * mask))(params)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
