@@ -314,10 +314,14 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
                          compiled_mem=audit.memory_report(compiled, unit=2.0**30), anchor=anchor)
         row["head_positions"] = getattr(cfg, "completion_window", None) or work.seq
         row["hlo"] = hlo_census(compiled)
+        fallbacks = models.decoder.attention_fallbacks()
+        if fallbacks:  # some attention (e.g. the shared prompt's masked one) ran through XLA instead of cuDNN
+            row["attention_fallbacks"] = fallbacks
         if (jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16")
-                and not (row["hlo"] or {}).get("cudnn_fmha_calls")):
-            row["error"] = "no cuDNN attention call in the GPU program: attention fell back to XLA"
-            log(f"# {variant}: {row['error']} ({models.decoder.attention_fallbacks()})")
+                and (fallbacks or not (row["hlo"] or {}).get("cudnn_fmha_calls"))):
+            row["error"] = ("attention fell back to XLA: " + "; ".join(f["reason"] for f in fallbacks)
+                            if fallbacks else "no cuDNN attention call in the GPU program: attention fell back to XLA")
+            log(f"# {variant}: {row['error']}")
         row["loss"] = float(metrics["loss"])
         row["finite"] = bool(metrics["finite"])
         rows.append(row)
@@ -385,12 +389,22 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
         row = audit.summarize(report, formula_flops=work.flops(shapes), anchor_flops=anchor.flops(shapes))
         row.update(model=args.model, step=variant, compile_s=compile_s, compiled_mem=audit.memory_report(compiled),
                    saved_bytes_per_token_per_layer=saved["bytes_per_token"], executed_work=dataclasses.asdict(work))
-        if jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16") and not report["attention"]["cudnn_calls"]:
-            row["error"] = "no cuDNN attention call in the GPU program (attention fell back to XLA)"
+        fallbacks = audit_fallbacks()
+        if jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16") and (
+                fallbacks or not report["attention"]["cudnn_calls"]):
+            row["error"] = ("attention fell back to XLA: " + "; ".join(f["reason"] for f in fallbacks) if fallbacks
+                            else "no cuDNN attention call in the GPU program (attention fell back to XLA)")
         rows.append(row)
         log(format_audit([row]).splitlines()[-1])
         del compiled
     return rows
+
+
+def audit_fallbacks() -> list[dict[str, str]]:
+    """The cuDNN-attention fallbacks recorded by the model so far (`models.decoder.attention_fallbacks`)."""
+    from mcpo_jax import models
+
+    return models.decoder.attention_fallbacks()
 
 
 def format_audit(rows: Sequence[dict]) -> str:
