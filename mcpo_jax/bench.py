@@ -193,7 +193,7 @@ DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "f
 
 
 def step_config(variant: str, *, negatives: int, beta: float, chunk_size: int | None = None,
-                completion_len: int | None = None, prompt_len: int | None = None, reuse_prompt: bool = True):
+                completion_len: int | None = None, prompt_len: int | None = None, reuse_prompt: bool = False):
     """The trainer's StepConfig for a bench variant.
 
     DPO runs on the (y0, y1) pairs with the `fixed` sampler (y1 is the designated rejected), as
@@ -595,9 +595,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
                    help="encode each prompt once per example (the trainer's default, share_prompt=True); "
                         "--no-share-prompt encodes every row whole")
-    p.add_argument("--reuse-prompt", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--reuse-prompt", action=argparse.BooleanOptionalAction, default=False,
                    help="the policy's prompt encoded once for its no-gradient and gradient passes (the trainer's "
-                        "default, reuse_prompt_encoding=True): fewer FLOPs, one more gradient-sized buffer")
+                        "reuse_prompt_encoding=True; off by default): fewer FLOPs, one more gradient-sized stack")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--compile-only", action="store_true",
                    help="compile each variant from abstract shapes (no parameter allocated, runs on a CPU at the real "

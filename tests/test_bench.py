@@ -92,13 +92,13 @@ def test_tiny_cli_end_to_end(tmp_path):
         "mcpo_precomputed_ref": (3 * 2 * 32, 4 * 2 * 32),
     }
     # What the step executes (prune_passes, the shared prompt): DPO's fixed negative needs no policy pass;
-    # MC-PO's policy pass leaves y0 out (C - 1 = 3 rows) and reuses the gradient pass's prompt encoding; the
-    # reference covers all C. Per pass: 24 completion tokens per row, the 8 prompt tokens once per example.
+    # MC-PO's policy pass leaves y0 out (C - 1 = 3 rows); the reference covers all C. Per pass: 24 completion
+    # tokens per row, the 8 prompt tokens once per example.
     executed = {  # (trained completion, trained prompt, forward completion, forward prompt) tokens
         "dpo": (2 * 2 * 24, 2 * 8, 2 * 2 * 24, 2 * 8),
         "dpo_precomputed_ref": (2 * 2 * 24, 2 * 8, 0, 0),
-        "mcpo": (3 * 2 * 24, 2 * 8, (3 + 4) * 2 * 24, 2 * 8),
-        "mcpo_precomputed_ref": (3 * 2 * 24, 2 * 8, 3 * 2 * 24, 0),
+        "mcpo": (3 * 2 * 24, 2 * 8, (3 + 4) * 2 * 24, 2 * 2 * 8),
+        "mcpo_precomputed_ref": (3 * 2 * 24, 2 * 8, 3 * 2 * 24, 2 * 8),
     }
     for name, (tc, tp, fc, fp) in executed.items():
         r = runs[name]
@@ -186,11 +186,10 @@ def test_compile_only_audit_on_a_small_preset(tmp_path):
     res = json.loads(out.read_text())
     assert "while-loop-invariant-code-motion" in res["environment"]["xla_flags"]
     runs = {r["step"]: r for r in res["runs"]}
-    # 2 layers; the shared prompt. MC-PO: the policy's prompt (its forward, kept for the backward), the policy's
-    # completions without gradient, the reference's prompt then completions (the policy's arithmetic), the
-    # trained completions forward and backward, the prompt's backward. DPO with a precomputed reference: the
-    # trained prompt and completions in one scan (2 attention calls per layer), forward and backward.
-    for name, passes, fwd_attn, bwd_attn in (("mcpo", 7, 2 + 2 + 2 + 2 + 2, 2 + 2), ("dpo_precomputed_ref", 2, 4, 4)):
+    # 2 layers; the shared prompt: each pass one scan of the prompt and the completions (2 attention calls per
+    # layer). MC-PO: the policy without gradient, the reference, the trained rows forward and backward; DPO with
+    # a precomputed reference: the trained rows forward and backward.
+    for name, passes, fwd_attn, bwd_attn in (("mcpo", 4, 3 * 4, 4), ("dpo_precomputed_ref", 2, 4, 4)):
         r = runs[name]
         assert r["layer_passes"] == passes, r["while_loops"]
         assert (r["attention"]["forward_calls"], r["attention"]["backward_calls"]) == (fwd_attn, bwd_attn)

@@ -56,8 +56,8 @@ class StepConfig:
     prompt_window: int | None = None
     # With the shared prompt: the policy's prompt encoding computed once (with its backward kept, `jax.vjp`)
     # for both its no-gradient pass and its gradient pass: -2·N·P FLOPs per example, for a second
-    # parameter-sized gradient buffer (the prompt's and the completions' gradients are added at the end).
-    reuse_prompt_encoding: bool = True
+    # parameter-sized gradient stack (the prompt's and the completions' gradients are added at the end).
+    reuse_prompt_encoding: bool = False
     # Leave out model work whose result nothing reads: the no-grad policy pass when the selection does not
     # depend on the policy, and y0 from that pass when the kernel cannot pick y0. Same loss and gradient;
     # False runs every pass (the before/after reference for tests and the benchmark).
