@@ -110,6 +110,11 @@ def _prompt_lengths(loss_mask_BKT):
     return jnp.argmax(loss_mask_BKT[:, 0] > 0, axis=-1).astype(jnp.int32)
 
 
+def _last_prompt_hidden(h_BPD, p_len_B):
+    """[B, D]: the hidden state at each prompt's last real position (it predicts the first completion token)."""
+    return jnp.take_along_axis(h_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+
+
 def encode_prompts(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int):
     """Each example's prompt encoded once (`Transformer.encode_prompt`): (the prompt's last final-norm hidden
     state [B, D], every layer's keys and values) for `shared_prompt_logps(encoded=...)`. The step encodes the
@@ -117,8 +122,7 @@ def encode_prompts(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len
     model = nnx.merge(graphdef, params, rest)
     p_len_B = _prompt_lengths(loss_mask_BKT)
     h_BPD, k, v = model.encode_prompt(ids_BKT[:, 0, :prompt_len], p_len_B)
-    h_last_BD = jnp.take_along_axis(h_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
-    return h_last_BD, k, v
+    return _last_prompt_hidden(h_BPD, p_len_B), k, v
 
 
 def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int, window: int,
@@ -141,7 +145,7 @@ def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, promp
     if encoded is None:
         h_prompt_BPD, h_comp_BKWD = model.prefix_hidden_states(ids_BKT[:, 0, :prompt_len], p_len_B, comp_BKW,
                                                                comp_len_BK)
-        h_last_BD = jnp.take_along_axis(h_prompt_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+        h_last_BD = _last_prompt_hidden(h_prompt_BPD, p_len_B)
     else:
         h_last_BD, k_prompt, v_prompt = encoded
         h_comp_BKWD = model.encode_completions(k_prompt, v_prompt, p_len_B, comp_BKW, comp_len_BK)
