@@ -8,6 +8,7 @@ other module may import it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,92 @@ def rules_from_config(overrides: Mapping[str, Any] | None) -> tuple[tuple[str, A
         if k not in known:
             raise ValueError(f"sharding rule override for unknown logical axis {k!r}; known: {sorted(known)}")
     return tuple((k, overrides.get(k, v)) for k, v in DEFAULT_RULES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: where a program's intermediate values live, from the same rules as the parameters.
+
+# The `checkpoint_name` of every weight gathered for compute (`Layout.gather`): a remat policy never saves these
+# (the backward gathers again from the sharded stack instead of keeping a full copy of every layer's weights).
+GATHERED_WEIGHT = "fsdp_gathered_weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Activation sharding on a mesh, read from the logical-axis rules that place the parameters.
+
+    Rows of every activation (sequences, examples) go where the "batch" rule says (data x fsdp by default);
+    heads, kv heads, MLP features and the vocabulary where their rules say (tensor); the model dimension of an
+    activation is never split. A weight is used whole on the batch axes: `gather` constrains it to its own spec
+    without the batch's mesh axes, so under FSDP each layer's weights are all-gathered where they are used (and
+    their gradients reduce-scattered) while the activations stay on their rows. Left alone, GSPMD partitions
+    the matmuls over the fsdp-sharded weight dimension and moves activations instead.
+
+    Frozen and hashable: a model keeps it as static structure (`Transformer.layout`).
+    """
+
+    mesh: Mesh
+    rules: tuple = DEFAULT_RULES
+
+    @property
+    def platform(self) -> str:
+        """"gpu", "tpu" or "cpu": the devices the program is compiled for (compile-only devices included)."""
+        return self.mesh.devices.flat[0].platform
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes rows are split over (sizes 1 left out)."""
+        return tuple(a for a in batch_axes(self.mesh, self.rules) if self.mesh.shape[a] > 1)
+
+    @property
+    def trivial(self) -> bool:
+        return self.mesh.size == 1
+
+    def spec(self, axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+        return logical_to_spec(axes, shape, self.mesh, self.rules)
+
+    def constrain(self, x, axes: Sequence[str | None]):
+        """`x` placed by its dimensions' logical names (a no-op on one device)."""
+        if self.trivial:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes, x.shape)))
+
+    def weight_spec(self, axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+        """A parameter's spec for compute: its own, without the mesh axes that split the rows."""
+        drop = set(self.batch_axes)
+        out = []
+        for entry in self.spec(axes, shape):
+            group = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            group = tuple(a for a in group if a not in drop)
+            out.append(None if not group else group[0] if len(group) == 1 else group)
+        return PartitionSpec(*out)
+
+    def gather(self, w, axes: Sequence[str | None]):
+        """`w` gathered for compute (all-gathered over the FSDP axes; tensor-parallel splits kept), tagged
+        `GATHERED_WEIGHT` so that no remat policy saves it."""
+        if self.trivial:
+            return w
+        w = jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, self.weight_spec(axes, w.shape)))
+        return checkpoint_name(w, GATHERED_WEIGHT)
+
+    def shared_axis(self, logical: str, *sizes: int) -> str | tuple[str, ...] | None:
+        """The mesh axes `logical` maps to when every size in `sizes` divides by them (q heads and kv heads must
+        split alike for a fused attention kernel), else None."""
+        spec = self.spec((logical,), (math.lcm(*sizes),))[0]
+        if spec is None:
+            return None
+        group = (spec,) if isinstance(spec, str) else tuple(spec)
+        size = math.prod(self.mesh.shape[a] for a in group)
+        return spec if all(s % size == 0 for s in sizes) else None
+
+
+def model_layout(mesh: Mesh | None, rules=None) -> Layout | None:
+    """The Layout of a mesh under `rules` (None without a mesh)."""
+    if mesh is None:
+        return None
+    rules = DEFAULT_RULES if rules is None else rules
+    frozen = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    return Layout(mesh, frozen)
 
 
 def initialize_distributed(

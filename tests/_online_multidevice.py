@@ -1,5 +1,6 @@
 """Run in a subprocess with 4 host CPU devices (tests/test_generate.py): generation with params sharded over a
-(data=1, fsdp=2, tensor=2) mesh gives the same greedy and sampled tokens as on one device. Prints OK."""
+(data=1, fsdp=2, tensor=2) mesh, the model's activations and KV cache placed by its layout, gives the same greedy
+and sampled tokens as on one device. Prints OK."""
 
 import os
 import sys
@@ -25,6 +26,7 @@ mesh = S.make_mesh(1, 2, 2)
 state = nnx.state(model, nnx.Param)
 placed = jax.device_put(state, S.param_shardings(logical_axes(model), state, mesh))
 sharded = nnx.merge(nnx.graphdef(model), placed)
+sharded.layout = S.model_layout(mesh)  # activations (and the KV cache) constrained to the mesh, as the trainer's
 assert any(len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
 # one batch: a greedy row (temperature 0) and sampled rows with top-p
 kw = dict(temperature=np.array([1.0, 0.7, 1.0, 0.0]), top_p=0.9, key=jax.random.key(3), max_new_tokens=8)

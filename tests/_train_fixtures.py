@@ -129,17 +129,31 @@ def deterministic_params(params):
     return jax.tree.map(one, params)
 
 
+SHARDED_CONFIG = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
+                      rms_norm_eps=1e-5)
+
+
+def shared_prompt_batch(**kw):
+    """`toy_batch` whose rows of an example share its prompt (the tokenizer's layout; 4 prompt tokens)."""
+    batch = toy_batch(**kw)
+    ids = batch["input_ids"]
+    ids[..., 1:, :4] = ids[..., :1, :4]
+    return batch
+
+
 @functools.lru_cache(maxsize=None)
-def sharded_step_metrics(fsdp: int, tensor: int) -> dict:
-    """Loss / grad norm / updated-param checksum of one MC-PO step of a tiny Llama on a (1, fsdp, tensor) mesh."""
+def sharded_step_metrics(fsdp: int, tensor: int, variant: str = "rows") -> dict:
+    """Loss / grad norm / updated-param checksum of one step of a tiny Llama on a (1, fsdp, tensor) mesh.
+
+    variant "rows": MC-PO, every row encoded whole; "shared": MC-PO with the shared prompt, the policy's prompt
+    encoding reused (two scans) and the reference in the step; "dpo": DPO on the shared-prompt layout."""
     from mcpo_jax import models
     from mcpo_jax import sharding as shd
     from mcpo_jax.training import state as st
     from mcpo_jax.training import step as S
 
-    config = models.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=4,
-                                max_position_embeddings=64, rms_norm_eps=1e-5)
+    config = models.ModelConfig(**SHARDED_CONFIG)
     mesh = shd.make_mesh(1, fsdp, tensor)
     model = models.init_random(config, seed=5, mesh=mesh)
     axes = models.logical_axes(model)
@@ -150,9 +164,16 @@ def sharded_step_metrics(fsdp: int, tensor: int) -> dict:
     ps = shd.param_shardings(axes, params, mesh)
     ss = st.state_shardings(tx, params, ps, mesh)
     state = st.init_state(params, tx, 1, shardings=ss)
-    local = toy_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
+    if variant == "rows":
+        local = toy_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
+        cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0)
+    else:
+        local = shared_prompt_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
+        shared = dict(completion_window=8, prompt_window=4)
+        cfg = (S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0, reuse_prompt_encoding=True,
+                            **shared) if variant == "shared"
+               else S.StepConfig(objective="dpo", sampler="random", num_negatives=1, beta=1.0, **shared))
     batch = shd.global_batch(local, mesh, batch_axis=1)
-    cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0)
     fn = S.make_train_step(cfg, graphdef, rest, tx, sched)
     compiled, _ = S.compile_train_step(fn, state, ref, batch, state_shardings=ss, ref_shardings=ps,
                                        batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
@@ -164,8 +185,60 @@ def sharded_step_metrics(fsdp: int, tensor: int) -> dict:
             "selected": np.asarray(m["selected"]).tolist(), "devices": len(jax.devices()), "specs": specs}
 
 
+def layer_loop_collectives(fsdp: int, tensor: int) -> dict:
+    """The collectives inside the layer loops of the compiled MC-PO step (shared prompt, reference in the step,
+    remat "minimal", 12 rows of 16 tokens) on a (1, fsdp, tensor) mesh: [(kind, [[elements of each array]],
+    times)], with the largest per-layer weight's element count to compare them with."""
+    import math
+
+    from flax import nnx
+
+    from mcpo_jax import audit, models
+    from mcpo_jax import batch as batch_lib
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.training import program
+    from mcpo_jax.training import step as S
+
+    config = models.ModelConfig(**SHARDED_CONFIG)
+    mesh = shd.make_mesh(1, fsdp, tensor)
+    model = nnx.eval_shape(lambda: models.Transformer(config, remat="minimal", rngs=nnx.Rngs(0)))
+    tx, sched = S.make_optimizer(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=1, beta=1.0, completion_window=12,
+                       prompt_window=4)
+    prog = program.TrainProgram(model, cfg, tx, sched, mesh=mesh)
+    shapes = batch_lib.abstract_shapes((1, 8), columns=3, length=16, precomputed_ref=False)
+    text = prog.lower(prog.abstract_batch(shapes)).compile().as_text()
+    comps, entry = audit.parse_hlo(text)
+    mult, loops = audit.multiplicities(comps, entry)
+    bodies = {}
+    for name, instrs in comps.items():
+        for ins in instrs:
+            if ins.opcode == "while":
+                trip = audit._TRIP.search(ins.rest)
+                body = [callee for kind, callee in audit._CALLEE.findall(ins.rest) if kind == "body"]
+                if trip and int(trip.group(1)) == config.num_hidden_layers and body:
+                    bodies[body[0]] = True
+
+    def inside(name, seen=()):  # a computation called (transitively) from a layer loop's body
+        return name in bodies or any(inside(caller, seen + (name,)) for caller, instrs in comps.items()
+                                     if caller not in seen and any(f"%{name}" in i.rest for i in instrs))
+
+    found = []
+    kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    for name, instrs in comps.items():
+        for ins in instrs:
+            if ins.opcode.removesuffix("-start") in kinds and inside(name):
+                found.append((ins.opcode.removesuffix("-start"),
+                              [math.prod(dims) for _, dims in audit._shapes(ins.result)], mult.get(name, 0)))
+    weights = max(math.prod(shape) for shape, _, _ in models.decoder.layer_param_specs(config).values())
+    return {"collectives": found, "largest_weight": weights, "layer_loops": len(bodies)}
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print("RESULT " + json.dumps(sharded_step_metrics(int(sys.argv[1]), int(sys.argv[2]))))
+    variants = sys.argv[3].split(",") if len(sys.argv) > 3 else ["rows"]
+    result = {v: sharded_step_metrics(int(sys.argv[1]), int(sys.argv[2]), v) for v in variants}
+    result["layer_collectives"] = layer_loop_collectives(8, 1)
+    print("RESULT " + json.dumps(result))

@@ -24,21 +24,21 @@ def _fresh_record(monkeypatch):
 
 def test_unsupported_head_dim_on_gpu_is_recorded(caplog):
     with caplog.at_level(logging.WARNING, logger=decoder.__name__):
-        assert decoder._attention_impl(jnp.bfloat16, 100, backend="gpu") == "xla"
-        assert decoder._attention_impl(jnp.bfloat16, 100, backend="gpu") == "xla"
+        assert decoder._attention_impl(jnp.bfloat16, 100, platform="gpu") == "xla"
+        assert decoder._attention_impl(jnp.bfloat16, 100, platform="gpu") == "xla"
     assert len(decoder.attention_fallbacks()) == 1  # once per reason
     assert "head_dim 100" in decoder.attention_fallbacks()[0]["reason"]
     assert sum("cuDNN attention NOT used" in r.getMessage() for r in caplog.records) == 1
     # nothing to say where cuDNN is not wanted: CPU, or float32
-    assert decoder._attention_impl(jnp.bfloat16, 64, backend="cpu") == "xla"
-    assert decoder._attention_impl(jnp.float32, 64, backend="gpu") == "xla"
+    assert decoder._attention_impl(jnp.bfloat16, 64, platform="cpu") == "xla"
+    assert decoder._attention_impl(jnp.float32, 64, platform="gpu") == "xla"
     assert len(decoder.attention_fallbacks()) == 1
 
 
 def test_cudnn_call_that_raises_falls_back_loudly(monkeypatch, caplog):
     """Auto mode chose cuDNN (simulated on the CPU, where the cuDNN call raises): XLA attention runs, the same
     logits come out, and the reason is logged and recorded."""
-    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, backend=None: "cudnn")
+    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, platform=None: "cudnn")
     model = models.Transformer(CONFIG, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.arange(12).reshape(2, 6) % 32, jnp.int32)
     with caplog.at_level(logging.WARNING, logger=decoder.__name__):
@@ -56,7 +56,7 @@ def test_cudnn_call_that_raises_falls_back_loudly(monkeypatch, caplog):
 def test_prompt_prefix_attention_falls_back_loudly(monkeypatch):
     """The shared prompt's masked completion attention (a bias for cuDNN): where cuDNN raises it falls back to XLA
     with the same hidden states, and says so, naming the prompt-prefix attention."""
-    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, backend=None: "cudnn")
+    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, platform=None: "cudnn")
     model = models.Transformer(CONFIG, rngs=nnx.Rngs(0))
     args = (jnp.asarray([[3, 4, 5, 0], [6, 7, 0, 0]]), jnp.asarray([3, 2]),
             jnp.asarray([[[8, 9, 10, 0], [11, 0, 0, 0]], [[12, 13, 0, 0], [14, 15, 16, 17]]]),
@@ -67,3 +67,18 @@ def test_prompt_prefix_attention_falls_back_loudly(monkeypatch):
     want = models.Transformer(CONFIG, attention_impl="xla", rngs=nnx.Rngs(0)).prefix_hidden_states(*args)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_follows_the_target_not_the_host():
+    """The kernel is chosen from the devices the program is compiled for: splash on TPU, cuDNN on GPU in half
+    precision, XLA elsewhere; a model on a mesh reads its mesh's platform, a model without one the host's."""
+    assert decoder._attention_impl(jnp.bfloat16, 64, platform="tpu") == "splash"
+    assert decoder._attention_impl(jnp.float32, 64, platform="tpu") == "splash"
+    assert decoder._attention_impl(jnp.bfloat16, 64, platform="gpu") == "cudnn"
+    assert decoder._attention_impl(jnp.bfloat16, 64, platform="cpu") == "xla"
+    model = models.Transformer(CONFIG, rngs=nnx.Rngs(0))
+    assert model.platform == jax.devices()[0].platform == "cpu"
+    from mcpo_jax import sharding
+
+    model.layout = sharding.model_layout(sharding.make_mesh(1, 1, 1))
+    assert model.platform == "cpu"

@@ -35,6 +35,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mcpo_jax import sharding as shd
+
 from .config import ModelConfig
 
 Dtype = Any
@@ -228,9 +230,13 @@ def record_attention_fallback(reason: str, **details) -> None:
                 "in memory): %s %s", reason, {k: v for k, v in record.items() if k != "reason"})
 
 
-def _attention_impl(dtype, head_dim, backend: str | None = None) -> str:
-    """cuDNN flash attention on GPU in half precision, XLA otherwise (CPU/TPU, fp32)."""
-    if (backend or jax.default_backend()) != "gpu":
+def _attention_impl(dtype, head_dim, platform: str | None = None) -> str:
+    """The attention kernel for the devices a program targets (`platform`: their platform, default the host's):
+    Pallas splash attention on TPU, cuDNN flash attention on GPU in half precision, XLA otherwise."""
+    platform = platform or jax.devices()[0].platform
+    if platform == "tpu":
+        return "splash"
+    if platform != "gpu":
         return "xla"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "xla"
@@ -238,6 +244,22 @@ def _attention_impl(dtype, head_dim, backend: str | None = None) -> str:
         record_attention_fallback(f"head_dim {head_dim} is not a multiple of 8 up to 128", dtype=jnp.dtype(dtype))
         return "xla"
     return "cudnn"
+
+
+def _never_save_gathered(policy):
+    """`policy` (None: save everything), except the weights gathered for compute (`sharding.Layout.gather`) and
+    sharding constraints' outputs: a layer's backward gathers its weights again from the sharded stack instead of
+    keeping every layer's full weights."""
+    from jax._src import ad_checkpoint, pjit
+
+    def keep(prim, *args, **params):
+        if prim is pjit.sharding_constraint_p:
+            return False
+        if prim is ad_checkpoint.name_p and params.get("name") == shd.GATHERED_WEIGHT:
+            return False
+        return True if policy is None else policy(prim, *args, **params)
+
+    return keep
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,10 +276,14 @@ class Transformer(nnx.Module):
       param_dtype: storage dtype of the weights.
       remat: False, True (recompute each layer in the backward pass) or a policy name from
         REMAT_POLICIES.
-      attention_impl: None (auto: cuDNN on GPU in bf16/fp16, XLA otherwise), "xla", "cudnn", or a callable
-        `(q, k, v, lengths, scale, window) -> out` (the compile-only audit's stand-in, `mcpo_jax.audit`;
-        for the completions of `prefix_hidden_states`, `lengths` is the boolean mask [B, 1, T, S] instead).
-        The cuDNN path assumes right padding (`attention_mask` a prefix of ones per row).
+      attention_impl: None (auto, from the devices the program targets: Pallas splash attention on TPU, cuDNN
+        on GPU in bf16/fp16, XLA otherwise), "xla", "cudnn", "splash" (on a CPU: Pallas interpret mode, for
+        tests), or a callable `(q, k, v, lengths, scale, window) -> out` (the compile-only audit's stand-in,
+        `mcpo_jax.audit`; for the completions of `prefix_hidden_states`, `lengths` is the boolean mask
+        [B, 1, T, S] instead). The fused paths assume right padding (`attention_mask` a prefix of ones per row).
+      layout: where activations live (`sharding.Layout`: the mesh and the logical-axis rules that place the
+        parameters): rows on the batch axes, each layer's weights gathered where used (FSDP), heads / MLP on
+        the tensor axis; fused attention kernels run per device. None: one device (or GSPMD's own choices).
     """
 
     def __init__(
@@ -268,18 +294,20 @@ class Transformer(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         remat: bool | str = False,
         attention_impl: str | None = None,
+        layout: shd.Layout | None = None,
         rngs: nnx.Rngs | None = None,
     ):
         if remat not in (False, True) and remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}")
-        if attention_impl not in (None, "xla", "cudnn") and not callable(attention_impl):
-            raise ValueError(f"attention_impl={attention_impl!r}: use None, 'xla' or 'cudnn'")
+        if attention_impl not in (None, "xla", "cudnn", "splash") and not callable(attention_impl):
+            raise ValueError(f"attention_impl={attention_impl!r}: use None, 'xla', 'cudnn' or 'splash'")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
         self.attention_impl = attention_impl
+        self.layout = layout
         c = config
         self.embed = _make_param(rngs.params(), (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal", param_dtype)
         self.layers = DecoderLayers(c, param_dtype=param_dtype, rngs=rngs)
@@ -294,30 +322,36 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids, attention_mask=None):
         """Logits [B, T, V] (float32)."""
         hidden_BTD = self.hidden_states(input_ids, attention_mask)
-        return jnp.einsum(
-            "btd,dv->btv", hidden_BTD, self.lm_head_kernel(), preferred_element_type=jnp.float32
-        ).astype(jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+        return self._act(logits.astype(jnp.float32), "batch", None, "vocab")
 
     def lm_head_kernel(self):
-        """The LM head [D, V] in compute dtype (the embedding transposed when tied)."""
+        """The LM head [D, V] in compute dtype (the embedding transposed when tied), gathered for compute."""
         if self.config.tie_word_embeddings:
-            return self.embed[...].T.astype(self.dtype)
-        return self.lm_head[...].astype(self.dtype)
+            head = self.embed[...].T.astype(self.dtype)
+        else:
+            head = self.lm_head[...].astype(self.dtype)
+        return head if self.layout is None else self.layout.gather(head, ("embed", "vocab"))
+
+    @property
+    def platform(self) -> str:
+        """The platform of the devices this model's programs are compiled for (the layout's mesh, else the host)."""
+        return self.layout.platform if self.layout is not None else jax.devices()[0].platform
 
     def hidden_states(self, input_ids, attention_mask=None):
         """Final-norm output [B, T, D] in compute dtype (the trunk, without the LM head)."""
         c = self.config
-        ids_BT = jnp.asarray(input_ids, jnp.int32)
+        ids_BT = self._act(jnp.asarray(input_ids, jnp.int32), "batch", None)
         B, T = ids_BT.shape
         if attention_mask is None:
             mask_BT = None
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         else:
-            mask_BT = jnp.asarray(attention_mask).astype(bool)
+            mask_BT = self._act(jnp.asarray(attention_mask).astype(bool), "batch", None)
             positions_BT = jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)
-        x_BTD = self.embed[...].astype(self.dtype)[ids_BT]
+        x_BTD = self._embed(ids_BT)
         x_BTD, _ = jax.lax.scan(self.layer_body(mask_BT, positions_BT), x_BTD, self.layers.stacked())
-        return rms_norm(x_BTD, self.final_norm[...], c.rms_norm_eps, self.dtype)
+        return self._final_norm(x_BTD)
 
     def prefix_hidden_states(self, prompt_ids, prompt_lengths, completion_ids, completion_lengths):
         """The prompt encoded once per example, each of its K completions attending to the prompt's keys.
@@ -330,7 +364,7 @@ class Transformer(nnx.Module):
         same in two scans, for a prompt encoding reused by several passes.)
         """
         c = self.config
-        p_ids_BP = jnp.asarray(prompt_ids, jnp.int32)
+        p_ids_BP = self._act(jnp.asarray(prompt_ids, jnp.int32), "batch", None)
         c_ids_BKW = jnp.asarray(completion_ids, jnp.int32)
         B, P = p_ids_BP.shape
         _, K, W = c_ids_BKW.shape
@@ -352,23 +386,19 @@ class Transformer(nnx.Module):
             qp, kp, vp = qkv(p, xp_BPD, cos_p, sin_p)
             qc, kc, vc = qkv(p, xc_NWD, cos_c, sin_c)
             out_p = checkpoint_name(attend_prompt(qp, kp, vp), "attn_out")
-            k_all = jnp.concatenate([_per_row(kp, K), kc], axis=1)
-            v_all = jnp.concatenate([_per_row(vp, K), vc], axis=1)
-            out_c = checkpoint_name(attend_completion(qc, k_all, v_all), "attn_out")
+            out_c = checkpoint_name(attend_completion(qc, kp, vp, kc, vc), "attn_out")
             return (out_and_mlp(p, xp_BPD, out_p), out_and_mlp(p, xc_NWD, out_c)), None
 
-        embed = self.embed[...].astype(self.dtype)
-        carry = (embed[p_ids_BP], embed[c_ids_BKW.reshape(B * K, W)])
+        carry = (self._embed(p_ids_BP), self._embed(c_ids_BKW.reshape(B * K, W)))
         (xp_BPD, xc_NWD), _ = jax.lax.scan(wrap(body), carry, self.layers.stacked())
-        norm = lambda x: rms_norm(x, self.final_norm[...], c.rms_norm_eps, self.dtype)
-        return norm(xp_BPD), norm(xc_NWD).reshape(B, K, W, -1)
+        return self._final_norm(xp_BPD), self._final_norm(xc_NWD).reshape(B, K, W, -1)
 
     def encode_prompt(self, prompt_ids, prompt_lengths, *, inv_freq=None):
         """The prompts alone (right padded, [B, P]): final-norm hidden states [B, P, D] and every layer's roped
         keys and values [layers, B, P, kv_heads, head_dim] for `encode_completions`. `inv_freq`: RoPE's
         inverse frequencies of the whole call (needed for dynamic NTK RoPE, see `prefix_hidden_states`)."""
         c = self.config
-        p_ids_BP = jnp.asarray(prompt_ids, jnp.int32)
+        p_ids_BP = self._act(jnp.asarray(prompt_ids, jnp.int32), "batch", None)
         B, P = p_ids_BP.shape
         p_len_B = jnp.asarray(prompt_lengths, jnp.int32)
         positions_BP = _prompt_positions(p_len_B, P)
@@ -381,9 +411,8 @@ class Transformer(nnx.Module):
             out = checkpoint_name(attend(q, k, v), "attn_out")
             return out_and_mlp(p, x_BPD, out), (k, v)
 
-        x_BPD, (k_LBPKH, v_LBPKH) = jax.lax.scan(wrap(body), self.embed[...].astype(self.dtype)[p_ids_BP],
-                                                 self.layers.stacked())
-        return rms_norm(x_BPD, self.final_norm[...], c.rms_norm_eps, self.dtype), k_LBPKH, v_LBPKH
+        x_BPD, (k_LBPKH, v_LBPKH) = jax.lax.scan(wrap(body), self._embed(p_ids_BP), self.layers.stacked())
+        return self._final_norm(x_BPD), k_LBPKH, v_LBPKH
 
     def encode_completions(self, prompt_k, prompt_v, prompt_lengths, completion_ids, completion_lengths, *,
                            inv_freq=None):
@@ -403,14 +432,12 @@ class Transformer(nnx.Module):
         def body(x_NWD, xs):
             p, kp, vp = xs
             q, k, v = qkv(p, x_NWD, cos, sin)
-            k_all = jnp.concatenate([_per_row(kp.astype(k.dtype), K), k], axis=1)
-            v_all = jnp.concatenate([_per_row(vp.astype(v.dtype), K), v], axis=1)
-            out = checkpoint_name(attend(q, k_all, v_all), "attn_out")
+            out = checkpoint_name(attend(q, kp.astype(k.dtype), vp.astype(v.dtype), k, v), "attn_out")
             return out_and_mlp(p, x_NWD, out), None
 
-        x_NWD = self.embed[...].astype(self.dtype)[c_ids_BKW.reshape(B * K, W)]
+        x_NWD = self._embed(c_ids_BKW.reshape(B * K, W))
         x_NWD, _ = jax.lax.scan(wrap(body), x_NWD, (self.layers.stacked(), prompt_k, prompt_v))
-        return rms_norm(x_NWD, self.final_norm[...], c.rms_norm_eps, self.dtype).reshape(B, K, W, -1)
+        return self._final_norm(x_NWD).reshape(B, K, W, -1)
 
     def _layer_pieces(self):
         """(qkv, out_and_mlp, wrap): the layer's two halves and how to wrap the scanned body, per the remat
@@ -453,9 +480,9 @@ class Transformer(nnx.Module):
         shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
         dtype = dtype or self.dtype
         return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            pos=jnp.full((batch_size, max_length), -1, jnp.int32),
+            k=self._act(jnp.zeros(shape, dtype), None, "batch", None, "kv_heads", None),
+            v=self._act(jnp.zeros(shape, dtype), None, "batch", None, "kv_heads", None),
+            pos=self._act(jnp.full((batch_size, max_length), -1, jnp.int32), "batch", None),
         )
 
     def decode(self, input_ids, positions, cache: KVCache, cache_index):
@@ -467,7 +494,7 @@ class Transformer(nnx.Module):
         window, within the window).
         """
         c = self.config
-        ids_Bt = jnp.asarray(input_ids, jnp.int32)
+        ids_Bt = self._act(jnp.asarray(input_ids, jnp.int32), "batch", None)
         pos_Bt = jnp.asarray(positions, jnp.int32)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         pos_BS = jax.lax.dynamic_update_slice(cache.pos, pos_Bt, (jnp.int32(0), cache_index))
@@ -485,6 +512,8 @@ class Transformer(nnx.Module):
             q, k, v = self._qkv(p, x_BtD, cos, sin)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
+            k_cache = self._act(k_cache, "batch", None, "kv_heads", None)
+            v_cache = self._act(v_cache, "batch", None, "kv_heads", None)
             out = jax.nn.dot_product_attention(
                 q,
                 k_cache.astype(q.dtype),
@@ -495,61 +524,134 @@ class Transformer(nnx.Module):
             )
             return self._out_and_mlp(p, x_BtD, out), (k_cache, v_cache)
 
-        x = self.embed[...].astype(self.dtype)[ids_Bt]
+        x = self._embed(ids_Bt)
         x, (k_new, v_new) = jax.lax.scan(body, x, (self.layers.stacked(), cache.k, cache.v))
-        hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps, self.dtype)
+        hidden = self._final_norm(x)
         logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), KVCache(k=k_new, v=v_new, pos=pos_BS)
+        logits = self._act(logits.astype(jnp.float32), "batch", None, "vocab")
+        return logits, KVCache(k=k_new, v=v_new, pos=pos_BS)
 
     # -- internals -------------------------------------------------------------------------
 
+    def _act(self, x, *axes):
+        """An activation placed by its dimensions' logical names (`sharding.Layout.constrain`)."""
+        return x if self.layout is None else self.layout.constrain(x, axes)
+
+    def _weight(self, p, name):
+        """Layer weight `name` of the layer slice `p`, in compute dtype, gathered where used (FSDP)."""
+        w = p[name].astype(self.dtype)
+        if self.layout is None:
+            return w
+        return self.layout.gather(w, layer_param_specs(self.config)[name][1])
+
+    def _embed(self, ids):
+        """Token embeddings [..., D] in compute dtype, rows on the batch axes."""
+        x = self.embed[...].astype(self.dtype)[ids]
+        return self._act(x, "batch", *([None] * (x.ndim - 1)))
+
+    def _final_norm(self, x):
+        return self._act(rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.dtype),
+                         "batch", *([None] * (x.ndim - 1)))
+
     def _maybe_remat(self, body: Callable) -> Callable:
-        if self.remat is False:
+        if self.remat is False and (self.layout is None or self.layout.trivial):
             return body
-        policy = None if self.remat is True else REMAT_POLICIES[self.remat]
+        if self.remat is True:
+            policy = None
+        else:  # a gathered weight is never kept for the backward, whatever the policy
+            policy = _never_save_gathered(None if self.remat is False else REMAT_POLICIES[self.remat])
         return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
+    def _impl(self):
+        return self.attention_impl or _attention_impl(self.dtype, self.config.head_dim, self.platform)
+
+    def _per_device(self, fn, *args, heads: tuple[bool, ...]):
+        """`fn(*args)` on each device's rows and heads (`jax.shard_map`): XLA cannot partition a fused attention
+        kernel (cuDNN's asks for identically sharded q, k and v; a Pallas call none at all). `heads[i]`: whether
+        dimension 2 of args[i] is a heads dimension (q, k, v), split over the tensor axis when both the query and
+        the kv heads divide by it."""
+        layout = self.layout
+        if layout is None or layout.trivial:
+            return fn(*args)
+        q, k = args[0], args[1]
+        rows = layout.spec(("batch",), (q.shape[0],))[0]
+        head = layout.shared_axis("heads", q.shape[2], k.shape[2])
+
+        def spec(x, is_heads):
+            entries = [rows] + [None] * (x.ndim - 1)
+            if is_heads:
+                entries[2] = head
+            return jax.sharding.PartitionSpec(*entries)
+
+        specs = tuple(spec(x, h) for x, h in zip(args, heads))
+        return jax.shard_map(fn, mesh=layout.mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+    def _splash(self, q, k, v, kv_valid_NS, causal_offset, window, scale):
+        from .splash import splash_attention
+
+        layout = self.layout
+        mesh, rows, head = None, (), None
+        if layout is not None and not layout.trivial:
+            mesh = layout.mesh
+            entry = layout.spec(("batch",), (q.shape[0],))[0]
+            rows = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            head = layout.shared_axis("heads", q.shape[2], k.shape[2])
+        return splash_attention(q, k, v, kv_valid_NS=kv_valid_NS, causal_offset=causal_offset, window=window,
+                                scale=scale, mesh=mesh, batch_axes=rows, head_axis=head,
+                                interpret=self.platform != "tpu")
+
     def _forward_attention(self, mask_BT, T):
+        """`attend(q [N, T, H, hd], k, v [N, T, K, hd])` for right-padded rows: causal, padding keys masked,
+        sliding window."""
         c = self.config
-        impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
+        impl = self._impl()
         scale = c.head_dim**-0.5
         window = c.sliding_window if c.sliding_window is not None and c.sliding_window < T else None
+        lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
         if callable(impl):
-            lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
             return lambda q, k, v: impl(q, k, v, lengths, scale, window)
         xla_attend = self._xla_attention(mask_BT, T, window, scale)
-        if impl == "cudnn":
-            # right padding: padding keys are exactly those past each row's length
-            lengths = None if mask_BT is None else jnp.sum(mask_BT, axis=1, dtype=jnp.int32)
-            local = None if window is None else (window - 1, 0)
-            explicit = self.attention_impl == "cudnn"
+        if impl == "splash":
+            def splash(q, k, v):
+                valid = jnp.ones(q.shape[:2], bool) if mask_BT is None else mask_BT
+                return self._splash(q, k, v, valid, 0, window, scale)
 
-            def attend(q, k, v):
-                try:
-                    return jax.nn.dot_product_attention(
-                        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths,
-                        local_window_size=local, implementation="cudnn",
-                    )
-                except (NotImplementedError, ValueError, RuntimeError) as e:
-                    if explicit:
-                        raise
-                    # shape / dtype / GPU generation cuDNN does not take: never silently
-                    record_attention_fallback(f"{type(e).__name__}: {e}", q_shape=q.shape, dtype=q.dtype)
-                    return xla_attend(q, k, v)
+            return splash
+        if impl != "cudnn":
+            return xla_attend
+        # right padding: padding keys are exactly those past each row's length
+        local = None if window is None else (window - 1, 0)
+        explicit = self.attention_impl == "cudnn"
 
-            return attend
-        return xla_attend
+        def cudnn(q, k, v, *lengths_N):
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths_N[0] if lengths_N else None,
+                local_window_size=local, implementation="cudnn")
+
+        def attend(q, k, v):
+            try:
+                extra = () if lengths is None else (lengths,)
+                return self._per_device(cudnn, q, k, v, *extra, heads=(True, True, True, False))
+            except (NotImplementedError, ValueError, RuntimeError) as e:
+                if explicit:
+                    raise
+                # shape / dtype / GPU generation cuDNN does not take: never silently
+                record_attention_fallback(f"{type(e).__name__}: {e}", q_shape=q.shape, dtype=q.dtype)
+                return xla_attend(q, k, v)
+
+        return attend
 
     def _prefix_attention(self, prompt_len_B, K, P, W):
-        """`attend(q [B*K, W, ...], k, v [B*K, P + W, ...])` for completions over [prompt keys | own keys]:
-        a prompt key is visible when it is real (j < the prompt's length), an own key when causal; with a
-        sliding window, when within the window of the query's absolute position."""
+        """`attend(q [B*K, W, ...], kp, vp [B, P, ...], kc, vc [B*K, W, ...])` for completions over [prompt keys |
+        own keys]: a prompt key is visible when it is real (j < the prompt's length), an own key when causal;
+        with a sliding window, when within the window of the query's absolute position."""
         c = self.config
-        impl = self.attention_impl or _attention_impl(self.dtype, c.head_dim)
+        impl = self._impl()
         scale = c.head_dim**-0.5
         i_W1 = jnp.arange(W, dtype=jnp.int32)[:, None]
         j_P = jnp.arange(P, dtype=jnp.int32)[None]
-        p_len_N11 = jnp.repeat(prompt_len_B, K)[:, None, None]
+        p_len_N = jnp.repeat(prompt_len_B, K)
+        p_len_N11 = p_len_N[:, None, None]
         prompt_ok = j_P[None] < p_len_N11  # [N, 1, P]
         own_ok = jnp.arange(W, dtype=jnp.int32)[None] <= i_W1  # [W, W]
         if c.sliding_window is not None:
@@ -558,37 +660,66 @@ class Transformer(nnx.Module):
         n = prompt_ok.shape[0]
         allowed = jnp.concatenate([jnp.broadcast_to(prompt_ok, (n, W, P)),
                                    jnp.broadcast_to(own_ok[None], (n, W, W))], axis=2)[:, None]  # [N, 1, W, P+W]
-        if callable(impl):
-            return lambda q, k, v: impl(q, k, v, allowed, scale, None)
+        allowed = self._act(allowed, "batch", None, None, None)
 
-        def xla(q, k, v):
+        def keys(kp, vp, kc, vc):  # [prompt keys | own keys] per row
+            k = jnp.concatenate([_per_row(kp, K), kc], axis=1)
+            v = jnp.concatenate([_per_row(vp, K), vc], axis=1)
+            return self._act(k, "batch", None, "kv_heads", None), self._act(v, "batch", None, "kv_heads", None)
+
+        if callable(impl):
+            return lambda q, kp, vp, kc, vc: impl(q, *keys(kp, vp, kc, vc), allowed, scale, None)
+
+        def xla(q, kp, vp, kc, vc):
+            k, v = keys(kp, vp, kc, vc)
             return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
 
+        if impl == "splash":
+            window = c.sliding_window if c.sliding_window is not None and c.sliding_window < P + W else None
+            if window is None:
+                kv_valid = jnp.concatenate([j_P < p_len_N[:, None], jnp.ones((n, W), bool)], axis=1)
+                roll = None
+            else:
+                # each prompt's keys moved right so that its last real key sits in column P - 1: array distance is
+                # then position distance, and the kernel's static window applies as it is
+                kv_valid = jnp.concatenate([j_P >= P - p_len_N[:, None], jnp.ones((n, W), bool)], axis=1)
+                roll = ((j_P + prompt_len_B[:, None]) % P)[:, :, None, None]  # [B, P, 1, 1] source of each column
+
+            def splash(q, kp, vp, kc, vc):
+                if roll is not None:
+                    kp, vp = jnp.take_along_axis(kp, roll, axis=1), jnp.take_along_axis(vp, roll, axis=1)
+                k, v = keys(kp, vp, kc, vc)
+                return self._splash(q, k, v, kv_valid, P, window, scale)
+
+            return splash
         if impl != "cudnn":
             return xla
         explicit = self.attention_impl == "cudnn"
 
-        def attend(q, k, v):
-            try:  # cuDNN flash attention with the mask as an additive bias
-                return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="cudnn")
+        def cudnn(q, k, v, mask):  # cuDNN flash attention with the mask as an additive bias
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+
+        def attend(q, kp, vp, kc, vc):
+            k, v = keys(kp, vp, kc, vc)
+            try:
+                return self._per_device(cudnn, q, k, v, allowed, heads=(True, True, True, False))
             except (NotImplementedError, ValueError, RuntimeError) as e:
                 if explicit:
                     raise
                 record_attention_fallback(f"prompt-prefix attention: {type(e).__name__}: {e}", q_shape=q.shape,
                                           dtype=q.dtype)
-                return xla(q, k, v)
+                return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
 
         return attend
 
-    @staticmethod
-    def _xla_attention(mask_BT, T, window, scale):
+    def _xla_attention(self, mask_BT, T, window, scale):
         idx = jnp.arange(T)
         allowed_TS = idx[None, :] <= idx[:, None]
         if window is not None:
             allowed_TS &= idx[:, None] - idx[None, :] < window
         allowed = allowed_TS[None, None]
         if mask_BT is not None:
-            allowed = allowed & mask_BT[:, None, None, :]
+            allowed = self._act(allowed & mask_BT[:, None, None, :], "batch", None, None, None)
 
         def attend(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
@@ -597,34 +728,40 @@ class Transformer(nnx.Module):
 
     def _qkv(self, p, x_BTD, cos, sin):
         c, dt = self.config, self.dtype
-        h = rms_norm(x_BTD, p["attn_norm"], c.rms_norm_eps, dt)
-        q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", h, p["k_proj"].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"].astype(dt))
+        w = lambda name: self._weight(p, name)
+        h = rms_norm(x_BTD, w("attn_norm"), c.rms_norm_eps, dt)
+        q = jnp.einsum("btd,dnh->btnh", h, w("q_proj"))
+        k = jnp.einsum("btd,dkh->btkh", h, w("k_proj"))
+        v = jnp.einsum("btd,dkh->btkh", h, w("v_proj"))
         if c.attention_bias:
-            q = q + p["q_bias"].astype(dt)
-            k = k + p["k_bias"].astype(dt)
-            v = v + p["v_bias"].astype(dt)
-        return (checkpoint_name(apply_rope(q, cos, sin), "q"), checkpoint_name(apply_rope(k, cos, sin), "k"),
-                checkpoint_name(v, "v"))
+            q = q + w("q_bias")
+            k = k + w("k_bias")
+            v = v + w("v_bias")
+        q = self._act(apply_rope(q, cos, sin), "batch", None, "heads", None)
+        k = self._act(apply_rope(k, cos, sin), "batch", None, "kv_heads", None)
+        v = self._act(v, "batch", None, "kv_heads", None)
+        return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
 
     def _out_and_mlp(self, p, x_BTD, attn_BTNH):
         c, dt = self.config, self.dtype
-        o = jnp.einsum("btnh,nhd->btd", attn_BTNH.astype(dt), p["o_proj"].astype(dt))
+        w = lambda name: self._weight(p, name)
+        attn_BTNH = self._act(attn_BTNH.astype(dt), "batch", None, "heads", None)
+        o = jnp.einsum("btnh,nhd->btd", attn_BTNH, w("o_proj"))
         if c.attention_bias:
-            o = o + p["o_bias"].astype(dt)
-        x_BTD = checkpoint_name(x_BTD + o, "x_mid")
-        h = rms_norm(x_BTD, p["mlp_norm"], c.rms_norm_eps, dt)
-        gate = jnp.einsum("btd,df->btf", h, p["gate_proj"].astype(dt))
-        up = jnp.einsum("btd,df->btf", h, p["up_proj"].astype(dt))
+            o = o + w("o_bias")
+        x_BTD = checkpoint_name(self._act(x_BTD + o, "batch", None, None), "x_mid")
+        h = rms_norm(x_BTD, w("mlp_norm"), c.rms_norm_eps, dt)
+        gate = jnp.einsum("btd,df->btf", h, w("gate_proj"))
+        up = jnp.einsum("btd,df->btf", h, w("up_proj"))
         if c.mlp_bias:
-            gate = gate + p["gate_bias"].astype(dt)
-            up = up + p["up_bias"].astype(dt)
-        gate, up = checkpoint_name(gate, "gate"), checkpoint_name(up, "up")
-        down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"].astype(dt))
+            gate = gate + w("gate_bias")
+            up = up + w("up_bias")
+        gate = checkpoint_name(self._act(gate, "batch", None, "mlp"), "gate")
+        up = checkpoint_name(self._act(up, "batch", None, "mlp"), "up")
+        down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down_proj"))
         if c.mlp_bias:
-            down = down + p["down_bias"].astype(dt)
-        return x_BTD + down
+            down = down + w("down_bias")
+        return self._act(x_BTD + down, "batch", None, None)
 
 
 def logical_axes(model: nnx.Module):

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from mcpo_jax.sharding import DEFAULT_RULES, logical_to_sharding
+from mcpo_jax.sharding import DEFAULT_RULES, logical_to_sharding, model_layout
 
 from .config import ModelConfig, load_config
 from .decoder import Transformer, logical_axes
@@ -363,7 +363,8 @@ def from_pretrained(
     files = checkpoint_files(folder)
 
     abstract = nnx.eval_shape(
-        lambda: Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
+        lambda: Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
+                            layout=model_layout(mesh, rules))
     )
     graphdef, abstract_state = nnx.split(abstract)
     flat_axes = dict(nnx.to_flat_state(logical_axes(abstract)))

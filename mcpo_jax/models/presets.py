@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcpo_jax.sharding import DEFAULT_RULES, tree_shardings
+from mcpo_jax.sharding import DEFAULT_RULES, model_layout, tree_shardings
 
 from .config import ModelConfig
 from .decoder import Transformer, logical_axes
@@ -83,7 +83,8 @@ def _creator(config, dtype, param_dtype, remat, attention_impl, mesh, rules):
 
     def make(seed):
         return Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           attention_impl=attention_impl, rngs=nnx.Rngs(jax.random.key(seed)))
+                           attention_impl=attention_impl, layout=model_layout(mesh, rules),
+                           rngs=nnx.Rngs(jax.random.key(seed)))
 
     abstract = nnx.eval_shape(lambda: make(0))
     graphdef, abstract_state = nnx.split(abstract)

@@ -47,6 +47,9 @@ class TrainProgram:
                  mesh, rules=shd.DEFAULT_RULES, axes=None, with_reference: bool | None = None,
                  donate: bool = True, batch_axis: int = 1):
         self.cfg, self.tx, self.schedule, self.mesh = cfg, tx, schedule, mesh
+        layout = shd.model_layout(mesh, rules)
+        if getattr(model, "layout", layout) != layout:  # the activations' placement follows the program's mesh
+            model.layout = layout
         self.graphdef, params, self.rest = state_lib.split_model(model)
         self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
         self.rules = rules
