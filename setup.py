@@ -35,6 +35,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mcpo_jax", "mcpo_jax.*"]),
     include_package_data=True,
+    # XLA's GPU target specs for deviceless compilation (mcpo_jax.targets); listed here, they go into the
+    # wheel and the sdist without a MANIFEST.in.
+    package_data={"mcpo_jax": ["aot/*.txtpb", "aot/README.md"]},
     install_requires=RUNTIME,
     extras_require={
         # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
@@ -43,6 +46,12 @@ setup(
         "notebook": ["notebook>=7", "jupyter>=1.0", "ipykernel>=6.29"],
         "cuda": ["jax[cuda13]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2", "gcsfs"],  # gcsfs: the gs:// backend of etils.epath (orbax)
+        # Deviceless compilation on a CPU host (mcpo_jax.targets): libtpu for the TPU targets, the CUDA plugin
+        # for the GPU ones. jax[cuda12] and jax[cuda13] both compiled the same HLO for h100 here (cuDNN attention
+        # included, no GPU); cuda13 is the `cuda` extra's plugin, so one environment serves both (with both
+        # plugins installed, jax reports "ALREADY_EXISTS: PJRT_Api already exists for device type cuda").
+        "aot-tpu": ["jax[tpu]==0.10.2"],
+        "aot-gpu": ["jax[cuda13]==0.10.2"],
     },
     entry_points={"console_scripts": ["mcpo-train=mcpo_jax.train:main"]},
 )
