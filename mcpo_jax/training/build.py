@@ -19,16 +19,22 @@ log = logging.getLogger("mcpo_jax.train")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def model_remat(model_cfg):
+    """The model's remat setting; under "auto" the train program chooses (`TrainProgram(remat="auto")`), and every
+    other program (generation, reference log-probs) runs no backward."""
+    return "minimal" if model_cfg.remat == "auto" else model_cfg.remat
+
+
 def build_model(model_cfg, mesh, rules, *, path: str | None = None):
     """The policy: `path` (or model.path) loaded from a Hugging Face folder / hub id, else the preset, random."""
     dtype, param_dtype = DTYPES[model_cfg.dtype], DTYPES[model_cfg.param_dtype]
     path = model_cfg.path if path is None else path
     if path:
         return models.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                                      remat=model_cfg.remat)
+                                      remat=model_remat(model_cfg))
     config = models.preset_config(model_cfg.preset, **model_cfg.overrides.to_dict())
     return models.init_random(config, dtype=dtype, param_dtype=param_dtype, seed=int(model_cfg.seed), mesh=mesh,
-                              rules=rules, remat=model_cfg.remat)
+                              rules=rules, remat=model_remat(model_cfg))
 
 
 def build_tokenizer(config, *, model_path: str = ""):

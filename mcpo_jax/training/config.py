@@ -26,8 +26,8 @@ FREE_FORM = ("model.overrides", "data.options", "loss_hparams", "sharding_rules"
 # (anything else differing from the saved config.json is refused unless resume_policy says otherwise).
 RERUN_FREE = ("name", "log_every", "eval_every", "eval_batches", "progress_bar", "tensorboard", "export_hf",
               "checkpoint", "debug", "final_eval", "mesh", "sharding_rules", "data.worker_count",
-              "data.cache_dir", "reference_cache_dir", "resume_policy", "model.remat", "logprob_chunk_size",
-              "share_prompt", "reuse_prompt_encoding", "compilation_cache_dir")
+              "data.cache_dir", "reference_cache_dir", "resume_policy", "model.remat", "model.memory_budget_gb",
+              "logprob_chunk_size", "share_prompt", "reuse_prompt_encoding", "compilation_cache_dir")
 RESUME_POLICIES = ("refuse", "restart")
 JUDGE_KINDS = ("oracle", "rule", "llm", "reward")
 
@@ -49,7 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.seed = 0
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # storage of params and optimizer state
-    c.model.remat = False  # False / True / a policy name from models.REMAT_POLICIES
+    # False / True / a policy name from models.REMAT_POLICIES / "auto": the first of "minimal", "minimal_offload"
+    # (GPU / TPU), True whose compiled train step fits the device's memory (or memory_budget_gb)
+    c.model.remat = ml_collections.FieldReference(False, field_type=object)  # a bool or a name (from the CLI too)
+    c.model.memory_budget_gb = 0.0  # remat="auto": GB one program may use per device; 0 = the device's own limit
     c.tokenizer = ""  # "" = model.path; or a folder / hub id; "synthetic" = data.synthetic.make_tokenizer()
 
     # Data (Sec. 5.1): Nectar, rank 1 = y0, rank 2 dropped, 5 candidates.
@@ -348,6 +351,12 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     _check_model_path("reference_path", config.reference_path, errors)
     if config.model.preset and config.model.preset not in models.PRESETS:
         errors.append(f"model.preset={config.model.preset!r} is unknown; known: {sorted(models.PRESETS)}")
+    remat = config.model.remat
+    if not (remat is False or remat is True or remat == "auto" or remat in models.REMAT_POLICIES):
+        errors.append(f"model.remat={remat!r}: use false, true, 'auto' or one of {sorted(models.REMAT_POLICIES)}")
+    if float(config.model.memory_budget_gb) < 0:
+        errors.append(f"model.memory_budget_gb must be >= 0 (0 = the device's own limit), got "
+                      f"{config.model.memory_budget_gb}")
     for key in ("dtype", "param_dtype"):
         if config.model[key] not in DTYPES:
             errors.append(f"model.{key}={config.model[key]!r}: use one of {', '.join(DTYPES)}")

@@ -89,7 +89,10 @@ class Trainer:
             warmup_ratio=float(opt.warmup_ratio), decay=opt.decay, weight_decay=float(opt.weight_decay),
             b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), max_grad_norm=float(opt.max_grad_norm))
         # model -> shardings -> state -> compiled step (one per batch shape), built in one place
-        self.program = TrainProgram(model, self.step_cfg, tx, schedule, mesh=self.mesh, rules=self.rules)
+        budget = float(config.model.memory_budget_gb)
+        self.program = TrainProgram(model, self.step_cfg, tx, schedule, mesh=self.mesh, rules=self.rules,
+                                    remat="auto" if config.model.remat == "auto" else None,
+                                    memory_budget=int(budget * 1e9) if budget > 0 else None)
         self.graphdef, self.rest, self.param_shardings = (self.program.graphdef, self.program.rest,
                                                           self.program.param_shardings)
         del model
