@@ -342,14 +342,14 @@ def batch_shapes(variant: str, *, prompts: int, candidates: int, seq: int) -> di
                                      precomputed_ref=variant.endswith("precomputed_ref"))
 
 
-def abstract_model(config, args):
-    """The model as shapes only; on a CPU attention is the audit's opaque stand-in (cuDNN's residuals, FLOPs
-    by formula), on a GPU the real cuDNN call."""
+def abstract_model(config, args, platform: str = "cpu"):
+    """The model as shapes only; for a CPU target attention is the audit's opaque stand-in (cuDNN's residuals,
+    FLOPs by formula), for a GPU or TPU target the real kernel the model picks there (cuDNN, Pallas splash)."""
     from flax import nnx
 
     from mcpo_jax import models
 
-    impl = audit.opaque_attention if jax.default_backend() == "cpu" else None
+    impl = audit.opaque_attention if platform == "cpu" else None
     dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
     return nnx.eval_shape(lambda: models.Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
                                                      attention_impl=impl, rngs=nnx.Rngs(0)))
@@ -357,13 +357,18 @@ def abstract_model(config, args):
 
 def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=print) -> list[dict[str, Any]]:
     """Compile each variant's train step from abstract shapes and read the program (`mcpo_jax.audit`)."""
-    from mcpo_jax import sharding
+    from mcpo_jax import sharding, targets
     from mcpo_jax.training import program as program_lib
     from mcpo_jax.training import step as step_lib
 
-    model = abstract_model(config, args)
+    target = targets.get(args.target)
+    devices = targets.devices(target)
+    model = abstract_model(config, args, target.platform)
     saved = audit.saved_bytes_per_token_per_layer(model)
-    mesh = sharding.make_mesh(1, -1, 1)
+    mesh = sharding.make_mesh(1, -1, 1, devices=devices)
+    if target.platform != "cpu":
+        log(f"# target {target.name}: {len(devices)} x {target.device_kind}, mesh fsdp={len(devices)}; "
+            f"{target.usable_bytes / 1e9:.1f} GB usable per device")
     tx, schedule = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
                                            decay="constant")
     seq = args.prompt_len + args.completion_len
@@ -377,20 +382,39 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
                           reuse_prompt=args.reuse_prompt)
         program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
         t0 = time.perf_counter()
-        compiled = program.lower(program.abstract_batch(
-            batch_shapes(variant, prompts=args.prompts, candidates=args.candidates, seq=seq))).compile()
+        try:
+            compiled = program.lower(program.abstract_batch(
+                batch_shapes(variant, prompts=args.prompts, candidates=args.candidates, seq=seq))).compile()
+        except Exception as e:  # noqa: BLE001 - a TPU compiler refusing the program for its size: a row that says so
+            if not program_lib.is_out_of_memory(e):
+                raise
+            rows.append({"model": args.model, "step": variant, "target": target.name, "devices": len(devices),
+                         "hbm_gb": target.hbm_bytes / 1e9, "usable_gb": target.usable_bytes / 1e9, "fits": False,
+                         "error": program_lib.first_line(e)})
+            log(f"{args.model:11s} {variant:21s} does not fit on {target.name}: {rows[-1]['error']}")
+            continue
         compile_s = time.perf_counter() - t0
         report = audit.hlo_report(compiled.as_text(), num_layers=shapes.num_hidden_layers,
                                   vocab_size=shapes.vocab_size)
+        # the SPMD program is one device's: the step's FLOPs are every device's (replicated work shows as excess)
+        report["hlo_flops_per_device"] = report["hlo_flops"]
+        report["hlo_flops"] *= len(devices)
         negatives = 1 if variant.startswith("dpo") else args.negatives
         work = executed_work(variant, cfg, prompts=args.prompts, candidates=args.candidates,
                              prompt_len=args.prompt_len, completion_len=args.completion_len)
         anchor = variant_work(variant, prompts=args.prompts, candidates=args.candidates, negatives=negatives, seq=seq)
         row = audit.summarize(report, formula_flops=work.flops(shapes), anchor_flops=anchor.flops(shapes))
-        row.update(model=args.model, step=variant, compile_s=compile_s, compiled_mem=audit.memory_report(compiled),
-                   saved_bytes_per_token_per_layer=saved["bytes_per_token"], executed_work=dataclasses.asdict(work))
+        memory = audit.memory_report(compiled)
+        row.update(model=args.model, step=variant, compile_s=compile_s, compiled_mem=memory,
+                   saved_bytes_per_token_per_layer=saved["bytes_per_token"], executed_work=dataclasses.asdict(work),
+                   target=target.name, devices=len(devices))
+        if memory is not None:
+            row["per_device"] = {k: memory[k] for k in ("arguments_gb", "temp_gb", "total_gb")}
+        if target.hbm_bytes is not None:
+            row.update(hbm_gb=target.hbm_bytes / 1e9, usable_gb=target.usable_bytes / 1e9,
+                       fits=memory is not None and memory["total_gb"] * 1e9 <= target.usable_bytes)
         fallbacks = audit_fallbacks()
-        if jax.default_backend() == "gpu" and args.dtype in ("bf16", "bfloat16") and (
+        if target.platform == "gpu" and args.dtype in ("bf16", "bfloat16") and (
                 fallbacks or not report["attention"]["cudnn_calls"]):
             row["error"] = ("attention fell back to XLA: " + "; ".join(f["reason"] for f in fallbacks) if fallbacks
                             else "no cuDNN attention call in the GPU program (attention fell back to XLA)")
@@ -411,6 +435,9 @@ def format_audit(rows: Sequence[dict]) -> str:
     lines = [f"{'model':11s} {'step':21s} {'HLO FLOPs':>10s} {'formula':>10s} {'ratio':>6s} {'anchor':>10s} "
              f"{'GB':>6s} {'passes':>6s} {'attn f/b':>8s}  largest vocab buffer"]
     for r in rows:
+        if "hlo_flops" not in r:  # refused by the compiler
+            lines.append(f"{r['model']:11s} {r['step']:21s} ERROR {r.get('error', '')}")
+            continue
         vb = r["vocab_buffers"][0] if r["vocab_buffers"] else None
         mem = (r.get("compiled_mem") or {}).get("total_gb")
         lines.append(
@@ -418,6 +445,8 @@ def format_audit(rows: Sequence[dict]) -> str:
             f"{r['hlo_over_formula']:6.3f} {r['anchor_flops']:10.4g} {_num(mem, '.1f', 6)} {r['layer_passes']:6d} "
             f"{r['attention']['forward_calls']:>3d}/{r['attention']['backward_calls']:<4d}  "
             + (f"{vb['dtype']}{vb['shape']} {vb['gb']:.2f} GB" if vb else "-")
+            + (f"  {'fits' if r['fits'] else 'DOES NOT FIT'} ({r['usable_gb']:.1f} GB usable)" if "fits" in r
+               else "")
             + (f"  ERROR {r['error']}" if "error" in r else ""))
     return "\n".join(lines)
 
@@ -602,6 +631,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-only", action="store_true",
                    help="compile each variant from abstract shapes (no parameter allocated, runs on a CPU at the real "
                         "shapes) and print the program audit: HLO FLOPs, formula FLOPs, memory, passes, buffers")
+    p.add_argument("--target", default="cpu",
+                   help="--compile-only: the devices to compile for, from this host (mcpo_jax.targets: h100, h200, "
+                        "h100x8, h200x8, tpu-v5e-4, tpu-v5e-8, tpu-v4-8, tpu-v5p-8, tpu-v5p-16, tpu-v5p-64, tpu-v6e-4, "
+                        "tpu-v6e-8); rows gain per-device memory against the target's HBM. Default cpu: the CPU audit")
     p.add_argument("--compare", nargs="+", metavar=("ANCHOR_JSON", "BENCH_JSON"), default=None,
                    help="only print the side-by-side table of the anchor's JSON and bench JSONs, then exit")
     args = p.parse_args(argv)
@@ -669,8 +702,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         benches = [json.load(open(p)) for p in args.compare[1:]]
         print(format_comparison(anchor, benches))
         return None
+    if args.target != "cpu" and not args.compile_only:
+        raise SystemExit("--target needs --compile-only (a timed run measures the devices it runs on)")
     if args.compile_only:
-        audit.cpu_audit_flags()  # before the backend starts: see mcpo_jax.audit
+        from mcpo_jax import targets
+
+        try:
+            target = targets.get(args.target)
+        except targets.TargetError as e:
+            raise SystemExit(f"error: {e}") from None
+        if target.platform == "cpu":
+            audit.cpu_audit_flags()  # before the backend starts: see mcpo_jax.audit (a CPU pass, CPU targets only)
+        elif not targets.prepare_environment(target):
+            raise SystemExit(f"error: compile target {target.name}: jax already started on another platform")
     elif args.model == "tiny" and _cpu_only_jax() and "XLA_FLAGS" not in os.environ:
         # a smoke run on a CPU: XLA's cheap CPU code generation halves the compile times, which dominate
         os.environ["XLA_FLAGS"] = FAST_CPU_COMPILE
@@ -715,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         save()
 
     if args.compile_only:
-        print(f"# compile-only audit ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
+        print(f"# compile-only audit for target {args.target} (host backend {jax.default_backend()}, "
+              f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
         rows = compile_only(args, config, shapes, variants)
         result["runs"] = rows
         save()

@@ -1,10 +1,13 @@
 """CLI: python -m mcpo_jax.train --config configs/X.py[:variant] --workdir DIR [--config.a.b=value ...]
+     python -m mcpo_jax.train --config configs/X.py[:variant] --compile-only --target T [--config.a.b=value ...]
 
-Parses the config and calls `mcpo_jax.pipeline.run`; nothing else lives here.
+Parses the config and calls `mcpo_jax.pipeline.run` (or, with --compile-only, `mcpo_jax.compile_only.check`:
+the run's programs compiled for target T from this host, no weights read, nothing written); nothing else lives here.
 Exit status: 0 when the run completed, or was interrupted by SIGTERM/SIGINT (after saving; the message says how
-to resume); 2 for a problem the user can fix (config, data, missing model or tokenizer, a changed config on an
-existing workdir), reported as one message before anything compiles where it can be checked; 3 when the loss
-became NaN/Inf; 130 on a second Ctrl-C (exits at once).
+to resume), or every compiled program fits; 2 for a problem the user can fix (config, data, missing model or
+tokenizer, a changed config on an existing workdir, a program that does not fit the target), reported as one
+message before anything compiles where it can be checked; 3 when the loss became NaN/Inf; 130 on a second Ctrl-C
+(exits at once).
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ _HELPCONFIG = flags.DEFINE_bool("helpconfig", False, "Print every config key wit
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile-only", False, "Compile the run's programs for --target from this host "
+                                  "(no weights read, no workdir) and report per-device memory against the target's "
+                                  "HBM, FLOPs and collectives; exit 0 when every program fits, 2 when one does not.")
+_TARGET = flags.DEFINE_string("target", "cpu", "--compile-only: h100, h200, h100x8, h200x8, tpu-v5e-4, tpu-v5e-8, "
+                              "tpu-v4-8, tpu-v5p-8, tpu-v5p-16, tpu-v5p-64, tpu-v6e-4, tpu-v6e-8, or cpu (this host; "
+                              "TPU targets need pip install -e '.[aot-tpu]', GPU targets '.[aot-gpu]').")
 
 
 def _user_errors():
@@ -44,6 +53,8 @@ def _main(argv):
 
         print(_CONFIG.value or base_config())
         return 0
+    if _CONFIG.value is not None and _COMPILE_ONLY.value:
+        return _compile_only(_CONFIG.value, _TARGET.value)
     if _CONFIG.value is None or not _WORKDIR.value:
         print("error: --config and --workdir are required (python -m mcpo_jax.train --config configs/demo.py "
               "--workdir /tmp/demo)", file=sys.stderr)
@@ -79,6 +90,32 @@ def _main(argv):
     if summary.get("status") == "interrupted":
         print(summary["message"], flush=True)
     return 0
+
+
+def _compile_only(config, target_name: str) -> int:
+    """--compile-only --target T: every program of the run compiled for T; 0 when all fit, 2 when one does not."""
+    import logging
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from mcpo_jax import compile_only, targets
+
+    try:
+        target = targets.get(target_name)
+        targets.prepare_environment(target)
+        print(compile_only.header(target, config), flush=True)
+        print(compile_only.COLUMNS, flush=True)
+        checks = compile_only.check(config, target, log_fn=lambda msg: print(msg, flush=True)
+                                    if not msg.startswith("compiling ") else None)
+    except _user_errors() + (targets.TargetError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for c in checks:
+        print(compile_only.format_collectives(c))
+        if c.note:
+            print(f"{c.name}: {c.note}")
+    status, line = compile_only.summary(checks, target)
+    print(line if status == 0 else f"error: {line}", file=sys.stdout if status == 0 else sys.stderr, flush=True)
+    return status
 
 
 def _exit(code: int) -> int:

@@ -167,6 +167,24 @@ def _place_like_params(state, batch: int, *arrays):
     return tuple(out)
 
 
+def lower_generate(graphdef, abstract_state, mesh, *, batch_size: int, prompt_len: int, max_new_tokens: int,
+                   use_filter: bool = False):
+    """The sampler's program (`generate`'s) lowered from shapes: `abstract_state` holds the model's parameters as
+    ShapeDtypeStructs with their shardings on `mesh`; the inputs are placed as `generate` places them (split over the
+    batch axes when `batch_size` divides, else replicated). Nothing is allocated (the compile-only check)."""
+    split = shd.data_parallel_size(mesh)
+    rows = shd.batch_sharding(mesh, 1) if split > 1 and batch_size % split == 0 else shd.replicated(mesh)
+    rows2 = shd.batch_sharding(mesh, 2) if split > 1 and batch_size % split == 0 else shd.replicated(mesh)
+    sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return _generate_jit.lower(
+        graphdef, abstract_state, sds((batch_size, prompt_len), jnp.int32, rows2),
+        sds((batch_size, prompt_len), jnp.int32, rows2), sds(key.shape, key.dtype, shd.replicated(mesh)),
+        sds((batch_size,), jnp.float32, rows), sds((batch_size,), jnp.int32, rows),
+        sds((batch_size,), jnp.float32, rows), sds((MAX_EOS_IDS,), jnp.int32, shd.replicated(mesh)),
+        max_new_tokens=int(max_new_tokens), use_filter=bool(use_filter))
+
+
 def to_host(x) -> np.ndarray:
     """A numpy copy of a generation result, gathered across processes when it spans several hosts."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
