@@ -59,6 +59,7 @@ class ProgramCheck:
     formula_flops: float | None = None
     unknown_loops: int = 0
     collectives: dict | None = None  # kind -> {"count", "bytes"}
+    attention: dict | None = None  # fused-attention calls: cudnn_calls, pallas_calls, forward/backward calls
     note: str = ""
 
     @property
@@ -174,6 +175,7 @@ class _Run:
         check.hlo_flops = report["hlo_flops"] * len(self.devices)  # one device's SPMD program, on every device
         check.unknown_loops = len(report.get("unknown_loops") or [])
         check.collectives = report["collectives"]["by_kind"]
+        check.attention = {k: v for k, v in report["attention"].items() if k.endswith("calls")}
         if work is not None:
             check.formula_flops = work
         return check

@@ -97,6 +97,7 @@ def _compile_only(config, target_name: str) -> int:
     import logging
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    logging.getLogger("mcpo_jax").setLevel(logging.WARNING)  # the report below says what the programs' logs would
     from mcpo_jax import compile_only, targets
 
     try:

@@ -19,7 +19,7 @@ FLOORS = (  # (floor name, module prefixes); a module belongs to the floor of it
                                    "mcpo_jax.evaluate")),
     ("training", ("mcpo_jax.training",)),
     ("online segments", ("mcpo_jax.online.onmcpo",)),
-    ("pipeline", ("mcpo_jax.pipeline",)),
+    ("pipeline", ("mcpo_jax.pipeline", "mcpo_jax.compile_only")),
     ("faces", ("mcpo_jax.train", "mcpo_jax.bench", "mcpo_jax.experiments")),
 )
 
