@@ -282,41 +282,35 @@ if __name__ == "__main__":
 
 
 def test_the_model_through_splash_equals_xla_attention():
-    """The decoder on TPU attention (splash, interpret mode here): the trunk and the shared-prompt layout give the
-    XLA path's hidden states and parameter gradients, with a sliding window shorter than the rows (the prompt's
-    keys moved so that array distance is position distance) and GQA."""
+    """The decoder on TPU attention (splash, interpret mode here) in the shared-prompt layout (the prompt's own
+    causal attention, the completions' over [prompt keys | own keys]): the XLA path's hidden states and parameter
+    gradients, with a sliding window shorter than the rows (the prompt's keys moved so that array distance is
+    position distance) and GQA."""
     from flax import nnx
 
     from mcpo_jax import models
 
     config = models.ModelConfig(model_type="mistral", vocab_size=48, hidden_size=32, intermediate_size=48,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                 max_position_embeddings=64, rms_norm_eps=1e-5, sliding_window=5)
     rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1, 48, (2, 9)), jnp.int32)
-    mask = jnp.asarray(right_padded([9, 6], 9), jnp.int32)
     prompt = (jnp.asarray(rng.integers(1, 48, (2, 4)), jnp.int32), jnp.asarray([4, 2]))
     completions = (jnp.asarray(rng.integers(1, 48, (2, 2, 5)), jnp.int32), jnp.asarray([[5, 3], [2, 5]]))
+    real_p = (np.arange(4)[None] < np.asarray(prompt[1])[:, None])[..., None]
+    real_c = (np.arange(5)[None, None] < np.asarray(completions[1])[..., None])[..., None]
 
     def run(impl):
-        model = models.Transformer(config, attention_impl=impl, rngs=nnx.Rngs(1))
-        graphdef, params = nnx.split(model)
+        graphdef, params = nnx.split(models.Transformer(config, attention_impl=impl, rngs=nnx.Rngs(1)))
 
         def loss(p):
-            m = nnx.merge(graphdef, p)
-            h_trunk = m.hidden_states(ids, mask) * mask[..., None]
-            h_p, h_c = m.prefix_hidden_states(*prompt, *completions)
-            real_c = np.arange(5)[None, None] < np.asarray(completions[1])[..., None]
-            h_c = h_c * real_c[..., None]
-            h_p = h_p * (np.arange(4)[None] < np.asarray(prompt[1])[:, None])[..., None]
-            return jnp.sum(jnp.sin(h_trunk)) + jnp.sum(jnp.sin(h_c)) + jnp.sum(jnp.sin(h_p)), (h_trunk, h_c)
+            h_p, h_c = nnx.merge(graphdef, p).prefix_hidden_states(*prompt, *completions)
+            h_p, h_c = h_p * real_p, h_c * real_c
+            return jnp.sum(jnp.sin(h_p)) + jnp.sum(jnp.sin(h_c)), (h_p, h_c)
 
-        (value, hidden), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return value, hidden, grads
+        return jax.value_and_grad(loss, has_aux=True)(params)
 
-    got, want = run("splash"), run("xla")
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-    for a, b in zip(got[1], want[1]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    (got, got_hidden), got_grads = run("splash")
+    (want, want_hidden), want_grads = run("xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_hidden + tuple(jax.tree.leaves(got_grads)), want_hidden + tuple(jax.tree.leaves(want_grads))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
