@@ -43,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.path = "allenai/Llama-3.1-Tulu-3-8B-SFT"
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # weights and AdamW moments; "bfloat16" halves memory
-    c.model.remat = True  # recompute each layer in the backward pass (1 + L = 6 sequences of 1024 tokens)
+    # the cheapest remat whose train step fits the device (no recomputation; MLP tensors on the host; every layer
+    # recomputed), chosen when the step compiles: python -m mcpo_jax.train ... --compile-only --target T shows it
+    c.model.remat = "auto"
     c.tokenizer = ""  # the model's own tokenizer and chat template
 
     # Sec. 5.1: Nectar, 7 ranked answers per prompt; rank 1 = y0, rank 2 removed, 5 candidates remain.

@@ -173,7 +173,7 @@ class _Run:
         c = self.model_config
         report = audit.hlo_report(compiled.as_text(), num_layers=c.num_hidden_layers, vocab_size=c.vocab_size)
         check.hlo_flops = report["hlo_flops"] * len(self.devices)  # one device's SPMD program, on every device
-        check.unknown_loops = len(report.get("unknown_loops") or [])
+        check.unknown_loops = int(report.get("unknown_loops") or 0)
         check.collectives = report["collectives"]["by_kind"]
         check.attention = {k: v for k, v in report["attention"].items() if k.endswith("calls")}
         if work is not None:
@@ -279,7 +279,7 @@ class _Run:
     def generation(self, config) -> ProgramCheck:
         from flax import nnx
 
-        from mcpo_jax.online import generate
+        from mcpo_jax.online.generate import lower_generate
         from mcpo_jax.training import program as program_lib
         from mcpo_jax.training import state as state_lib
         from mcpo_jax.training import step as step_lib
@@ -300,11 +300,14 @@ class _Run:
         prompt_len = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
         new = int(o.max_new_tokens)
         check = ProgramCheck("generation", f"{batch} rows x {prompt_len} prompt tokens + {new} new tokens "
-                             f"(KV cache {prompt_len + new})", resident_gb=resident / 1e9)
+                             f"(KV cache {prompt_len + new}; weights "
+                             f"{'gathered once per call' if o.gather_weights else 'gathered per layer and token'})",
+                             resident_gb=resident / 1e9)
         t0 = time.perf_counter()
         try:
-            compiled = generate.lower_generate(graphdef, params, self.mesh, batch_size=batch, prompt_len=prompt_len,
-                                               max_new_tokens=new, use_filter=float(o.top_p) < 1).compile()
+            compiled = lower_generate(graphdef, params, self.mesh, batch_size=batch, prompt_len=prompt_len,
+                                      max_new_tokens=new, use_filter=float(o.top_p) < 1,
+                                      gather_weights=bool(o.gather_weights)).compile()
         except Exception as e:  # noqa: BLE001
             return self.refused(check, e)
         check = self.finish(check, compiled, compile_s=time.perf_counter() - t0)

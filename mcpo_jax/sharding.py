@@ -206,6 +206,9 @@ class Layout:
         `GATHERED_WEIGHT` so that no remat policy saves it."""
         if self.trivial:
             return w
+        # The barrier pins the all-gather after the cast to the compute dtype: XLA otherwise moves a float32
+        # master weight's cast past the all-gather, moving (and holding) twice the bytes.
+        w = jax.lax.optimization_barrier(w)
         w = jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, self.weight_spec(axes, w.shape)))
         return checkpoint_name(w, GATHERED_WEIGHT)
 

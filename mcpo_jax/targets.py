@@ -102,11 +102,58 @@ _PLUGINS = {"tpu": ("libtpu",), "gpu": ("jax_cuda13_plugin", "jax_cuda12_plugin"
 _PLUGIN_WHAT = {"tpu": "libtpu", "gpu": "the JAX CUDA plugin"}
 
 
+# Any slice size by name, beyond the registry (the launchers' accelerator types): per TPU generation, the slice's
+# topology for its chip count (chips_per_host_bounds as Cloud TPU builds them: one 8-chip host for v5e-8 / v6e-8,
+# 4-chip hosts in larger slices) and the usable bytes of the registry's entries less 64 KiB (multi-host slices
+# measured up to 14 KB below single-host ones); for GPUs, N devices on ceil(N / 8) hosts of 8.
+_TPU_GENERATIONS = {  # name prefix: (topology prefix, device kind, megacore, hbm, usable, tflops)
+    "v5e": ("v5e", "TPU v5 lite", False, 16 * GiB, 16_909_293_568 - 64 * 1024, 197.0),
+    "v6e": ("v6e", "TPU v6 lite", False, 32 * GiB, 33_550_185_472 - 64 * 1024, 918.0),
+    "v5p": ("v5", "TPU v5", True, 96 * GiB, 102_803_365_888 - 64 * 1024, 459.0),
+    "v4": ("v4", "TPU v4", True, 32 * GiB, 33_014_376_448 - 64 * 1024, 275.0),
+}
+_TWO_D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_THREE_D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+            512: "8x8x8"}
+
+
+def _parse(name: str) -> Target | None:
+    """A target for a slice or node size the registry does not list: tpu-v5e-16 (tpu-v5litepod-16), tpu-v6e-64,
+    tpu-v5p-32 (cores), tpu-v4-16 (cores), h100x16, h200x32 (GPUs)."""
+    import re
+
+    m = re.fullmatch(r"(h100|h200)x(\d+)", name)
+    if m:
+        base = TARGETS[m.group(1)]
+        n = int(m.group(2))
+        hosts = -(-n // 8)
+        if n < 1 or (hosts > 1 and n % 8):
+            return None
+        return dataclasses.replace(base, name=name, num_devices=n, topology=f"1x{hosts}x{min(n, 8)}")
+    m = re.fullmatch(r"tpu-(v5e|v5litepod|v6e|v5p|v4)-(\d+)", name)
+    if not m:
+        return None
+    gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+    prefix, kind, megacore, hbm, usable, tflops = _TPU_GENERATIONS[gen]
+    count = int(m.group(2))
+    chips = count // 2 if megacore else count  # v5p-N and v4-N count TensorCores, two per chip
+    shape = (_THREE_D if megacore else _TWO_D).get(chips)
+    if shape is None or (megacore and count % 2):
+        return None
+    hosts = (2, 4, 1) if chips == 8 and not megacore else (1, 1, 1) if chips == 1 else (2, 2, 1)
+    return _tpu(f"tpu-{gen}-{count}", kind, f"{prefix}:{shape}", chips, hbm, usable, tflops, megacore=megacore,
+                hosts=hosts)
+
+
 def get(name: str) -> Target:
-    try:
+    """A registered target, or one named by its slice / node size (`_parse`)."""
+    if name in TARGETS:
         return TARGETS[name]
-    except KeyError:
-        raise TargetError(f"unknown compile target {name!r}; known: {', '.join(TARGETS)}") from None
+    parsed = _parse(name)
+    if parsed is None:
+        raise TargetError(f"unknown compile target {name!r}; known: {', '.join(TARGETS)} (or another slice size: "
+                          "tpu-v5e-16, tpu-v6e-64, tpu-v5p-32, tpu-v4-16, h100x16, ...)")
+    return parsed
 
 
 def missing_plugin(target: Target) -> str | None:

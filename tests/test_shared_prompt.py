@@ -213,4 +213,5 @@ def test_prompt_then_completions_equal_one_scan_with_gradients(remat):
     g1 = jax.grad(lambda p: jnp.sum(one_scan(p) * w * mask))(params)
     g2 = jax.grad(lambda p: jnp.sum(two_scans(p) * w * mask))(params)
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # one scan sums each weight's gradient over both streams in one matmul, two scans add two: float32 rounding
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6 * float(np.abs(b).max()))

@@ -387,25 +387,32 @@ class Transformer(nnx.Module):
         c_pos_NW = _completion_positions(p_len_B, jnp.asarray(completion_lengths, jnp.int32), W).reshape(B * K, W)
         # dynamic NTK RoPE depends on the longest position of the call: both streams use the whole call's
         inv = rope_inv_freq(c, jnp.concatenate([p_pos_BP.ravel(), c_pos_NW.ravel()]))
-        cos_p, sin_p = rope_cos_sin(c, p_pos_BP, inv)
-        cos_c, sin_c = rope_cos_sin(c, c_pos_NW, inv)
+        # Each example's tokens side by side, [B, P + K*W]: prompt, then its completions. The layer's token-wise
+        # halves (norms, projections, RoPE, MLP) run once over both streams, so each layer's weights are used (and,
+        # under FSDP, gathered) once; the example axis stays where the batch is split.
+        cos_BS, sin_BS = (jnp.concatenate([a, b.reshape(B, K * W, -1)], axis=1)
+                          for a, b in zip(rope_cos_sin(c, p_pos_BP, inv), rope_cos_sin(c, c_pos_NW, inv)))
         attend_prompt = self._forward_attention(jnp.arange(P, dtype=jnp.int32)[None] < p_len_B[:, None], P)
         attend_completion = self._prefix_attention(p_len_B, K, P, W)
         qkv, out_and_mlp, wrap = self._layer_pieces()
+        prompt_part = lambda t_BS: t_BS[:, :P]
+        completion_part = lambda t_BS: t_BS[:, P:].reshape((B * K, W) + t_BS.shape[2:])
 
         # One scan over the layers for both streams: each layer's parameter gradient is summed inside the layer
         # (two scans would each produce a parameter-sized gradient stack, added at the end).
-        def body(carry, p):
-            xp_BPD, xc_NWD = carry
-            qp, kp, vp = qkv(p, xp_BPD, cos_p, sin_p)
-            qc, kc, vc = qkv(p, xc_NWD, cos_c, sin_c)
-            out_p = checkpoint_name(attend_prompt(qp, kp, vp), "attn_out")
-            out_c = checkpoint_name(attend_completion(qc, kp, vp, kc, vc), "attn_out")
-            return (out_and_mlp(p, xp_BPD, out_p), out_and_mlp(p, xc_NWD, out_c)), None
+        def body(x_BSD, p):
+            q, k, v = qkv(p, x_BSD, cos_BS, sin_BS)
+            kp, vp = prompt_part(k), prompt_part(v)
+            out_p = attend_prompt(prompt_part(q), kp, vp)
+            out_c = attend_completion(completion_part(q), kp, vp, completion_part(k), completion_part(v))
+            out = checkpoint_name(jnp.concatenate([out_p, out_c.reshape((B, K * W) + out_c.shape[2:])], axis=1),
+                                  "attn_out")
+            return out_and_mlp(p, x_BSD, out), None
 
-        carry = (self._embed(p_ids_BP), self._embed(c_ids_BKW.reshape(B * K, W)))
-        (xp_BPD, xc_NWD), _ = jax.lax.scan(wrap(body), carry, self.layers.stacked())
-        return self._final_norm(xp_BPD), self._final_norm(xc_NWD).reshape(B, K, W, -1)
+        x_BSD = jnp.concatenate([self._embed(p_ids_BP), self._embed(c_ids_BKW.reshape(B, K * W))], axis=1)
+        x_BSD, _ = jax.lax.scan(wrap(body), x_BSD, self.layers.stacked())
+        x_BSD = self._final_norm(x_BSD)
+        return prompt_part(x_BSD), x_BSD[:, P:].reshape(B, K, W, -1)
 
     def encode_prompt(self, prompt_ids, prompt_lengths, *, inv_freq=None):
         """The prompts alone (right padded, [B, P]): final-norm hidden states [B, P, D] and every layer's roped
@@ -776,6 +783,26 @@ class Transformer(nnx.Module):
         if c.mlp_bias:
             down = down + w("down_bias")
         return self._act(x_BTD + down, "batch", None, None)
+
+
+def gather_weights(model: Transformer) -> Transformer:
+    """The model with its weights in compute dtype, gathered over the FSDP axes once (tensor-parallel splits kept):
+    each device then holds the whole model for a program that runs it many times over few tokens (generation,
+    where every decoded token would otherwise all-gather every layer's weights again). A no-op without a
+    multi-device layout. Inside a jitted function."""
+    layout = model.layout
+    if layout is None or layout.trivial:
+        return model
+    graphdef, state = nnx.split(model)
+    axes = dict(nnx.to_flat_state(logical_axes(model)))
+    flat = []
+    for path, value in nnx.to_flat_state(state):
+        axis_names = axes[path]
+        axis_names = axis_names.get_value() if isinstance(axis_names, nnx.Variable) else axis_names
+        array = value.get_value() if isinstance(value, nnx.Variable) else value
+        gathered = layout.gather(array.astype(model.dtype), tuple(axis_names))
+        flat.append((path, value.replace(gathered) if isinstance(value, nnx.Variable) else gathered))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def logical_axes(model: nnx.Module):

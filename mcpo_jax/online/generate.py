@@ -92,10 +92,14 @@ def _sample(logits_BV, key, temperature_B, top_k_B, top_p_B, use_filter: bool):
 MAX_EOS_IDS = 8  # EOS ids travel as a fixed-size traced array (-1 = unused), so changing them does not recompile
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_filter"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_filter", "gather"))
 def _generate_jit(graphdef, state, ids_BT, mask_BT, key, temperature_B, top_k_B, top_p_B, eos_E, *,
-                  max_new_tokens: int, use_filter: bool):
+                  max_new_tokens: int, use_filter: bool, gather: bool = True):
     model = nnx.merge(graphdef, state)
+    if gather:  # FSDP-sharded weights gathered once for the call, not per layer at every decoded token
+        from mcpo_jax.models.decoder import gather_weights
+
+        model = gather_weights(model)
     batch, prompt_len = ids_BT.shape
     ids_BT, mask_BT = _align_left(ids_BT.astype(jnp.int32), mask_BT.astype(jnp.int32))
     positions_BT = jnp.where(mask_BT > 0, jnp.cumsum(mask_BT, axis=-1) - 1, -1).astype(jnp.int32)
@@ -168,7 +172,7 @@ def _place_like_params(state, batch: int, *arrays):
 
 
 def lower_generate(graphdef, abstract_state, mesh, *, batch_size: int, prompt_len: int, max_new_tokens: int,
-                   use_filter: bool = False):
+                   use_filter: bool = False, gather_weights: bool = True):
     """The sampler's program (`generate`'s) lowered from shapes: `abstract_state` holds the model's parameters as
     ShapeDtypeStructs with their shardings on `mesh`; the inputs are placed as `generate` places them (split over the
     batch axes when `batch_size` divides, else replicated). Nothing is allocated (the compile-only check)."""
@@ -182,7 +186,7 @@ def lower_generate(graphdef, abstract_state, mesh, *, batch_size: int, prompt_le
         sds((batch_size, prompt_len), jnp.int32, rows2), sds(key.shape, key.dtype, shd.replicated(mesh)),
         sds((batch_size,), jnp.float32, rows), sds((batch_size,), jnp.int32, rows),
         sds((batch_size,), jnp.float32, rows), sds((MAX_EOS_IDS,), jnp.int32, shd.replicated(mesh)),
-        max_new_tokens=int(max_new_tokens), use_filter=bool(use_filter))
+        max_new_tokens=int(max_new_tokens), use_filter=bool(use_filter), gather=bool(gather_weights))
 
 
 def to_host(x) -> np.ndarray:
@@ -195,7 +199,7 @@ def to_host(x) -> np.ndarray:
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temperature=0.0, top_p=1.0,
-             top_k=0, key=None, eos_id: int | Sequence[int] | None = None):
+             top_k=0, key=None, eos_id: int | Sequence[int] | None = None, gather_weights: bool = True):
     """Sample ``max_new_tokens`` tokens after each prompt. Returns int32 [B, max_new_tokens] (a jax.Array; on
     a mesh, split over the batch axes when B divides; :func:`to_host` gathers it across hosts).
 
@@ -207,6 +211,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
       key: a ``jax.random`` key; required when any temperature > 0. Same key, same tokens.
       eos_id: int or several ints; a row stops at its first EOS and is padded with ``eos_id`` (the first one)
         after it. None: no stop, always ``max_new_tokens`` tokens.
+      gather_weights: on a mesh whose layout splits the weights (FSDP), gather them once for the call (each
+        device holds the whole model in compute dtype while it samples) instead of all-gathering every layer at
+        every decoded token; False where the devices cannot hold the model beside what they keep.
     """
     input_ids = np.asarray(input_ids, np.int32) if not isinstance(input_ids, jax.Array) else input_ids
     batch = input_ids.shape[0]
@@ -233,7 +240,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
     ids, mask, temperature_B, top_k_B, top_p_B, eos_E = _place_like_params(
         state, batch, input_ids, attention_mask, temperature_B, top_k_B, top_p_B, eos_E)
     return _generate_jit(graphdef, state, ids, mask, key, temperature_B, top_k_B, top_p_B, eos_E,
-                         max_new_tokens=int(max_new_tokens), use_filter=use_filter)
+                         max_new_tokens=int(max_new_tokens), use_filter=use_filter, gather=bool(gather_weights))
 
 
 def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens: int, warmup: int = 1,

@@ -37,7 +37,8 @@ PAPER_TEMPERATURES = (0.6, 0.6, 0.8, 0.8, 1.0, 1.0)  # Appendix B.1: two complet
 # -- sampling ----------------------------------------------------------------------------------------------------
 def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures: Sequence[float] = PAPER_TEMPERATURES,
                        max_new_tokens: int, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                       use_chat_template: bool = True, max_prompt_tokens: int | None = None) -> list[list[str]]:
+                       use_chat_template: bool = True, max_prompt_tokens: int | None = None,
+                       gather_weights: bool = True) -> list[list[str]]:
     """K = len(temperatures) completions per prompt from ``model``; completion k uses ``temperatures[k]``.
 
     The K copies of a prompt go into the same batches with per-row temperatures, so one compiled program
@@ -64,7 +65,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
         ids, mask = left_pad([encoded[i] for i, _ in rows], pad, width=width)
         temps = np.array([temperatures[j] for _, j in rows], np.float32)
         new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temps, top_p=top_p,
-                                  key=jax.random.fold_in(key, b), eos_id=eos_ids))
+                                  key=jax.random.fold_in(key, b), eos_id=eos_ids, gather_weights=gather_weights))
         for (i, j), row in zip(chunk, new):
             out[i][j] = decode_completion(tokenizer, row, eos_ids)
     return out
@@ -167,7 +168,8 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
                       temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
                       batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
                       max_prompt_tokens: int | None = None,
-                      score_fn: Callable[[Any, str], float] | None = None, drop_ranks: Sequence[int] = ()) -> dict:
+                      score_fn: Callable[[Any, str], float] | None = None, drop_ranks: Sequence[int] = (),
+                      gather_weights: bool = True) -> dict:
     """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists.
 
     ``model`` and ``judge`` may be zero-argument loaders: the policy is then dropped before the judge is
@@ -185,7 +187,8 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
         model = model()
     completions = sample_completions(model, tokenizer, prompts, temperatures=temperatures,
                                      max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, seed=seed,
-                                     use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens)
+                                     use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens,
+                                     gather_weights=gather_weights)
     del model
     t1 = time.perf_counter()
     if not isinstance(judge, Judge):
@@ -344,7 +347,7 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
                                       seed=int(o.seed) * 1000 + s, ranking=o.ranking,
                                       use_chat_template=bool(config.data.use_chat_template),
                                       max_prompt_tokens=max_prompt_tokens, score_fn=score_fn,
-                                      drop_ranks=tuple(o.drop_ranks))
+                                      drop_ranks=tuple(o.drop_ranks), gather_weights=bool(o.gather_weights))
             if stop.should_stop():
                 result.update(status="interrupted", signal=stop.signal or "a signal on another process",
                               step=trainer.step)

@@ -157,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.online.max_new_tokens = 512
     c.online.max_prompt_tokens = 0  # 0 = data.max_prompt_length
     c.online.generation_batch_size = 64  # rows (prompt x temperature) per generate call
+    # The sampler gathers the FSDP-sharded policy once per call (each device holds it whole in compute dtype beside
+    # the train state) instead of all-gathering every layer at every decoded token; False where the devices cannot
+    # hold it (python -m mcpo_jax.train ... --compile-only --target T says whether the sampler fits).
+    c.online.gather_weights = True
     c.online.ranking = "winner"  # App. B.1: iterative pairwise ranking (K - 1 comparisons); "full" = whole order
     c.online.drop_ranks = ()  # with ranking="full": ranks left out of the candidates (Nectar, Sec. 5.1: (2,))
     c.online.judge = "oracle:sorting"  # oracle:TASK | rule:TASK | llm:MODEL_DIR | reward:module:function
