@@ -36,4 +36,35 @@ assert len(out.sharding.device_set) == 4, out.sharding
 np.testing.assert_array_equal(np.asarray(out), one)
 greedy = np.asarray(model(ids[3:, :1]))[0, -1].argmax()
 assert out[3, 0] == greedy
+
+# The sampler's program: with gather_weights (the default) the policy is gathered once per call, so the decode
+# loop moves no weight; without, every decoded token all-gathers every layer's weights again.
+from mcpo_jax import audit  # noqa: E402
+from mcpo_jax.online.generate import lower_generate  # noqa: E402
+
+
+def gathers_in_decode_loop(gather: bool) -> int:
+    text = lower_generate(nnx.graphdef(sharded), jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(sharded)), mesh,
+        batch_size=4, prompt_len=4, max_new_tokens=8, gather_weights=gather).compile().as_text()
+    comps, entry = audit.parse_hlo(text)
+    loop_bodies = {callee for instrs in comps.values() for ins in instrs if ins.opcode == "while"
+                   for kind, callee in audit._CALLEE.findall(ins.rest) if kind == "body"}
+    outer = {name for name, instrs in comps.items() if name in loop_bodies
+             and any(ins.opcode == "while" for ins in instrs)}  # the decode loop holds the layer scan
+    reach, todo = set(), list(outer)
+    while todo:
+        name = todo.pop()
+        if name in reach:
+            continue
+        reach.add(name)
+        todo += [callee for ins in comps.get(name, ()) for _, callee in audit._CALLEE.findall(ins.rest)]
+    # a weight-sized all-gather (the sampler's argmax over a tensor-split vocabulary gathers [B, 2] pairs)
+    return sum(ins.opcode.removesuffix("-start") == "all-gather"
+               and max(int(np.prod(d)) for _, d in audit._shapes(ins.result)) >= 64
+               for name in reach for ins in comps[name])
+
+
+assert gathers_in_decode_loop(True) == 0, "the decode loop all-gathers weights though they were gathered once"
+assert gathers_in_decode_loop(False) > 0
 print("OK")
