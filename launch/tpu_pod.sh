@@ -7,6 +7,10 @@
 #   launch/tpu_pod.sh teardown --name mcpo-8b --zone us-east5-b      # delete the slice (stops billing)
 #
 # Commands (run in this order by `up`):
+#   check     here, before anything is paid for: compile the run's programs for the slice without it
+#             (`python -m mcpo_jax.train ... --compile-only --target tpu-TYPE`, needs `pip install -e '.[aot-tpu]'`
+#             in this checkout's python, $MCPO_LOCAL_PYTHON or python3); a run that would not fit the chips stops
+#             here in seconds, not after the slice boots. `up` and `train` run it first; --skip-check skips it.
 #   create    create the slice, or reuse it when one with that name already exists (must be READY)
 #   push      copy this checkout (tracked + untracked-not-ignored files) to every worker, or with
 #             --git URL clone/fetch --ref on every worker instead
@@ -39,7 +43,8 @@
 #   --port PORT               jax.distributed coordinator port         [MCPO_PORT, default 8476]
 #   --worker N                worker for `logs` / `ssh`                 [default 0]
 #   --detach                  `train` returns at once; the run survives the SSH session
-#   --dry-run                 print the gcloud commands instead of running them
+#   --skip-check              do not compile for the slice before `up` / `train`   [MCPO_SKIP_CHECK=1]
+#   --dry-run                 print the gcloud commands (and the check) instead of running them
 # Everything after `--` is passed to `python -m mcpo_jax.train` (e.g. --config.mesh.fsdp=-1).
 set -euo pipefail
 
@@ -64,6 +69,7 @@ worker=0
 spot=0
 detach=0
 dry_run=0
+skip_check="${MCPO_SKIP_CHECK:-0}"
 train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -80,6 +86,7 @@ while [[ $# -gt 0 ]]; do
     --worker) worker="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
     --detach) detach=1; shift ;;
+    --skip-check) skip_check=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; train_args=("$@"); break ;;
@@ -121,6 +128,24 @@ endpoints() {
   if [[ "${dry_run}" == 1 ]]; then echo "WORKER0_IP NUM_WORKERS"; return; fi
   gcloud compute tpus tpu-vm describe "${name}" "${gflags[@]}" --format=json \
     | python3 -c 'import json, sys; e = json.load(sys.stdin)["networkEndpoints"]; print(e[0]["ipAddress"], len(e))'
+}
+
+# The run's programs compiled here for the slice (v5litepod-16 -> target tpu-v5litepod-16, i.e. tpu-v5e-16):
+# exit 2 with "does not fit on ... by X GB" before a slice is created or a run started.
+do_check() {
+  [[ "${skip_check}" == 1 ]] && { echo "tpu_pod.sh: --skip-check: not compiling for tpu-${accel} first"; return; }
+  local python="${MCPO_LOCAL_PYTHON:-python3}"
+  local repo
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if [[ "${dry_run}" == 1 ]]; then
+    printf '+'; printf ' %q' "${python}" -m mcpo_jax.train --config "${config}" "${train_args[@]}" --compile-only \
+      --target "tpu-${accel}"; printf '\n'
+    return
+  fi
+  echo "tpu_pod.sh: compiling the run for tpu-${accel} here first (--skip-check to skip)"
+  (cd "${repo}" && JAX_PLATFORMS=cpu "${python}" -m mcpo_jax.train --config "${config}" "${train_args[@]}" \
+    --compile-only --target "tpu-${accel}") \
+    || die "the run does not compile or fit on ${accel} (above); nothing was created or started"
 }
 
 do_create() {
@@ -198,13 +223,14 @@ case "${cmd}" in
   create) do_create ;;
   push) do_push ;;
   setup) do_setup ;;
-  train) do_train ;;
-  up) do_create; do_push; do_setup; do_train ;;
+  check) do_check ;;
+  train) do_check; do_train ;;
+  up) do_check; do_create; do_push; do_setup; do_train ;;
   logs) tpu ssh "${name}" "${gflags[@]}" --worker="${worker}" --command="tail -n 200 -f ~/mcpo-train.log" ;;
   stop) on_all "if [ -f ~/mcpo-train.pid ]; then kill -- -\$(cat ~/mcpo-train.pid) 2>/dev/null; rm -f ~/mcpo-train.pid; fi; true" ;;
   status) tpu describe "${name}" "${gflags[@]}" ;;
   ssh) tpu ssh "${name}" "${gflags[@]}" --worker="${worker}" ;;
   teardown) tpu delete "${name}" "${gflags[@]}" --quiet ;;
   -h|--help|help) usage ;;
-  *) die "unknown command ${cmd} (create|push|setup|train|up|logs|stop|status|ssh|teardown)" ;;
+  *) die "unknown command ${cmd} (check|create|push|setup|train|up|logs|stop|status|ssh|teardown)" ;;
 esac

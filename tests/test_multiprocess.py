@@ -191,6 +191,29 @@ def test_slurm_script_per_node_layout_sees_all_gpus(tmp_path):
     assert "task 1 ids=0,1,2,3,4,5,6,7 coord=h0:1234 pid=1" in output, output
 
 
+def test_slurm_script_compiles_for_its_gpus_before_starting(tmp_path):
+    """MCPO_TARGET: the batch host compiles the run for the allocation first; a check that fails (exit 2, as
+    `--compile-only` does for a run that does not fit) ends the job before srun starts any task."""
+    calls = tmp_path / "calls"
+    shim = tmp_path / "python_shim"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncase "$*" in *--compile-only*) exit "$CHECK_EXIT";; esac\n')
+    shim.chmod(0o755)
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=1, python=shim,
+                              extra_env={"MCPO_TARGET": "h100x16", "CHECK_EXIT": "2"}, args=["--config.seed=3"])
+    assert code == 2 and "does not compile or fit on h100x16" in output, output
+    assert calls.read_text().splitlines() == [
+        "-m mcpo_jax.train --config configs/demo.py --config.seed=3 --compile-only --target h100x16"]
+    calls.unlink()
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=1, python=shim,
+                              extra_env={"MCPO_TARGET": "h100x16", "CHECK_EXIT": "0"})
+    assert code == 0, output
+    assert len(calls.read_text().splitlines()) == 3  # the check, then the two tasks
+    calls.unlink()
+    code, output = run_sbatch(tmp_path, ntasks=2, per_node=1, python=shim,
+                              extra_env={"MCPO_TARGET": "h100x16", "CHECK_EXIT": "2", "MCPO_SKIP_CHECK": "1"})
+    assert code == 0 and len(calls.read_text().splitlines()) == 2, output
+
+
 def test_slurm_script_runs_multiprocess_jax_from_slurm_environment(tmp_path, single_worker_result):
     """The sbatch script under a fake srun: JAX's own SLURM detection (coordinator from the node list,
     ids from SLURM_PROCID) forms a 2-process job whose numbers equal the 1-process run."""
@@ -228,13 +251,43 @@ def test_tpu_pod_dry_run_runs_the_trainer_on_every_worker(accelerator, version):
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == (f"+ gcloud compute tpus tpu-vm create t1 --zone=us-east5-b --accelerator-type={accelerator} "
+    # first, here: the run compiled for the slice (nothing is created before it fits)
+    assert lines[0] == ("+ python3 -m mcpo_jax.train --config configs/nectar.py:mcpo --config.mesh.fsdp=-1 "
+                        f"--compile-only --target tpu-{accelerator}")
+    assert lines[1] == (f"+ gcloud compute tpus tpu-vm create t1 --zone=us-east5-b --accelerator-type={accelerator} "
                         f"--version={version} --scopes=https://www.googleapis.com/auth/cloud-platform")
     train = lines[-1]
     assert "--worker=all" in train and "MCPO_COORDINATOR=WORKER0_IP:8476" in train
     assert "agent-worker-number" in train
     assert "-m\\ mcpo_jax.train\\ --config\\ configs/nectar.py:mcpo\\ --workdir\\ gs://bucket/run\\ --config.mesh.fsdp=-1" \
         in train
+
+
+def test_tpu_pod_up_stops_before_creating_a_slice_the_run_does_not_fit(tmp_path):
+    """`up` compiles the run for the slice here first: a check that fails (a stand-in python exiting 2, as
+    `--compile-only` does for a run that does not fit) stops the launch before any gcloud command; --skip-check
+    goes straight to gcloud."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "gcloud").write_text(f'#!/bin/sh\necho "gcloud $*" >> {calls}\nexit 1\n')
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "python $*" >> {calls}\necho "error: does not fit on tpu-v5e-4 by 3.2 GB" >&2\n'
+                      'exit 2\n')
+    for f in (bin_dir / "gcloud", python):
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MCPO_LOCAL_PYTHON": str(python)}
+    args = ["bash", str(REPO / "launch" / "tpu_pod.sh"), "up", "--name", "t1", "--zone", "z", "--accelerator-type",
+            "v5e-4", "--workdir", "gs://b/r", "--config", "configs/nectar.py", "--", "--config.seed=1"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "does not fit on tpu-v5e-4 by 3.2 GB" in proc.stderr and "nothing was created or started" in proc.stderr
+    assert calls.read_text().splitlines() == [
+        "python -m mcpo_jax.train --config configs/nectar.py --config.seed=1 --compile-only --target tpu-v5e-4"]
+    calls.unlink()
+    proc = subprocess.run(args[:2] + ["up", "--skip-check"] + args[3:], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=env)
+    assert calls.read_text().splitlines()[0].startswith("gcloud compute tpus tpu-vm describe t1"), calls.read_text()
 
 
 # ------------------------------------------------------------------- data pipeline across processes
