@@ -123,3 +123,18 @@ def test_tpu_usable_bytes_is_what_the_compiler_accepts():
             result[name] = verdicts
         """, "tpu-v5e-4")
     assert got == {n: ["fits", "RESOURCE_EXHAUSTED"] for n, t in targets.TARGETS.items() if t.platform == "tpu"}
+
+
+def test_any_slice_size_by_name():
+    """The launchers' accelerator types beyond the registry: topology and device count per generation."""
+    cases = {"tpu-v5litepod-16": ("tpu-v5e-16", "v5e:4x4", 16), "tpu-v6e-64": ("tpu-v6e-64", "v6e:8x8", 64),
+             "tpu-v5p-32": ("tpu-v5p-32", "v5:2x2x4", 16), "tpu-v4-16": ("tpu-v4-16", "v4:2x2x2", 8),
+             "h100x16": ("h100x16", "1x2x8", 16), "h200x4": ("h200x4", "1x1x4", 4)}
+    for name, (canonical, topology, devices) in cases.items():
+        t = targets.get(name)
+        assert (t.name, t.topology, t.num_devices) == (canonical, topology, devices), name
+        assert 0 < t.usable_bytes < t.hbm_bytes
+    assert targets.get("tpu-v5p-8") is targets.TARGETS["tpu-v5p-8"]  # the registry's measured entry first
+    for bad in ("tpu-v5p-7", "tpu-v5e-12", "h100x12", "a100x8"):
+        with pytest.raises(targets.TargetError, match="unknown compile target"):
+            targets.get(bad)
