@@ -238,7 +238,8 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
     dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, -1, 1)
-    model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat, seed=args.seed, mesh=mesh)
+    model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=model_remat(args), seed=args.seed,
+                       mesh=mesh)
     tx, schedule = step_lib.make_optimizer(learning_rate=args.lr, total_steps=1_000_000, warmup_ratio=0.0,
                                            decay="constant")
 
@@ -247,7 +248,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
                           completion_len=args.completion_len,
                           prompt_len=args.prompt_len if args.share_prompt else None,
                           reuse_prompt=args.reuse_prompt)
-        return program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
+        return program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh, **auto_remat(args))
 
     first = program(variants[0])
     graphdef, params, rest = state_lib.split_model(model)
@@ -351,8 +352,23 @@ def abstract_model(config, args, platform: str = "cpu"):
 
     impl = audit.opaque_attention if platform == "cpu" else None
     dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
-    return nnx.eval_shape(lambda: models.Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=args.remat,
+    return nnx.eval_shape(lambda: models.Transformer(config, dtype=dtype, param_dtype=param_dtype,
+                                                     remat=model_remat(args),
                                                      attention_impl=impl, rngs=nnx.Rngs(0)))
+
+
+def model_remat(args):
+    """--remat for the model: under "auto" the train program chooses per batch shape (`TrainProgram`)."""
+    return "minimal" if args.remat == "auto" else args.remat
+
+
+def auto_remat(args, budget: int | None = None) -> dict:
+    """TrainProgram's remat="auto" arguments for --remat auto (budget: --memory-budget-gb, else `budget`, else the
+    devices' own limit)."""
+    if args.remat != "auto":
+        return {}
+    chosen = int(args.memory_budget_gb * 1e9) if args.memory_budget_gb else budget
+    return {"remat": "auto", "memory_budget": chosen}
 
 
 def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=print) -> list[dict[str, Any]]:
@@ -380,13 +396,14 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
                           completion_len=args.completion_len,
                           prompt_len=args.prompt_len if args.share_prompt else None,
                           reuse_prompt=args.reuse_prompt)
-        program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh)
+        program = program_lib.TrainProgram(model, cfg, tx, schedule, mesh=mesh,
+                                           **auto_remat(args, target.usable_bytes))
         t0 = time.perf_counter()
         try:
-            compiled = program.lower(program.abstract_batch(
-                batch_shapes(variant, prompts=args.prompts, candidates=args.candidates, seq=seq))).compile()
+            compiled = program.compiled(program.abstract_batch(
+                batch_shapes(variant, prompts=args.prompts, candidates=args.candidates, seq=seq)))
         except Exception as e:  # noqa: BLE001 - a TPU compiler refusing the program for its size: a row that says so
-            if not program_lib.is_out_of_memory(e):
+            if not (program_lib.is_out_of_memory(e) or isinstance(e, program_lib.DoesNotFit)):
                 raise
             rows.append({"model": args.model, "step": variant, "target": target.name, "devices": len(devices),
                          "hbm_gb": target.hbm_bytes / 1e9, "usable_gb": target.usable_bytes / 1e9, "fits": False,
@@ -405,6 +422,9 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
         anchor = variant_work(variant, prompts=args.prompts, candidates=args.candidates, negatives=negatives, seq=seq)
         row = audit.summarize(report, formula_flops=work.flops(shapes), anchor_flops=anchor.flops(shapes))
         memory = audit.memory_report(compiled)
+        info = next(iter(program.compile_info.values()))
+        if "remat" in info:  # remat="auto": the choice, and what the device keeps on the host
+            row.update(remat=info["remat"], host_temp_gb=info.get("host_temp_size_in_bytes", 0) / 1e9)
         row.update(model=args.model, step=variant, compile_s=compile_s, compiled_mem=memory,
                    saved_bytes_per_token_per_layer=saved["bytes_per_token"], executed_work=dataclasses.asdict(work),
                    target=target.name, devices=len(devices))
@@ -607,8 +627,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--param-dtype", default=None, choices=sorted(DTYPES),
                    help="weight and optimizer-state dtype (default: --dtype, as the anchor's pure-bf16 AdamW)")
     p.add_argument("--remat", default="minimal", type=lambda s: {"false": False, "true": True}.get(s.lower(), s),
-                   help="false, true or a policy name of models.REMAT_POLICIES (default minimal: the backward keeps "
-                        "only what it needs, no matmul recomputed; see docs/performance.md section 0)")
+                   help="false, true, a policy name of models.REMAT_POLICIES (default minimal: the backward keeps "
+                        "only what it needs, no matmul recomputed; see docs/performance.md section 0), or auto (the "
+                        "trainer's remat='auto': the cheapest of minimal, minimal_offload, true that fits)")
+    p.add_argument("--memory-budget-gb", type=float, default=0.0,
+                   help="--remat auto: GB per device the step may use (default: the target's usable HBM, or the "
+                        "device's own limit)")
     p.add_argument("--chunk-size", type=int, default=None, help="log-prob chunk over the sequence")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default 2; tiny: 1)")

@@ -394,20 +394,22 @@ class Transformer(nnx.Module):
                           for a, b in zip(rope_cos_sin(c, p_pos_BP, inv), rope_cos_sin(c, c_pos_NW, inv)))
         attend_prompt = self._forward_attention(jnp.arange(P, dtype=jnp.int32)[None] < p_len_B[:, None], P)
         attend_completion = self._prefix_attention(p_len_B, K, P, W)
-        qkv, out_and_mlp, wrap = self._layer_pieces()
         prompt_part = lambda t_BS: t_BS[:, :P]
         completion_part = lambda t_BS: t_BS[:, P:].reshape((B * K, W) + t_BS.shape[2:])
+        # the two attention outputs joined inside the MLP half: its backward keeps them as attention does (one
+        # buffer each), not a joined copy besides
+        join = lambda out_p, out_c: jnp.concatenate([out_p, out_c.reshape((B, K * W) + out_c.shape[2:])], axis=1)
+        qkv, out_and_mlp, wrap = self._layer_pieces(join)
 
         # One scan over the layers for both streams: each layer's parameter gradient is summed inside the layer
         # (two scans would each produce a parameter-sized gradient stack, added at the end).
         def body(x_BSD, p):
             q, k, v = qkv(p, x_BSD, cos_BS, sin_BS)
             kp, vp = prompt_part(k), prompt_part(v)
-            out_p = attend_prompt(prompt_part(q), kp, vp)
-            out_c = attend_completion(completion_part(q), kp, vp, completion_part(k), completion_part(v))
-            out = checkpoint_name(jnp.concatenate([out_p, out_c.reshape((B, K * W) + out_c.shape[2:])], axis=1),
-                                  "attn_out")
-            return out_and_mlp(p, x_BSD, out), None
+            out_p = checkpoint_name(attend_prompt(prompt_part(q), kp, vp), "attn_out")
+            out_c = checkpoint_name(attend_completion(completion_part(q), kp, vp, completion_part(k),
+                                                      completion_part(v)), "attn_out")
+            return out_and_mlp(p, x_BSD, out_p, out_c), None
 
         x_BSD = jnp.concatenate([self._embed(p_ids_BP), self._embed(c_ids_BKW.reshape(B, K * W))], axis=1)
         x_BSD, _ = jax.lax.scan(wrap(body), x_BSD, self.layers.stacked())
@@ -460,14 +462,18 @@ class Transformer(nnx.Module):
         x_NWD, _ = jax.lax.scan(wrap(body), x_NWD, (self.layers.stacked(), prompt_k, prompt_v))
         return self._final_norm(x_NWD).reshape(B, K, W, -1)
 
-    def _layer_pieces(self):
+    def _layer_pieces(self, join=None):
         """(qkv, out_and_mlp, wrap): the layer's two halves and how to wrap the scanned body, per the remat
-        setting; with remat="minimal" the halves are checkpointed around attention, as in `layer_body`."""
+        setting; with remat="minimal" the halves are checkpointed around attention, as in `layer_body`. `join`:
+        out_and_mlp takes several attention outputs and joins them first (`join(*outs)`), inside its checkpoint."""
+        out_and_mlp = self._out_and_mlp
+        if join is not None:
+            out_and_mlp = lambda p, x, *outs: self._out_and_mlp(p, x, join(*outs))
         if self.remat in SPLIT_REMAT:
             policy = REMAT_POLICIES[self.remat]
             return (jax.checkpoint(self._qkv, policy=policy, prevent_cse=False),
-                    jax.checkpoint(self._out_and_mlp, policy=policy, prevent_cse=False), lambda f: f)
-        return self._qkv, self._out_and_mlp, self._maybe_remat
+                    jax.checkpoint(out_and_mlp, policy=policy, prevent_cse=False), lambda f: f)
+        return self._qkv, out_and_mlp, self._maybe_remat
 
     def layer_body(self, mask_BT, positions_BT):
         """The scanned body `(x_BTD, layer_params) -> (x_BTD, None)`, remat policy applied (the audit
