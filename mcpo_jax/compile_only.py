@@ -49,7 +49,7 @@ class ProgramCheck:
     arguments_gb: float | None = None
     temp_gb: float | None = None
     host_temp_gb: float | None = None
-    total_gb: float | None = None  # arguments + outputs + temporaries - donated
+    total_gb: float | None = None  # XLA's peak of live buffers (`training.program.program_bytes`)
     resident_gb: float = 0.0  # the run's other device arrays alive while this program runs
     usable_gb: float | None = None
     fits: bool | None = None  # None: no limit to compare with (the cpu target)

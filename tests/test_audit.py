@@ -452,3 +452,14 @@ def test_cudnn_attention_compiled_for_h100():
         assert (attn["forward_calls"], attn["backward_calls"], attn["cudnn_calls"], attn["pallas_calls"]) == (
             1, 1, 2, 0), variant
         assert attn["flops"] == (4 + 8) * 2 * 256 * 384 * 8 * 64, variant
+
+
+def test_device_bytes_takes_the_tpu_peak_and_the_sum_elsewhere():
+    """A step's device memory: the sum of arguments, outputs and temporaries less donated buffers, except on TPU,
+    whose compiler reports a live peak below that sum (nectar.py on a v6e-8: sum 36.1 GB, peak 31.0 GB, accepted by
+    a compiler that refuses what exceeds 31.25 GiB); the CPU's peak leaves temporaries out."""
+    sizes = dict(argument=16, output=12, temp=20, alias=12)
+    assert audit.device_bytes(**sizes, peak=31, platform="tpu") == 31
+    assert audit.device_bytes(**sizes, peak=31, platform="cpu") == 36
+    assert audit.device_bytes(**sizes, peak=36, platform="gpu") == 36
+    assert audit.device_bytes(**sizes, peak=0, platform="tpu") == 36  # no peak reported

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import optax
 
+from mcpo_jax import audit
 from mcpo_jax import sharding as shd
 from mcpo_jax.models import logical_axes
 from mcpo_jax.models.decoder import AUTO_REMAT
@@ -199,24 +200,28 @@ class TrainProgram:
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes", "alias_size_in_bytes", "host_temp_size_in_bytes")
+                 "generated_code_size_in_bytes", "alias_size_in_bytes", "host_temp_size_in_bytes",
+                 "peak_memory_in_bytes")
 
 
-def memory_fields(compiled) -> dict[str, int]:
-    """XLA's memory analysis of a compiled program ({} where the backend has none)."""
+def memory_fields(compiled) -> dict[str, Any]:
+    """XLA's memory analysis of a compiled program ({} where the backend has none), with its platform."""
     try:
         mem = compiled.memory_analysis()
     except Exception as e:  # noqa: BLE001 - some backends do not implement it
         log.debug("memory_analysis unavailable: %s", e)
         return {}
-    return {f: int(getattr(mem, f)) for f in MEMORY_FIELDS if mem is not None and hasattr(mem, f)}
+    out: dict[str, Any] = {f: int(getattr(mem, f)) for f in MEMORY_FIELDS if mem is not None and hasattr(mem, f)}
+    out["platform"] = audit.compiled_platform(compiled)
+    return out
 
 
 def program_bytes(info: dict) -> int | None:
-    """Device bytes a compiled program needs: arguments + outputs + temporaries - donated aliases."""
+    """`device_bytes` of a `memory_fields` dict (None without a memory analysis)."""
     try:
-        return (info["argument_size_in_bytes"] + info["output_size_in_bytes"] + info["temp_size_in_bytes"]
-                - info.get("alias_size_in_bytes", 0))
+        return audit.device_bytes(info["argument_size_in_bytes"], info["output_size_in_bytes"], info["temp_size_in_bytes"],
+                            info.get("alias_size_in_bytes", 0), info.get("peak_memory_in_bytes", 0),
+                            info.get("platform"))
     except KeyError:
         return None
 
