@@ -438,6 +438,9 @@ def compile_only(args, config, shapes: Shapes, variants: Sequence[str], log=prin
                 fallbacks or not report["attention"]["cudnn_calls"]):
             row["error"] = ("attention fell back to XLA: " + "; ".join(f["reason"] for f in fallbacks) if fallbacks
                             else "no cuDNN attention call in the GPU program (attention fell back to XLA)")
+        if target.platform == "tpu" and (fallbacks or not report["attention"].get("pallas_calls")):
+            row["error"] = ("attention fell back to XLA: " + "; ".join(f["reason"] for f in fallbacks) if fallbacks
+                            else "no splash attention kernel in the TPU program (attention fell back to XLA)")
         rows.append(row)
         log(format_audit([row]).splitlines()[-1])
         del compiled

@@ -82,3 +82,24 @@ def test_attention_follows_the_target_not_the_host():
 
     model.layout = sharding.model_layout(sharding.make_mesh(1, 1, 1))
     assert model.platform == "cpu"
+
+
+def test_splash_that_raises_falls_back_loudly(monkeypatch, caplog):
+    """On a TPU target (simulated: auto mode picks splash, whose call raises here), XLA attention runs with the
+    same values, and the fallback is logged and recorded naming the kernel; asked for by name, it raises."""
+    monkeypatch.setattr(decoder, "_attention_impl", lambda dtype, head_dim, platform=None: "splash")
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("this chip does not take it")
+
+    monkeypatch.setattr(decoder.Transformer, "_splash", refuse)
+    ids = jnp.asarray(np.arange(12).reshape(2, 6) % 32, jnp.int32)
+    with caplog.at_level(logging.WARNING, logger=decoder.__name__):
+        got = models.Transformer(CONFIG, rngs=nnx.Rngs(0))(ids)
+    (record,) = decoder.attention_fallbacks()
+    assert record["kernel"] == "splash" and "does not take it" in record["reason"]
+    assert any("splash attention NOT used" in r.getMessage() for r in caplog.records)
+    want = models.Transformer(CONFIG, attention_impl="xla", rngs=nnx.Rngs(0))(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(NotImplementedError):
+        models.Transformer(CONFIG, attention_impl="splash", rngs=nnx.Rngs(0))(ids)

@@ -233,15 +233,16 @@ def attention_fallbacks() -> list[dict[str, str]]:
     return [dict(r) for r in _ATTENTION_FALLBACKS]
 
 
-def record_attention_fallback(reason: str, **details) -> None:
-    """Say loudly, once per reason, that attention falls back to XLA on a GPU in half precision (XLA's
-    attention stores float32 [B, H, T, T] scores: at 8B and 1024 tokens that is tens of GB and often OOM)."""
-    record = {"reason": str(reason), **{k: str(v) for k, v in details.items()}}
+def record_attention_fallback(reason: str, *, kernel: str = "cuDNN", **details) -> None:
+    """Say loudly, once per reason, that attention falls back to XLA where a fused kernel was wanted (cuDNN on a
+    GPU in half precision, Pallas splash on a TPU): XLA's attention stores float32 [B, H, T, T] scores, at 8B and
+    1024 tokens tens of GB and often OOM."""
+    record = {"reason": str(reason), "kernel": kernel, **{k: str(v) for k, v in details.items()}}
     if any(r["reason"] == record["reason"] for r in _ATTENTION_FALLBACKS):
         return
     _ATTENTION_FALLBACKS.append(record)
-    log.warning("!!! cuDNN attention NOT used, falling back to XLA attention (slower, float32 T x T scores "
-                "in memory): %s %s", reason, {k: v for k, v in record.items() if k != "reason"})
+    log.warning("!!! %s attention NOT used, falling back to XLA attention (slower, float32 T x T scores "
+                "in memory): %s %s", kernel, reason, {k: v for k, v in record.items() if k != "reason"})
 
 
 def _attention_impl(dtype, head_dim, platform: str | None = None) -> str:
@@ -627,6 +628,18 @@ class Transformer(nnx.Module):
                                 scale=scale, mesh=mesh, batch_axes=rows, head_axis=head,
                                 interpret=self.platform != "tpu")
 
+    def _fused_or_xla(self, kernel: str, fused, xla, q, *, prefix: bool = False):
+        """`fused()`, or where the kernel refuses the call (shape, dtype, chip), `xla()` with the reason recorded
+        loudly (`record_attention_fallback`); a kernel asked for by name (`attention_impl`) raises instead."""
+        try:
+            return fused()
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            if self.attention_impl == kernel:
+                raise
+            record_attention_fallback(f"{'prompt-prefix attention: ' if prefix else ''}{type(e).__name__}: {e}",
+                                      kernel=kernel, q_shape=q.shape, dtype=q.dtype)
+            return xla()
+
     def _forward_attention(self, mask_BT, T):
         """`attend(q [N, T, H, hd], k, v [N, T, K, hd])` for right-padded rows: causal, padding keys masked,
         sliding window."""
@@ -641,7 +654,8 @@ class Transformer(nnx.Module):
         if impl == "splash":
             def splash(q, k, v):
                 valid = jnp.ones(q.shape[:2], bool) if mask_BT is None else mask_BT
-                return self._splash(q, k, v, valid, 0, window, scale)
+                return self._fused_or_xla("splash", lambda: self._splash(q, k, v, valid, 0, window, scale),
+                                          lambda: xla_attend(q, k, v), q)
 
             return splash
         if impl != "cudnn":
@@ -713,10 +727,13 @@ class Transformer(nnx.Module):
                 roll = ((j_P + prompt_len_B[:, None]) % P)[:, :, None, None]  # [B, P, 1, 1] source of each column
 
             def splash(q, kp, vp, kc, vc):
-                if roll is not None:
-                    kp, vp = jnp.take_along_axis(kp, roll, axis=1), jnp.take_along_axis(vp, roll, axis=1)
-                k, v = keys(kp, vp, kc, vc)
-                return self._splash(q, k, v, kv_valid, P, window, scale)
+                def fused():
+                    kp_, vp_ = kp, vp
+                    if roll is not None:
+                        kp_, vp_ = jnp.take_along_axis(kp, roll, axis=1), jnp.take_along_axis(vp, roll, axis=1)
+                    return self._splash(q, *keys(kp_, vp_, kc, vc), kv_valid, P, window, scale)
+
+                return self._fused_or_xla("splash", fused, lambda: xla(q, kp, vp, kc, vc), q, prefix=True)
 
             return splash
         if impl != "cudnn":
