@@ -172,17 +172,8 @@ def environment(target: Target) -> dict[str, str]:
     slice is described by its topology) and ALLOW_MULTIPLE_LIBTPU_LOAD=1 (several processes may load libtpu)."""
     env = {"JAX_PLATFORMS": "cpu"}
     if target.platform == "tpu":
-        env.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                   # what a TPU VM's metadata would say (libtpu prints errors at load without them; the devices
-                   # and the compile come from the topology either way)
-                   TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE=cloud_accelerator_type(target))
+        env.update(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     return env
-
-
-def cloud_accelerator_type(target: Target) -> str:
-    """The Cloud TPU accelerator type of a TPU target: tpu-v5e-4 -> v5litepod-4, tpu-v5p-8 -> v5p-8."""
-    name = target.name.removeprefix("tpu-")
-    return "v5litepod-" + name.removeprefix("v5e-") if name.startswith("v5e-") else name
 
 
 def prepare_environment(target: Target) -> bool:
