@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA's cheap CPU code generation (LLVM unoptimized): the same HLO programs, passes and buffer assignment, compiled
+# in about half the time; compiling tiny programs is most of what the suite spends. Subprocesses that set their
+# own XLA_FLAGS (several host devices) compile as usual.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
 import pytest  # noqa: E402

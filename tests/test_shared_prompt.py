@@ -81,10 +81,10 @@ def test_shared_logps_and_gradients_equal_whole_rows(variant):
         return S._rows_logps(graphdef, p, rest, ids, mask, loss, 4, 7, prompt_window)
 
     assert logprobs.shared_prompt_windows(6, 7, 3, 13) == (6, 8)  # W rounded up to even
-    whole, shared = f(params, None), f(params, 6)
+    # jitted programs (values, gradients): eager dispatch of the scans is the slow part
+    whole, shared = (jax.jit(lambda p, w=w: f(p, w))(params) for w in (None, 6))
     np.testing.assert_allclose(shared, whole, rtol=1e-5, atol=1e-5)
-    g_whole = jax.grad(lambda p: jnp.sum(f(p, None) * weights))(params)
-    g_shared = jax.grad(lambda p: jnp.sum(f(p, 6) * weights))(params)
+    g_whole, g_shared = (jax.jit(jax.grad(lambda p, w=w: jnp.sum(f(p, w) * weights)))(params) for w in (None, 6))
     for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -209,9 +209,10 @@ def test_prompt_then_completions_equal_one_scan_with_gradients(remat):
         return model.encode_completions(k, v, prompt_len, comp_ids, comp_len)
 
     mask = (np.arange(7)[None, None] < comp_len[..., None])[..., None]
-    np.testing.assert_allclose(two_scans(params) * mask, one_scan(params) * mask, rtol=1e-5, atol=2e-6)
-    g1 = jax.grad(lambda p: jnp.sum(one_scan(p) * w * mask))(params)
-    g2 = jax.grad(lambda p: jnp.sum(two_scans(p) * w * mask))(params)
+    np.testing.assert_allclose(jax.jit(two_scans)(params) * mask, jax.jit(one_scan)(params) * mask, rtol=1e-5,
+                               atol=2e-6)
+    g1 = jax.jit(jax.grad(lambda p: jnp.sum(one_scan(p) * w * mask)))(params)
+    g2 = jax.jit(jax.grad(lambda p: jnp.sum(two_scans(p) * w * mask)))(params)
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
         # one scan sums each weight's gradient over both streams in one matmul, two scans add two: float32 rounding
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6 * float(np.abs(b).max()))

@@ -307,7 +307,7 @@ def test_the_model_through_splash_equals_xla_attention():
             h_p, h_c = h_p * real_p, h_c * real_c
             return jnp.sum(jnp.sin(h_p)) + jnp.sum(jnp.sin(h_c)), (h_p, h_c)
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (got, got_hidden), got_grads = run("splash")
     (want, want_hidden), want_grads = run("xla")
