@@ -172,3 +172,54 @@ def test_reference_path_is_the_reference(full_run, tmp_path):
     for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins"):
         np.testing.assert_allclose(results[0][key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert abs(results[1]["rewards/chosen"] - want["rewards/chosen"]) > 1e-3
+
+
+def test_step_time_is_measured_completion_to_completion(tmp_path, monkeypatch):
+    """The step's metrics are read one step late; a step's time runs from the previous step's completion (or
+    its own dispatch, when nothing ran before it) to its own, so the logged times of a run are disjoint pieces
+    of the span from the first dispatch to the last completion and sum to no more than it. (Timed from its
+    dispatch, each step also covered the previous one's execution: twice the real time.)"""
+    from mcpo_jax.training import step as step_lib
+
+    make = step_lib.make_train_step
+
+    def slow_step(*args, **kwargs):  # every step also runs ~0.1 s of matmuls: the device, not the host, sets the pace
+        step = make(*args, **kwargs)
+
+        def run(state, ref_params, batch):
+            state, metrics = step(state, ref_params, batch)
+            work = jax.lax.fori_loop(0, 24, lambda i, a: jax.numpy.tanh(a @ a),
+                                     jax.numpy.full((600, 600), 1e-3) + 0 * metrics["loss"])
+            return state, dict(metrics, busy=work[0, 0])
+
+        return run
+
+    monkeypatch.setattr(step_lib, "make_train_step", slow_step)
+    first_dispatch, last_read = [], []
+    compile_step, drain = loop.Trainer._compile, loop.Trainer._drain
+
+    def timed_compile(self, batch):
+        compiled = compile_step(self, batch)
+
+        def dispatch(*args):
+            first_dispatch.append(time.perf_counter())
+            return compiled(*args)
+
+        return dispatch
+
+    def timed_drain(self, *args):
+        out = drain(self, *args)
+        last_read.append(time.perf_counter())
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "_compile", timed_compile)
+    monkeypatch.setattr(loop.Trainer, "_drain", timed_drain)
+    c = tiny_config(log_every=1, eval_every=0, tensorboard=False, **{"checkpoint.save_every": 0})
+    out = pipeline.run(c, str(tmp_path))
+    assert out["status"] == "completed"
+    rows = _train_rows(str(tmp_path))
+    assert sorted(rows) == list(range(1, 8))
+    logged, span = sum(r["step_time"] for r in rows.values()), last_read[-1] - first_dispatch[0]
+    assert 0 < logged <= span, (logged, span, [round(r["step_time"], 3) for r in rows.values()])
+    for r in rows.values():
+        np.testing.assert_allclose(r["tokens_per_sec"] * r["step_time"], r["tokens"], rtol=1e-6)

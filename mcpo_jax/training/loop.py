@@ -11,7 +11,9 @@ segment with that segment's data, and AdamW state, step and schedule carry on. T
 (warm start, data, export, final evaluation) are run by mcpo_jax/pipeline.py.
 
 The step's metrics are read one step late: step k+1 is dispatched before the host reads step k's metrics,
-so the device never waits for the host. A save (and the end of a data phase) reads them first, so a NaN is
+so the device never waits for the host. A step's time (`step_time`, and `tokens_per_sec` from it) is measured
+completion to completion: from the moment the host saw step k-1 done (or step k's dispatch, when nothing was
+running) to the moment it sees step k done; the times of a run add up to its wall time, never more. A save (and the end of a data phase) reads them first, so a NaN is
 caught before a checkpoint could keep it. Nothing else syncs the host in the loop: in a multi-process run a
 stop request (SIGTERM on any process) travels through the step and comes back with those metrics.
 """
@@ -119,6 +121,7 @@ class Trainer:
             metrics_lib.drop_after(self.run_dir / "metrics.jsonl", self.step)
         self.writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.primary,
                                                 tensorboard=bool(config.tensorboard))
+        self._last_done = 0.0  # when the host last saw a step complete (perf_counter)
         self.compiled_shapes: list[tuple[int, ...]] = []
         self.compile_info: dict[str, Any] = {}
 
@@ -201,7 +204,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc=c.name, dynamic_ncols=True, smoothing=0.1)
-        pending = None  # (step number, metrics on device, dispatch time) of the last dispatched step
+        pending = None  # (step number, metrics on device, start time or None) of the last dispatched step
         last = None
         # One process: a signal stops the loop at once. Several: each sends its stop request through the step
         # (batch key `stop_request`) and all stop once a step's metrics, read one step late, say any asked: the
@@ -221,15 +224,19 @@ class Trainer:
                     local = dict(local, stop_request=np.full((len(local["input_ids"]),), self.stop.requested,
                                                              np.int32))
                 batch = to_global(local, self.mesh, accum)
+                if pending is not None and not self.program.is_compiled(batch):  # a new bucket length: the
+                    last = self._drain(pending, bar) or last  # compile must not count in the previous step's time
+                    pending = None
                 compiled = self._compile(batch)
                 if self.step == int(c.debug.nan_at_step):
                     self.state = dict(self.state, params=jax.tree.map(lambda x: x * jnp.nan, self.state["params"]))
-                t0 = time.perf_counter()
+                # with a step in flight this one starts when that one completes (seen at its drain, below)
+                start = time.perf_counter() if pending is None else None
                 self.state, metrics = compiled(
                     self.state, None if self.program.ref_shardings is None else self.ref_params, batch)
                 self.step += 1
                 last = self._drain(pending, bar) or last  # the previous step's metrics, while this one runs
-                pending = (self.step, metrics, t0)
+                pending = (self.step, metrics, start)
                 done = self.step
                 save_every = int(c.checkpoint.save_every)
                 at_eval = evaluate is not None and (done % int(c.eval_every) == 0 or done == end_step)
@@ -260,9 +267,11 @@ class Trainer:
         """Read a dispatched step's metrics (host sync), log them, stop on a non-finite loss."""
         if pending is None:
             return None
-        done, metrics, t0 = pending
+        done, metrics, start = pending
         metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - t0
+        now = time.perf_counter()
+        dt = now - (self._last_done if start is None else start)  # completion to completion
+        self._last_done = now
         if not bool(metrics["finite"]):
             msg = (f"non-finite loss/gradient at step {done} (loss={float(metrics['loss'])}, "
                    f"grad_norm={float(metrics['grad_norm'])}); stopping. The last good checkpoint "

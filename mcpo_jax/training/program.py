@@ -157,6 +157,10 @@ class TrainProgram:
                  for k, v in batch.items()}
         return self.jitted(remat).lower(self.abstract_state(), self.abstract_ref(), batch)
 
+    def is_compiled(self, batch) -> bool:
+        """Whether `compiled(batch)` would return at once (a step for this batch's shapes exists)."""
+        return _signature(batch) in self._cache
+
     def compiled(self, batch):
         """The compiled step for this batch's shapes, compiled on first use and cached. Under remat="auto", the
         first remat choice that fits (`DoesNotFit` when none does)."""
