@@ -26,7 +26,22 @@ def test_training_row_drops_copies_of_y0_and_empty_candidates():
     row, why = onmcpo.training_row("p", ["x", "x "], {"winner": 0, "order": None})
     assert row is None and why == "no_distinct_candidates"
     row, _ = onmcpo.training_row("p", ["b", "a", "c"], {"winner": 1, "order": [1, 2, 0]})
-    assert row["rejected"] == ["c", "b"]  # full ranking: candidates best first
+    assert row == {"prompt": "p", "completions": ["a", "c", "b"], "ranks": [1, 2, 3]}  # full ranking: kept
+    row, _ = onmcpo.training_row("p", ["b", "a", "c", "d"], {"winner": 1, "order": [1, 2, 3, 0]}, drop_ranks=(2,))
+    assert row == {"prompt": "p", "completions": ["a", "d", "b"], "ranks": [1, 3, 4]}
+
+
+def test_a_fully_ranked_segment_keeps_its_ranks(tmp_path):
+    """online.ranking="full": the judge's places reach the batch's `ranks` (the kernel's rank histogram)."""
+    from mcpo_jax import data
+
+    row, _ = onmcpo.training_row("sort 31", ["13", "31", "11", "33"], {"winner": 0, "order": [0, 2, 3, 1]})
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    c = onmcpo.segment_config(_config(**{"online.ranking": "full"}), str(path))
+    assert c.data.format == "ranked"
+    ex = data.load_examples(str(path), format=c.data.format)[0]
+    assert ex.preferred == "13" and ex.candidates == ["11", "33", "31"] and ex.candidate_ranks == [2, 3, 4]
 
 
 def _config(**overrides):
@@ -116,6 +131,8 @@ def test_online_run_is_one_optimizer_trajectory(online_run):
             assert row["chosen"] == smp["completions"][smp["winner"]] and scores[smp["winner"]] == max(scores)
     rows = _rows(workdir)
     assert sorted(rows) == list(range(1, 10))
+    # the winner-only ranking leaves the candidates unranked: counted as such, never as rank 0 of the histogram
+    assert all(rows[k]["kernel/rank_unknown"] == 1.0 and sum(rows[k]["kernel/rank_hist"]) == 0 for k in rows)
     _, schedule = step_lib.make_optimizer(learning_rate=1e-3, total_steps=9, warmup_ratio=0.3, decay="linear")
     np.testing.assert_allclose([rows[k]["lr"] for k in range(1, 10)], [float(schedule(k)) for k in range(9)],
                                rtol=1e-6)

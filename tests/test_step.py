@@ -121,6 +121,22 @@ def test_accumulation_is_exact_global_mean():
     assert int(s1["step"]) == 1 and float(m1["examples"]) == 4
 
 
+def test_rank_histogram_counts_known_ranks_only():
+    """Negatives without a dataset rank (-1: pairs rows, online rows ranked by their winner only) are counted as
+    unknown, not put in bin 0 as if they had rank 0."""
+    cfg = S.StepConfig(objective="mcpo", sampler="max", num_negatives=2, beta=1.0)
+    run = _setup(cfg, accum=1, b=4, c=4)
+    batch = dict(run["batch"])
+    batch["ranks"] = np.array(batch["ranks"])
+    batch["ranks"][..., 2:] = -1  # columns 2 and 3 unranked
+    _, m = run["compiled"](run["state"], run["ref"], batch)
+    hist, unknown = np.asarray(m["kernel/rank_hist"]), float(m["kernel/rank_unknown"])
+    picks = 4 * 2  # B x M, every example has at least 2 valid candidates
+    assert hist[0] == 0 and hist[3:].sum() == 0  # only column 1 (rank 2) is ranked among the candidates
+    np.testing.assert_allclose(hist[2] + unknown * picks, picks)
+    assert 0 < unknown < 1
+
+
 def test_fixed_sampler_and_precomputed_reference():
     cfg = S.StepConfig(objective="dpo", sampler="fixed", num_negatives=1, beta=0.5)
     s = _setup(cfg)

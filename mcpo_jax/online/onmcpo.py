@@ -10,7 +10,8 @@ Everything a segment produces is written under ``workdir/online/segment_<s>/``:
 
 * ``samples.jsonl``: one row per prompt, all K completions with their temperatures, the judge's winner/order
   and each judgment (raw judge text included for LLM judges);
-* ``data.jsonl``: the training rows in the ``pairs`` format (prompt, chosen = y0, rejected = the candidates);
+* ``data.jsonl``: the training rows: ``pairs`` (prompt, chosen = y0, rejected = the unranked candidates) when the
+  judge found the winner only, ``ranked`` (prompt, completions, ranks) after a full ranking;
 * ``stats.json``: counts (kept, skipped and why), mean oracle/judge scores where the judge has them, timings.
 
 A segment whose ``data.jsonl`` exists is never regenerated: a run resumes mid-run from the trainer's checkpoint
@@ -95,22 +96,31 @@ def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequenc
 
 def training_row(prompt, completions: Sequence[str], result: dict,
                  drop_ranks: Sequence[int] = ()) -> tuple[dict | None, str | None]:
-    """The ``pairs``-format row (chosen = y0 = the winner, rejected = the rest) or (None, reason skipped).
+    """The training row, or (None, reason skipped): with the winner only known, a ``pairs`` row (chosen = y0 =
+    the winner, rejected = the rest, unranked); with a full ranking, a ``ranked`` row (completions = y0 and the
+    candidates best first, ranks = their places in the judge's order), so the kernel's rank histogram shows
+    which places the negatives came from.
 
     Candidates identical to y0 (after stripping) or empty are dropped: the readers reject such rows, and a copy of
-    y0 is no negative. With a full ranking the candidates are listed best first.
+    y0 is no negative.
     """
     winner = result["winner"]
     chosen = completions[winner]
     if not chosen.strip():
         return None, "empty_winner"
-    others = result["order"][1:] if result.get("order") else [i for i in range(len(completions)) if i != winner]
-    if drop_ranks and result.get("order"):  # Nectar's preprocessing (Sec. 5.1): rank 1 = y0, rank 2 dropped
-        others = [i for r, i in enumerate(others, start=2) if r not in drop_ranks]
-    rejected = [completions[i] for i in others if completions[i].strip() and completions[i].strip() != chosen.strip()]
-    if not rejected:
+    order = result.get("order")
+    others = list(enumerate(order[1:], start=2)) if order else [(None, i) for i in range(len(completions))
+                                                                if i != winner]
+    if drop_ranks and order:  # Nectar's preprocessing (Sec. 5.1): rank 1 = y0, rank 2 dropped
+        others = [(r, i) for r, i in others if r not in drop_ranks]
+    kept = [(r, completions[i]) for r, i in others
+            if completions[i].strip() and completions[i].strip() != chosen.strip()]
+    if not kept:
         return None, "no_distinct_candidates"
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+    if order:
+        return {"prompt": prompt, "completions": [chosen] + [c for _, c in kept],
+                "ranks": [1] + [r for r, _ in kept]}, None
+    return {"prompt": prompt, "chosen": chosen, "rejected": [c for _, c in kept]}, None
 
 
 # -- files -------------------------------------------------------------------------------------------------------
@@ -271,13 +281,15 @@ def segment_prompts(prompts: Sequence[Any], num_segments: int, seed: int) -> lis
 
 
 def segment_config(config, data_path: str):
-    """The trainer config of a segment's data: the generated rows in the ``pairs`` format."""
+    """The trainer config of a segment's data: the generated rows, ``ranked`` (a full ranking) or ``pairs``."""
     from mcpo_jax.training.config import prepare
 
+    with open(data_path, encoding="utf-8") as f:
+        first = f.readline()
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.data.source = data_path
-        c.data.format = "pairs"
+        c.data.format = "ranked" if first.strip() and "completions" in json.loads(first) else "pairs"
         c.data.options = type(c.data.options)()
         c.data.min_candidates = 1  # a prompt may keep fewer than K - 1 distinct candidates
         c.data.eval_source = ""

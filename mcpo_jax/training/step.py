@@ -31,7 +31,7 @@ from mcpo_jax import kernel, logprobs, losses, ranking_metrics
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("mc", "max", "min", "random", "fixed")
-RANK_BINS = 16  # histogram of the dataset rank of each selected negative: ranks 0..15 (-1 -> bin 0)
+RANK_BINS = 16  # histogram of the dataset rank of each selected negative: ranks 0..15 (unknown ones apart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,9 +366,13 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
                              1)
         add("kernel/entropy", jnp.sum(entropy_B), b)
     add("kernel/selected_is_y0", jnp.sum((neg_BM == 0).astype(jnp.float32)), neg_BM.size)
+    # A negative without a dataset rank (-1: pairs rows, online rows ranked by their winner only, the injected
+    # noise candidate) is counted apart, never as a rank of the histogram.
     ranks_BM = _gather_cols(mb["ranks"], neg_BM) if "ranks" in mb else jnp.full_like(neg_BM, -1)
+    ranked_BM = neg_valid_BM & (ranks_BM >= 0)
+    add("kernel/rank_unknown", jnp.sum(neg_valid_BM & (ranks_BM < 0)), jnp.sum(neg_valid_BM))
     bins_BM = jnp.clip(ranks_BM, 0, RANK_BINS - 1)
-    hist = jnp.sum(jax.nn.one_hot(bins_BM, RANK_BINS) * neg_valid_BM[..., None], axis=(0, 1))
+    hist = jnp.sum(jax.nn.one_hot(bins_BM, RANK_BINS) * ranked_BM[..., None], axis=(0, 1))
     return grads, sums, hist, tokens, neg_BM, new_loss_state
 
 
