@@ -171,7 +171,7 @@ def pass_rows(cfg, columns: int) -> dict[str, int]:
     """Rows per example of each model pass the step executes under `cfg` (a `training.step.StepConfig`)."""
     policy = 0
     if cfg.selection_reads_policy(columns):
-        policy = columns - 1 if cfg.prune_passes and not cfg.include_preferred else columns
+        policy = columns - 1 if cfg.prune_passes and not cfg.y0_eligible else columns
     reference = columns if (cfg.reference == "online" and not cfg.is_sft) else 0
     trained = 1 if cfg.is_sft else 1 + cfg.num_negatives
     return {"policy_no_grad": policy, "reference_no_grad": reference, "trained": trained}

@@ -1,7 +1,7 @@
 """The MC kernel (paper Algorithm 1) and its variants: which candidates become the negatives.
 
     select_negatives(key, policy_logps_BC, ref_logps_BC, *, beta, num_negatives, strategy="mc",
-                     include_preferred=False, valid=None) -> int32 [B, M]
+                     include_preferred=None, valid=None) -> int32 [B, M]
 
 Candidates are the columns of the [B, C] per-sequence log-probs; column 0 is the preferred y0, columns
 1..L the dataset's candidates. The kernel weights are the softmax of beta * r over the eligible columns,
@@ -17,10 +17,12 @@ Strategies (``STRATEGIES``):
     Inputs without ties give the same indices for every key.
   * ``"random"``: M columns uniformly without replacement (RNCE; the paper's DPO baseline).
 
-``include_preferred``: Algorithm 1 literally puts y0 in the categorical (weights w_0..w_L). The default
-(False) leaves it out: a drawn y0 contributes a copy of y0 to the loss, whose gradient is then exactly zero
-for M = 1 (-beta r_0 + log(2 exp(beta r_0)) = log 2), so it only wastes the step. With
-``include_preferred=True`` column 0 is eligible and the returned indices may contain 0.
+``include_preferred``: Algorithm 1 computes w_i for i = 0..L and samples z ~ Categorical(w_0..w_L), y0
+included. A drawn y0 puts a copy of y0 in the loss, whose gradient is exactly zero for M = 1
+(-beta r_0 + log(2 exp(beta r_0)) = log 2): the kernel skips examples the policy already ranks right, in
+proportion to w_0. The default (None) is the paper's: y0 eligible for ``"mc"``; ``"max"`` / ``"min"`` /
+``"random"`` pick among the candidates (Fig. 2 "among all candidates"; DPO's random dispreferred). True / False
+force column 0 in / out for every strategy (False for "mc" = the pre-issue-21 default, candidates only).
 
 Invalid columns (``valid`` False) are never selected. A prompt with fewer eligible candidates than M cannot
 be served inside a jitted step (the output has a static shape), so it must be rejected when batches are
@@ -57,9 +59,10 @@ def _logits(policy_logps_BC, ref_logps_BC, beta, eligible_BC):
     return jnp.where(eligible_BC, beta * jnp.where(eligible_BC, r, 0.0), -jnp.inf)
 
 
-def weights(policy_logps, ref_logps, *, beta, valid=None, include_preferred=False):
+def weights(policy_logps, ref_logps, *, beta, valid=None, include_preferred=True):
     """The kernel's softmax weights [B, C] over the eligible columns (0 elsewhere; all 0 for a row with no
-    eligible column). For metrics such as the kernel entropy; stable for reward gaps of +-1e4."""
+    eligible column): Algorithm 1's w_0..w_L by default, w_1..w_L renormalised with ``include_preferred=False``.
+    For metrics such as the kernel entropy; stable for reward gaps of +-1e4."""
     policy = jnp.asarray(policy_logps)
     eligible = _eligible(valid, policy.shape, include_preferred)
     logits = _logits(policy, ref_logps, beta, eligible)
@@ -70,11 +73,18 @@ def weights(policy_logps, ref_logps, *, beta, valid=None, include_preferred=Fals
     return unnorm / jnp.where(total > 0, total, 1.0)
 
 
+def preferred_eligible(strategy: str, include_preferred: bool | None = None) -> bool:
+    """Whether y0 (column 0) may be drawn: ``include_preferred`` when given, else Algorithm 1's choice (only the
+    MC kernel samples over w_0..w_L)."""
+    return strategy == "mc" if include_preferred is None else bool(include_preferred)
+
+
 def select_negatives(key, policy_logps, ref_logps, *, beta, num_negatives, strategy="mc",
-                     include_preferred=False, valid=None):
+                     include_preferred=None, valid=None):
     """Indices [B, M] (int32) into the candidate axis of ``policy_logps`` [B, C]; see the module docstring."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown kernel strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    include_preferred = preferred_eligible(strategy, include_preferred)
     policy_BC = jnp.asarray(policy_logps)
     if policy_BC.ndim != 2:
         raise ValueError(f"policy_logps must be [B, C], got shape {policy_BC.shape}")

@@ -143,7 +143,7 @@ def shared_prompt_batch(**kw):
 
 
 @functools.lru_cache(maxsize=None)
-def sharded_step_metrics(fsdp: int, tensor: int, variant: str = "rows") -> dict:
+def sharded_step_metrics(fsdp: int, tensor: int, variant: str = "rows", include_preferred: bool | None = None) -> dict:
     """Loss / grad norm / updated-param checksum of one step of a tiny Llama on a (1, fsdp, tensor) mesh.
 
     variant "rows": MC-PO, every row encoded whole; "shared": MC-PO with the shared prompt, the policy's prompt
@@ -166,7 +166,8 @@ def sharded_step_metrics(fsdp: int, tensor: int, variant: str = "rows") -> dict:
     state = st.init_state(params, tx, 1, shardings=ss)
     if variant == "rows":
         local = toy_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
-        cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0)
+        cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=1.0,
+                           include_preferred=include_preferred)
     else:
         local = shared_prompt_batch(b=8, c=4, t=12, vocab=32, seed=2, accum=2)
         shared = dict(completion_window=8, prompt_window=4)

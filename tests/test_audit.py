@@ -54,9 +54,13 @@ def test_attention_standin_counts_calls_and_flops():
 def test_executed_work_follows_the_step_config():
     from mcpo_jax.training.step import StepConfig
 
-    mc = StepConfig(objective="mcpo", sampler="mc", num_negatives=1)
-    assert audit.pass_rows(mc, 6) == {"policy_no_grad": 5, "reference_no_grad": 6, "trained": 2}
-    assert audit.pass_rows(StepConfig(objective="mcpo", num_negatives=5), 6)["policy_no_grad"] == 0  # M = L
+    mc = StepConfig(objective="mcpo", sampler="mc", num_negatives=1)  # Algorithm 1: y0 in the kernel's pass
+    assert audit.pass_rows(mc, 6) == {"policy_no_grad": 6, "reference_no_grad": 6, "trained": 2}
+    mc_old = StepConfig(objective="mcpo", sampler="mc", num_negatives=1, include_preferred=False)
+    assert audit.pass_rows(mc_old, 6) == {"policy_no_grad": 5, "reference_no_grad": 6, "trained": 2}
+    assert audit.pass_rows(StepConfig(objective="mcpo", num_negatives=5, include_preferred=False),
+                           6)["policy_no_grad"] == 0  # M = L, y0 excluded: every candidate selected
+    assert audit.pass_rows(StepConfig(objective="mcpo", num_negatives=5), 6)["policy_no_grad"] == 6
     dpo = StepConfig(objective="dpo", sampler="fixed", reference="precomputed")
     assert audit.pass_rows(dpo, 2) == {"policy_no_grad": 0, "reference_no_grad": 0, "trained": 2}
     unpruned = StepConfig(objective="dpo", sampler="fixed", prune_passes=False)

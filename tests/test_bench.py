@@ -92,13 +92,13 @@ def test_tiny_cli_end_to_end(tmp_path):
         "mcpo_precomputed_ref": (3 * 2 * 32, 4 * 2 * 32),
     }
     # What the step executes (prune_passes, the shared prompt): DPO's fixed negative needs no policy pass;
-    # MC-PO's policy pass leaves y0 out (C - 1 = 3 rows); the reference covers all C. Per pass: 24 completion
-    # tokens per row, the 8 prompt tokens once per example.
+    # MC-PO's policy pass covers all C rows (Algorithm 1's kernel weighs y0 too); so does the reference. Per
+    # pass: 24 completion tokens per row, the 8 prompt tokens once per example.
     executed = {  # (trained completion, trained prompt, forward completion, forward prompt) tokens
         "dpo": (2 * 2 * 24, 2 * 8, 2 * 2 * 24, 2 * 8),
         "dpo_precomputed_ref": (2 * 2 * 24, 2 * 8, 0, 0),
-        "mcpo": (3 * 2 * 24, 2 * 8, (3 + 4) * 2 * 24, 2 * 2 * 8),
-        "mcpo_precomputed_ref": (3 * 2 * 24, 2 * 8, 3 * 2 * 24, 2 * 8),
+        "mcpo": (3 * 2 * 24, 2 * 8, (4 + 4) * 2 * 24, 2 * 2 * 8),
+        "mcpo_precomputed_ref": (3 * 2 * 24, 2 * 8, 4 * 2 * 24, 2 * 8),
     }
     for name, (tc, tp, fc, fp) in executed.items():
         r = runs[name]

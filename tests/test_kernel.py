@@ -41,7 +41,8 @@ def test_weights_match_softmax_and_are_stable():
         w = np.asarray(kernel.weights(policy, ref, beta=BETA, valid=valid, include_preferred=include))
         np.testing.assert_allclose(w[0], _softmax_np(include), rtol=1e-5, atol=1e-7)
     extreme = jnp.asarray([[0.0, 1e4, -1e4, 0.0], [5.0, -1e4, -1e4, -1e4]])
-    w = np.asarray(kernel.weights(extreme, None, beta=1.0, valid=jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]])))
+    w = np.asarray(kernel.weights(extreme, None, beta=1.0, valid=jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]]),
+                                  include_preferred=False))
     np.testing.assert_allclose(w, [[0, 1, 0, 0], [0, 0, 0, 0]], atol=1e-7)  # no eligible column -> zeros
 
 
@@ -59,7 +60,7 @@ def test_mc_single_draw_frequencies_match_weights(include_preferred):
 def test_mc_without_replacement_matches_sequential_sampling():
     """Gumbel top-k, M = 2: distinct valid columns; the first is a categorical draw and the inclusion
     probabilities are those of sampling twice without replacement: P(i in S) = w_i + sum_j w_j w_i/(1-w_j)."""
-    idx = _select(jax.random.key(1), num_negatives=2)
+    idx = _select(jax.random.key(1), num_negatives=2, include_preferred=False)
     assert np.all(idx[:, 0] != idx[:, 1])
     assert not np.isin(idx, [0, 3]).any()
     w = _softmax_np(False)
@@ -121,10 +122,10 @@ def test_random_is_uniform_over_valid_candidates():
 
 def test_beta_sharpens_the_kernel():
     """beta -> 0 makes MC uniform (RNCE); large beta concentrates on the highest-reward candidate (Max)."""
-    low = _select(jax.random.key(4), n=4000, num_negatives=1, beta=1e-6)
+    low = _select(jax.random.key(4), n=4000, num_negatives=1, beta=1e-6, include_preferred=False)
     freq = np.bincount(low[:, 0], minlength=6) / 4000
     assert np.max(np.abs(freq - np.where(VALID & (np.arange(6) > 0), 0.25, 0))) < 0.03
-    high = _select(jax.random.key(4), n=4000, num_negatives=1, beta=50.0)
+    high = _select(jax.random.key(4), n=4000, num_negatives=1, beta=50.0, include_preferred=False)
     best = _select(jax.random.key(0), n=1, num_negatives=1, strategy="max")[0, 0]
     assert np.all(high[:, 0] == best)
 
@@ -143,8 +144,23 @@ def test_deterministic_for_a_key_and_jit_compatible():
 
 def test_reference_free_weights_use_policy_logps():
     policy = jnp.asarray([[0.0, -1.0, -3.0]])
-    w = np.asarray(kernel.weights(policy, None, beta=1.0))
+    w = np.asarray(kernel.weights(policy, None, beta=1.0, include_preferred=False))
     np.testing.assert_allclose(w[0], [0.0, 1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))], rtol=1e-6)
+    z = 1 + np.exp(-1) + np.exp(-3)  # the default: Algorithm 1's w_0..w_L
+    np.testing.assert_allclose(np.asarray(kernel.weights(policy, None, beta=1.0))[0],
+                               [1 / z, np.exp(-1) / z, np.exp(-3) / z], rtol=1e-6)
+
+
+def test_default_is_algorithm_1_for_mc_only():
+    """By default the MC kernel samples z ~ Categorical(w_0..w_L), y0 included (Algorithm 1); Max / Min / random
+    pick among the candidates (Fig. 2, the DPO baseline)."""
+    idx = _select(jax.random.key(0), num_negatives=1)
+    freq = np.bincount(idx[:, 0], minlength=6) / DRAWS
+    assert np.max(np.abs(freq - _softmax_np(True))) < 0.01 and freq[0] > 0.1
+    for strategy in ("random", "max", "min"):
+        assert not np.any(_select(jax.random.key(1), n=2000, num_negatives=1, strategy=strategy) == 0), strategy
+    assert kernel.preferred_eligible("mc") and not kernel.preferred_eligible("random")
+    assert not kernel.preferred_eligible("mc", False) and kernel.preferred_eligible("max", True)
 
 
 def test_errors():
@@ -157,8 +173,10 @@ def test_errors():
     p = jnp.zeros((2, 4))
     with pytest.raises(ValueError, match="unknown kernel strategy 'best'.*mc"):
         kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=1, strategy="best")
-    with pytest.raises(ValueError, match="num_negatives=4"):
-        kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=4)
+    with pytest.raises(ValueError, match="num_negatives=4"):  # 3 candidates, y0 excluded
+        kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=4, include_preferred=False)
+    with pytest.raises(ValueError, match="num_negatives=5.*y0 included"):  # Algorithm 1: 4 columns eligible
+        kernel.select_negatives(jax.random.key(0), p, None, beta=1.0, num_negatives=5)
 
 
 @pytest.mark.parametrize("strategy", ["max", "min"])

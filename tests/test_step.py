@@ -60,7 +60,7 @@ def test_kernel_in_step_matches_host_recomputation():
         state["step"] = jnp.asarray(step, jnp.int32)
         draws.add(np.asarray(s["compiled"](state, s["ref"], s["batch"])[1]["selected"]).tobytes())
     assert len(draws) > 1
-    assert not np.isin(selected, [0]).any()  # y0 is never a negative by default
+    assert np.isin(selected, [0]).any()  # Algorithm 1 (the default): y0 is among the MC kernel's draws
 
 
 def test_gradient_flows_only_through_selected_rows():
@@ -167,21 +167,61 @@ def test_sft_objective_uses_y0_only():
 
 def test_golden_one_step_tiny_transformer():
     """Pins loss and grad norm of one MC-PO step (M = 2, 2 accumulated micro-batches) of a tiny Llama with
-    formula weights on a fixed batch; the same run is the 1-device side of the 1-vs-8-devices test."""
+    formula weights on a fixed batch; the same run is the 1-device side of the 1-vs-8-devices test. The default
+    kernel is Algorithm 1's (y0 among the draws: here 5 of the 8 rows draw it); the pre-issue-21 kernel
+    (candidates only) keeps its own golden."""
     m = sharded_step_metrics(1, 1)
     np.testing.assert_allclose(m["loss"], GOLDEN_LOSS, rtol=2e-5)
     np.testing.assert_allclose(m["grad_norm"], GOLDEN_GRAD_NORM, rtol=2e-4)
+    assert sum(0 in row for mb in m["selected"] for row in mb) == 5
+    old = sharded_step_metrics(1, 1, include_preferred=False)
+    np.testing.assert_allclose(old["loss"], GOLDEN_LOSS_Y0_EXCLUDED, rtol=2e-5)
+    np.testing.assert_allclose(old["grad_norm"], GOLDEN_GRAD_NORM_Y0_EXCLUDED, rtol=2e-4)
+    assert not any(0 in row for mb in old["selected"] for row in mb)
 
 
-GOLDEN_LOSS = 1.1086039543151855
-GOLDEN_GRAD_NORM = 8.90254020690918
+GOLDEN_LOSS = 1.1071075201034546
+GOLDEN_GRAD_NORM = 8.055423736572266
+GOLDEN_LOSS_Y0_EXCLUDED = 1.1086039543151855
+GOLDEN_GRAD_NORM_Y0_EXCLUDED = 8.90254020690918
+
+
+def test_random_negative_fixed_per_prompt_by_default():
+    """DPO / RNCE (sampler random, M = 1): the negative is drawn once per prompt when the data is built (App.
+    B.1, TRL), so the step uses it as a fixed index; negative_draw='per_step' redraws in the step."""
+    from mcpo_jax.training import build
+    from mcpo_jax.training.config import base_config
+
+    c = base_config()
+    assert c.include_preferred is True and c.negative_draw == "per_prompt"
+    c.objective, c.sampler = "dpo", "random"
+    assert S.step_config_from(c).sampler == "fixed"
+    c.negative_draw = "per_step"
+    assert S.step_config_from(c).sampler == "random"
+    c.objective, c.sampler, c.num_negatives, c.negative_draw = "mcpo", "random", 2, "per_prompt"
+    assert S.step_config_from(c).sampler == "random"  # M > 1 redraws
+    c.num_negatives, c.sampler = 1, "mc"
+    assert S.step_config_from(c).include_preferred is True and S.step_config_from(c).y0_eligible
+    c.sampler = "max"
+    assert not S.step_config_from(c).y0_eligible  # Max / Min / random pick among the candidates
+    valid = np.ones((4000, 6), bool)
+    valid[::2, 4:] = False  # even rows: candidates 1..3 only
+    ids = np.arange(4000) * 7
+    draw = build.random_negative_per_prompt(valid, ids, seed=3)
+    assert draw.dtype == np.int32 and np.all(np.take_along_axis(valid, draw[:, None], 1))
+    np.testing.assert_allclose(np.bincount(draw[1::2], minlength=6)[1:] / 2000, [0.2] * 5, atol=0.03)
+    np.testing.assert_allclose(np.bincount(draw[::2], minlength=6)[1:4] / 2000, [1 / 3] * 3, atol=0.035)
+    # a function of (seed, example id): the same prompt keeps its negative when rows are reordered or dropped
+    np.testing.assert_array_equal(build.random_negative_per_prompt(valid[::-1], ids[::-1], seed=3), draw[::-1])
+    assert not np.array_equal(build.random_negative_per_prompt(valid, ids, seed=4), draw)
 
 
 PRUNABLE = [
     dict(objective="dpo", sampler="random", num_negatives=1),  # the selection reads no log-probs
     dict(objective="dpo", sampler="fixed", num_negatives=1, reference="precomputed"),
-    dict(objective="mcpo", sampler="mc", num_negatives=3),  # M = L: every candidate selected
-    dict(objective="mcpo", sampler="mc", num_negatives=2),  # y0 left out of the kernel's pass
+    # with y0 out of the kernel (include_preferred=False; Algorithm 1's default draws y0 and needs its log-prob):
+    dict(objective="mcpo", sampler="mc", num_negatives=3, include_preferred=False),  # M = L: every candidate selected
+    dict(objective="mcpo", sampler="mc", num_negatives=2, include_preferred=False),  # y0 left out of the kernel's pass
 ]
 
 

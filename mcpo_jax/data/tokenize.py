@@ -214,14 +214,16 @@ class TokenizedDataset:
     def __getstate__(self):
         state = {**self.__dict__, "_full_masks": None, "_row_lengths": None}
         if self.path is not None:  # memory-mapped: workers re-open the files instead of receiving copies
-            state.update({key: None for key in STORED_KEYS})
+            # (an array replaced in memory, e.g. a fixed_index drawn per prompt, travels as it is)
+            state.update({key: None for key in STORED_KEYS if isinstance(getattr(self, key), np.memmap)})
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if self.path is not None and self.input_ids is None:
+        if self.path is not None:
             for key in STORED_KEYS:
-                setattr(self, key, np.load(os.path.join(self.path, f"{key}.npy"), mmap_mode="r"))
+                if getattr(self, key) is None:
+                    setattr(self, key, np.load(os.path.join(self.path, f"{key}.npy"), mmap_mode="r"))
 
 
 # ------------------------------------------------------------------------------------------- tokenizer

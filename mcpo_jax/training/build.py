@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from mcpo_jax import kernel, models
 from mcpo_jax.data.example import DataError
-from mcpo_jax.training.config import ConfigError, num_columns
+from mcpo_jax.training.config import ConfigError, kernel_includes_preferred, negative_fixed_per_prompt, num_columns
 
 log = logging.getLogger("mcpo_jax.train")
 
@@ -106,10 +106,27 @@ def tokenize(config, tokenizer, examples, cache_dir: str, *, split: str):
     if config.objective != "sft":
         try:
             kernel.check_enough_candidates(ds.valid, int(config.num_negatives),
-                                           include_preferred=bool(config.include_preferred))
+                                           include_preferred=kernel_includes_preferred(config))
         except ValueError as e:
             raise DataError(f"{split} split: {e} (--config.num_negatives)") from None
+    if negative_fixed_per_prompt(config):
+        ds.fixed_index = random_negative_per_prompt(ds.valid, ds.example_id, seed=int(config.seed))
     return ds
+
+
+def random_negative_per_prompt(valid_NC, example_id_N, *, seed: int):
+    """[N] int32: one uniformly drawn valid candidate column (1..L) per example, fixed for the run (App. B.1's
+    random dispreferred, drawn once as TRL's preprocessing does); a function of (seed, example id) only, so the
+    same prompt gets the same negative whatever the batching, epochs or dropped rows."""
+    import numpy as np
+
+    valid_NL = np.asarray(valid_NC, bool)[:, 1:]
+    u_N = np.asarray([np.random.default_rng([seed, 0xD1A, int(i)]).random() for i in example_id_N])
+    counts_N = valid_NL.sum(axis=1)
+    pick_N = np.minimum((u_N * counts_N).astype(np.int64), np.maximum(counts_N - 1, 0))
+    # the pick-th valid column: 1 + position of the (pick + 1)-th True
+    cum_NL = np.cumsum(valid_NL, axis=1)
+    return (1 + np.argmax(cum_NL > pick_N[:, None], axis=1)).astype(np.int32)
 
 
 def build_datasets(config, tokenizer, cache_dir: str):

@@ -30,6 +30,10 @@ RERUN_FREE = ("name", "log_every", "eval_every", "eval_batches", "progress_bar",
               "logprob_chunk_size", "share_prompt", "reuse_prompt_encoding", "compilation_cache_dir")
 RESUME_POLICIES = ("refuse", "restart")
 JUDGE_KINDS = ("oracle", "rule", "llm", "reward")
+NEGATIVE_DRAWS = ("per_prompt", "per_step")
+# App. B.1's learning-rate grid, the one copy (configs/nectar.py and experiments/protocol.py read it). The paper
+# prints 7 values, "8e-7, 1e-6, 2e-6, 5e-6, 8e-7, 1e-5, 2e-5": 8e-7 twice, so 6 distinct rates.
+PAPER_LR_GRID = (8e-7, 1e-6, 2e-6, 5e-6, 1e-5, 2e-5)
 
 
 class ConfigError(ValueError):
@@ -88,7 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_candidates = 5  # L
     c.num_negatives = 1  # M
     c.beta = 0.01  # App. B.2
-    c.include_preferred = False  # kernel may draw y0 (Algorithm 1 literally; zero gradient for M = 1)
+    # Algorithm 1: the MC kernel samples z over w_0..w_L, y0 included (a drawn y0 is a zero-gradient step, which
+    # down-weights examples the policy already ranks right). False: candidates only (the pre-issue-21 default).
+    # Only the "mc" sampler reads it: max / min / random pick among the candidates (Fig. 2, App. B.1).
+    c.include_preferred = True
+    # sampler="random" with M = 1 (DPO and the other baselines, RNCE): "per_prompt" draws each prompt's negative
+    # once, when the data is built (App. B.1 "randomly select a dispreferred completion", TRL's preprocessing:
+    # the same pair in every epoch); "per_step" redraws it at every step. M > 1 always redraws.
+    c.negative_draw = "per_prompt"
     c.loss_hparams = ml_collections.ConfigDict()  # e.g. lam=0.1 (RPO/CPO), gamma=10 (SimPO)
     c.reference = "online"  # online | precomputed
     # pi_ref: "" = the initial policy (frozen copy); or a Hugging Face folder / hub id of the same architecture.
@@ -257,6 +268,17 @@ def num_columns(config) -> int:
     return 1 + int(config.num_candidates) + (1 if config.data.options.get("inject_noise", False) else 0)
 
 
+def kernel_includes_preferred(config) -> bool:
+    """Whether the negatives may include y0: `include_preferred` for the MC kernel, never for the others."""
+    return config.sampler == "mc" and bool(config.include_preferred)
+
+
+def negative_fixed_per_prompt(config) -> bool:
+    """Whether the run's random negative is drawn once per prompt when the data is built (`negative_draw`)."""
+    return (config.sampler == "random" and config.negative_draw == "per_prompt" and int(config.num_negatives) == 1
+            and config.objective != "sft")
+
+
 def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.count("/") != 1 or os.sep in value.split("/", 1)[-1]
 
@@ -315,10 +337,13 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         errors.append(f"num_candidates (L) must be >= 1, got {L}")
     if objective != "sft" and objective in known_objectives:
         columns = num_columns(config) - 1
-        eligible = columns + (1 if config.include_preferred else 0)
+        y0 = kernel_includes_preferred(config)
+        eligible = columns + (1 if y0 else 0)
         if M < 1 or M > eligible:
             errors.append(f"num_negatives (M) = {M} must be between 1 and num_candidates (L) = {columns}"
-                          f"{' + 1 (y0 included)' if config.include_preferred else ''}")
+                          f"{' + 1 (y0 included)' if y0 else ''}")
+    if config.negative_draw not in NEGATIVE_DRAWS:
+        errors.append(f"negative_draw={config.negative_draw!r}: {' or '.join(NEGATIVE_DRAWS)}")
         if losses.is_pairwise(objective) and M != 1:
             errors.append(f"objective={objective!r} is pairwise: it needs num_negatives=1, got {M}")
         if sampler == "fixed" and M != 1:

@@ -40,7 +40,9 @@ class StepConfig:
     sampler: str = "mc"
     num_negatives: int = 1
     beta: float = 0.01
-    include_preferred: bool = False  # the kernel may pick y0 itself (Algorithm 1 samples over 0..L)
+    # Whether the kernel may pick y0 itself: None = Algorithm 1 (the MC kernel samples over w_0..w_L; max / min /
+    # random / fixed pick among the candidates); True / False force it (kernel.preferred_eligible)
+    include_preferred: bool | None = None
     reference: str = "online"  # "online" | "precomputed" | "none" (reference-free objectives)
     loss_hparams: tuple[tuple[str, Any], ...] = ()
     logprob_chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
@@ -64,6 +66,10 @@ class StepConfig:
     prune_passes: bool = True
 
     @property
+    def y0_eligible(self) -> bool:
+        return self.sampler != "fixed" and kernel.preferred_eligible(self.sampler, self.include_preferred)
+
+    @property
     def needs_reference(self) -> bool:
         return self.reference != "none"
 
@@ -78,7 +84,7 @@ class StepConfig:
             return not self.is_sft
         if self.sampler in ("fixed", "random"):
             return False
-        return not (self.num_negatives == num_columns - 1 and not self.include_preferred)
+        return not (self.num_negatives == num_columns - 1 and not self.y0_eligible)
 
 
 def negatives_key(rng, step, micro):
@@ -168,7 +174,7 @@ def prompt_reuse(cfg: StepConfig, num_columns: int, length: int, *, with_grad: b
     if (dynamic_rope or cfg.is_sft or not cfg.reuse_prompt_encoding
             or not (with_grad and cfg.selection_reads_policy(num_columns))):
         return None
-    nograd_rows = num_columns - 1 if cfg.prune_passes and not cfg.include_preferred else num_columns
+    nograd_rows = num_columns - 1 if cfg.prune_passes and not cfg.y0_eligible else num_columns
     windows = {logprobs.shared_prompt_windows(cfg.prompt_window, cfg.completion_window, k, length)
                for k in (nograd_rows, 1 + cfg.num_negatives)}
     return windows.pop() if len(windows) == 1 else None
@@ -219,7 +225,7 @@ def select_columns(cfg: StepConfig, key, policy_BC, ref_BC, valid_BC, fixed_inde
             beta=cfg.beta,
             num_negatives=cfg.num_negatives,
             strategy=strategy,
-            include_preferred=cfg.include_preferred,
+            include_preferred=cfg.y0_eligible,
             valid=valid_BC,
         ).astype(jnp.int32)
     return jnp.concatenate([zero_B1, neg_BM], axis=1), neg_BM
@@ -277,7 +283,7 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     policy_BC = ref_BC = None
     if cfg.selection_reads_policy(c):
         enc = None if encoded is None else jax.lax.stop_gradient(encoded)
-        if cfg.prune_passes and not cfg.include_preferred:
+        if cfg.prune_passes and not cfg.y0_eligible:
             # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
             rest_BL = policy_logps(params, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:], enc)
             policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
@@ -360,7 +366,7 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
     if policy_BC is not None:  # the MC weights' entropy; without the policy pass it is not computed
         weights_BC = kernel.weights(
-            policy_BC, ref_BC, beta=cfg.beta, valid=valid_BC, include_preferred=cfg.include_preferred
+            policy_BC, ref_BC, beta=cfg.beta, valid=valid_BC, include_preferred=cfg.y0_eligible
         )
         entropy_B = -jnp.sum(jnp.where(weights_BC > 0, weights_BC * jnp.log(jnp.maximum(weights_BC, 1e-30)), 0.0),
                              1)
@@ -526,13 +532,16 @@ def compile_train_step(step_fn, state, ref_params, batch, *, state_shardings, re
 
 def step_config_from(config) -> StepConfig:
     """StepConfig from the validated trainer config (training/config.py owns every default)."""
+    from mcpo_jax.training.config import kernel_includes_preferred, negative_fixed_per_prompt
+
     reference = "none" if config.objective in losses.REFERENCE_FREE else config.reference
     return StepConfig(
         objective=config.objective,
-        sampler=config.sampler,
+        # a random negative drawn once per prompt is in the data's `fixed_index` (training/build.py draws it)
+        sampler="fixed" if negative_fixed_per_prompt(config) else config.sampler,
         num_negatives=int(config.num_negatives),
         beta=float(config.beta),
-        include_preferred=bool(config.include_preferred),
+        include_preferred=kernel_includes_preferred(config),
         reference=reference,
         loss_hparams=tuple(sorted(config.loss_hparams.to_dict().items())),
         logprob_chunk_size=int(config.logprob_chunk_size),
