@@ -9,7 +9,8 @@ One optimizer trajectory cut into segments; per segment: 6 completions
 per prompt (2 each at temperatures 0.6, 0.8, 1.0), the winner of an iterative pairwise ranking by
 Llama-3.1-70B-Instruct (L - 1 = 5 comparisons, both orders judged) is y0, the other 5 are the candidates; the
 trainer then runs MC-PO (M = 1 negative drawn by the MC kernel, L = 5) on them. The prompt pool is shuffled once
-and cut into S parts, so the segments together take the steps of one pass (x num_epochs) over the prompts:
+and cut into S parts, so the segments together take the steps of one pass over the prompts (steps = prompts /
+128; num_epochs does not apply online):
 "with a total of 450 training steps, ... generate preference data for the first 150 steps. At the 150th step,
 ... generate data for the next 150 steps" (App. B.1).
 

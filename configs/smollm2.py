@@ -6,8 +6,9 @@
 Prompts: small writing tasks with 1-2 instructions a program checks (mcpo_jax.data.instructions: word and
 sentence limits, all lowercase, a required or forbidden word, a given ending, a sum answered with the number
 only). Per prompt the model samples 6 answers at the paper's temperatures (0.6, 0.6, 0.8, 0.8, 1, 1; App. B.1),
-the rule judge (fraction of the prompt's instructions satisfied) ranks them, and they become Nectar-style rows:
-rank 1 = y0, rank 2 dropped, the other 4 the candidates (Sec. 5.1's Nectar preprocessing). MC-PO then trains the
+the rule judge (fraction of the prompt's instructions satisfied) ranks them, and they become rows of the paper's
+instruct / online setup (App. B.1): the best = y0, the other 5 the candidates (no rank is dropped: dropping rank 2
+is Sec. 5.1's preprocessing of Nectar, not of self-generated data). MC-PO then trains the
 model on them (M = 1 negative drawn by the MC kernel). This is the online block with one segment: sampling,
 judging and training from the model itself, once.
 
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.objective = "mcpo"
     c.sampler = "mc"
-    c.num_candidates = 4  # 6 samples: y0 (rank 1), rank 2 dropped, 4 candidates (Sec. 5.1)
+    c.num_candidates = 5  # 6 samples: y0 (the judge's best) and the other 5 (App. B.1's instruct setup)
     c.num_negatives = 1  # M = 1 (Sec. 5.1)
     # Not the paper's 0.01 (App. B.2, thousands of steps on an 8B model): with a few dozen steps a larger beta
     # lets the MC kernel's weights exp(beta * r) separate the candidates at all.
@@ -90,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.seed = 0
     o.judge = JUDGE
     o.ranking = "full"  # a score-based judge ranks exactly by sorting (no pairwise round robin)
-    o.drop_ranks = (2,)  # Nectar: rank 1 = y0, rank 2 dropped
+    o.drop_ranks = ()  # self-generated data keeps every sample (only Nectar drops rank 2, Sec. 5.1)
     o.max_new_tokens = int(c.data.max_completion_length)
     o.max_prompt_tokens = int(c.data.max_prompt_length)
     o.generation_batch_size = 96  # 16 prompts x 6 temperatures per generate call

@@ -146,23 +146,34 @@ class Judge:
         raise ValueError(f"unknown ranking mode {mode!r}; expected 'winner' or 'full'")
 
 
-def iterative_pairwise_ranking(judge: Judge, prompts, completions, *, log: list | None = None) -> list[list[int]]:
+def iterative_pairwise_ranking(judge: Judge, prompts, completions, *, log: list | None = None,
+                               seed: int = 0) -> list[list[int]]:
     """Winner of each prompt's L candidates in L - 1 comparisons (Chen et al. 2024b; paper Appendix B.1).
 
     Batched by rounds: round j compares every prompt's current winner with its candidate j in one
-    ``judge_pairs`` call. The incumbent keeps its place on a tie or an invalid comparison. Returns, per prompt,
-    ``[winner] + the other indices in their original order``. Judgments are appended to ``log`` if given.
+    ``judge_pairs`` call. The incumbent keeps its place on an invalid comparison. Ties are broken at random
+    (seeded by ``seed``), uniformly among the candidates tied with the winner (reservoir sampling: the k-th
+    candidate to tie takes the place with probability 1/k), so a tie does not favour the earlier, lower-temperature
+    sample. Returns, per prompt, ``[winner] + the other indices in their original order``. Judgments are appended
+    to ``log`` if given.
     """
+    rng = np.random.default_rng([seed, 0x71E])
     winners = [0] * len(prompts)
+    tied = [1] * len(prompts)  # candidates tied with the current winner, the winner included
     rounds = max((len(c) for c in completions), default=0)
     for j in range(1, rounds):
         rows = [i for i, c in enumerate(completions) if len(c) > j]
         results = judge.judge_pairs([(prompts[i], completions[i][winners[i]], completions[i][j]) for i in rows])
-        for i, res in zip(rows, results):
+        coins = rng.random(len(rows))
+        for i, res, u in zip(rows, results, coins):
             if log is not None:
                 log.append({"prompt_index": i, "a": winners[i], "b": j, "verdict": res.verdict, **res.detail})
             if res.verdict == B:
-                winners[i] = j
+                winners[i], tied[i] = j, 1
+            elif res.verdict == TIE:
+                tied[i] += 1
+                if u * tied[i] < 1.0:
+                    winners[i] = j
     return [[w] + [k for k in range(len(c)) if k != w] for w, c in zip(winners, completions)]
 
 

@@ -168,6 +168,20 @@ def test_iterative_ranking_uses_l_minus_1_comparisons_and_finds_oracle_winner():
     assert llm.stats["calls"] == 20 * 5 * 2
 
 
+def test_iterative_ranking_breaks_ties_at_random():
+    """Equal samples (a score judge's tie) must not always keep the first, lowest-temperature one: among the
+    candidates tied with the best, the winner is uniform; a strict win still decides."""
+    prompts = [f"p{i}" for i in range(6000)]
+    comps = [["a", "b", "c", "d", "e", "f"] for _ in prompts]  # candidates 1, 3, 4 tied best
+    score = {"a": 0.0, "b": 1.0, "c": 0.5, "d": 1.0, "e": 1.0, "f": 0.2}
+    judge = J.RewardFunctionJudge(lambda p, c: score[c])
+    winners = [o[0] for o in J.iterative_pairwise_ranking(judge, prompts, comps, seed=0)]
+    freq = np.bincount(winners, minlength=6) / len(prompts)
+    np.testing.assert_allclose(freq, [0, 1 / 3, 0, 1 / 3, 1 / 3, 0], atol=0.03)
+    again = [o[0] for o in J.iterative_pairwise_ranking(judge, prompts, comps, seed=0)]
+    assert again == winners and [o[0] for o in J.iterative_pairwise_ranking(judge, prompts, comps, seed=1)] != winners
+
+
 def test_full_ranking_round_robin_and_reward_sort():
     score = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 3.0}
     judge = J.RewardFunctionJudge(lambda p, c: score[c])

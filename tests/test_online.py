@@ -20,6 +20,26 @@ def test_segment_bounds_and_prompt_split():
     assert parts == onmcpo.segment_prompts(list(range(10)), 3, seed=0)
 
 
+def test_online_steps_are_one_pass_over_the_data():
+    """App. B.1: total steps = data / effective batch (128); num_epochs (2 offline) does not multiply them."""
+    from mcpo_jax.training.config import base_config
+
+    c = base_config()
+    assert (int(c.num_epochs), int(c.batch_size)) == (2, 128)
+    assert onmcpo.segment_steps(c, 19200) == 150  # 57 600 prompts / 128 = 450 steps in 3 segments of 150
+    assert onmcpo.segment_steps(c, 200) == 1
+
+
+def test_smollm2_keeps_every_self_generated_sample(monkeypatch, tmp_path):
+    """The online / instruct setup takes the winner as y0 and the other 5 samples as candidates: no rank 2 drop."""
+    from mcpo_jax.experiments.protocol import load_config
+
+    monkeypatch.setenv("MCPO_SMOLLM2_DIR", str(tmp_path))
+    for variant in ("", "online", "dpo"):
+        c = load_config(f"configs/smollm2.py:{variant}" if variant else "configs/smollm2.py")
+        assert int(c.num_candidates) == len(c.online.temperatures) - 1 == 5 and tuple(c.online.drop_ranks) == ()
+
+
 def test_training_row_drops_copies_of_y0_and_empty_candidates():
     row, why = onmcpo.training_row("p", ["b", "a", " a ", "", "c"], {"winner": 1, "order": None})
     assert why is None and row == {"prompt": "p", "chosen": "a", "rejected": ["b", "c"]}

@@ -74,12 +74,12 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
 
 # -- judging -----------------------------------------------------------------------------------------------------
 def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequence[Sequence[str]], *,
-                      ranking: str = "winner") -> list[dict]:
+                      ranking: str = "winner", seed: int = 0) -> list[dict]:
     """Per prompt: {"winner": index, "order": indices best first (None when only the winner is known),
     "judgments": [...]} with the paper's iterative pairwise ranking ("winner") or a full ranking ("full")."""
     judgments: list[dict] = []
     if ranking == "winner":
-        orders = iterative_pairwise_ranking(judge, prompts, completions, log=judgments)
+        orders = iterative_pairwise_ranking(judge, prompts, completions, log=judgments, seed=seed)
     elif ranking == "full":
         if hasattr(judge, "scores"):  # a score-based judge ranks exactly by sorting, no pairwise round robin
             orders = judge.rank_many(prompts, completions)
@@ -204,7 +204,7 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     if not isinstance(judge, Judge):
         judge = judge()
     before = dict(getattr(judge, "stats", {}))
-    results = judge_completions(judge, prompts, completions, ranking=ranking)
+    results = judge_completions(judge, prompts, completions, ranking=ranking, seed=seed)
     t2 = time.perf_counter()
     samples, data, skipped = [], [], {}
     # A score-based judge that gives every sample of a prompt the same score expresses no preference: such a
@@ -280,6 +280,17 @@ def segment_prompts(prompts: Sequence[Any], num_segments: int, seed: int) -> lis
     return [[prompts[i] for i in part] for part in np.array_split(order, num_segments)]
 
 
+def segment_steps(config, num_prompts: int) -> int:
+    """A segment's optimizer steps: its prompts / the effective batch, one pass (App. B.1: "the number of total
+    training steps is calculated as the number of total data divided by the effective batch size"; no epochs)."""
+    import jax
+
+    from mcpo_jax import data as data_lib
+
+    return data_lib.num_batches(num_prompts, batch_size=int(config.batch_size) // jax.process_count(), num_epochs=1,
+                                process_count=jax.process_count())
+
+
 def segment_config(config, data_path: str):
     """The trainer config of a segment's data: the generated rows, ``ranked`` (a full ranking) or ``pairs``."""
     from mcpo_jax.training.config import prepare
@@ -324,7 +335,7 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
         _barrier("onmcpo:initial")
     tokenizer = build.build_tokenizer(config, model_path=initial)
     parts = segment_prompts(load_online_prompts(o), int(o.num_segments), int(o.seed))
-    planned = [loop.planned_steps(config, len(p)) for p in parts]
+    planned = [segment_steps(config, len(p)) for p in parts]
     total = int(config.max_steps) if int(config.max_steps) > 0 else sum(planned)
     bounds = segment_bounds(total, int(o.num_segments))
     trainer = loop.Trainer(config, workdir, total_steps=total, stop=stop, model_path=initial)
