@@ -7,6 +7,8 @@
 #
 #   scripts/gpu_reproduce.sh                # SmolLM2-135M-Instruct, configs/smollm2.py:gpu / :gpu,online
 #   scripts/gpu_reproduce.sh --toy          # the same protocol on the synthetic demo config, tiny, on a CPU
+#   scripts/gpu_reproduce.sh --prereg       # issue 21's pre-registered design (docs/results.md) at --scale gpu:
+#                                           # times one seed first (SFT + gate + one run), then runs the design
 #
 # Environment knobs (defaults sized for the 8-minute target; the real-model defaults are NOT yet measured):
 #   BASE / ONLINE_BASE (configs/smollm2.py:gpu and :gpu,online), MODEL_DIR (default runs/models/smollm2; fetched with `python -m mcpo_jax.models.fetch smollm2 DIR` if absent),
@@ -18,10 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOY=0
+PREREG=0
 for arg in "$@"; do
   case "$arg" in
     --toy) TOY=1 ;;
-    *) echo "usage: $0 [--toy]" >&2; exit 2 ;;
+    --prereg) PREREG=1 ;;
+    *) echo "usage: $0 [--toy | --prereg]" >&2; exit 2 ;;
   esac
 done
 
@@ -33,7 +37,18 @@ METHODS="DPO@dpo:random:1,MC-PO@mcpo:mc:1,MC-PO Max@mcpo:max:1,MC-PO Min@mcpo:mi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 
-if [ "$TOY" = 1 ]; then
+if [ "$PREREG" = 1 ]; then
+  # The design of docs/results.md's pre-registered section, unchanged, on the gpu scale's model (4 x 256, SFT on
+  # 32k rows) with the gpu scale's data: 16k preference rows, batch 128, 2 epochs (App. B.1), 4096 test prompts.
+  OUT=${OUT:-runs/prereg_gpu}
+  PREREG_ARGS=(--experiments prereg --task synthetic --scale gpu --base configs/demo.py
+    --selection-seeds "${SELECTION_SEEDS:-100,101}" --seeds "${PREREG_SEEDS:-0,1,2,3,4,5}" --max-extensions 2
+    --num-validation "${NUM_VALIDATION:-1024}" --num-test "${NUM_TEST:-4096}"
+    --set data.synthetic_rows=16384 --set batch_size=128 --set micro_batch_size=128 --set num_epochs=2
+    --set eval_every=0 --out "$OUT")
+  $PYTHON -m mcpo_jax.experiments.run_protocol "${PREREG_ARGS[@]}" --time-one
+  $PYTHON -m mcpo_jax.experiments.run_protocol "${PREREG_ARGS[@]}" --doc "$DOC"
+elif [ "$TOY" = 1 ]; then
   OUT=${OUT:-runs/gpu_reproduce_toy}
   # A few steps per run on a handful of prompts: the whole pipeline, not a measurement.
   $PYTHON -m mcpo_jax.experiments.run_protocol --task synthetic --scale tiny \

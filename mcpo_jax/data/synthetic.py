@@ -34,8 +34,11 @@ Why preference optimization has room to improve. The SFT data (`sft_rows`) comes
 mass on wrong answers, and even its greedy answer is wrong on inputs with repeats (the teacher's most frequent
 answer there is ``dedup``). Its likelihood does not order candidates by quality: ``dedup`` and ``desc`` are far
 more likely under the SFT model than the ``sub2``/``sub3`` near misses that rank above ``desc``, and ``random``
-is unlikely but no worse than ``desc``. Those high-likelihood, low-quality candidates are the hard negatives the
-MC kernel should find, while a uniformly random negative is often an easy one (``random``, ``sub3``).
+is unlikely but no worse than ``desc``. The MC kernel does not weight candidates by their likelihood: its weights
+are exp(beta * r), r = log pi - log pi_ref, uniform at the start (pi = pi_ref) and then largest for the candidates
+whose likelihood training has raised (or failed to lower) the most relative to the SFT model. Whether that finds
+the harmful ``dedup`` answer more often than a uniform draw is what the experiments measure (issue 21: the tiny
+model's SFT answers ``dedup`` on most repeat prompts only at `--scale medium`, which `common.sft_gate` checks).
 
 Held-out prompts. A fixed eighth of all digit strings (by a CRC32 hash) is reserved for evaluation:
 `generate_rows` and `sft_rows` never emit them and `prompts` emits only them, whatever the seeds.

@@ -57,11 +57,19 @@ SCALES: dict[str, dict[str, Any]] = {
     "small": dict(
         model={"vocab_size": 128}, sft_rows=8000, sft_batch=32, po_rows=2048, batch=32, epochs=1,
         eval_prompts=512, online_prompts=2048, generation_batch=768, sft_lr=3e-3, lr=2e-3),
+    # "medium": a 0.5M-parameter model (2 layers x 128) that learns the teacher's structure the paper's argument
+    # needs (issue 21): on repeat-digit prompts its greedy answer is the teacher's "dedup" error and the correct
+    # answer is its log-prob runner-up (checked by `sft_gate` before any preference run).
+    "medium": dict(
+        model={"vocab_size": 128, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32},
+        sft_rows=16000, sft_batch=64, po_rows=2048, batch=32, epochs=1, eval_prompts=512, online_prompts=2048,
+        generation_batch=768, sft_lr=2e-3, lr=5e-4, gate=True),
     "gpu": dict(
         model={"vocab_size": 128, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32},
         sft_rows=32000, sft_batch=64, po_rows=16384, batch=128, epochs=2, eval_prompts=4096,
-        online_prompts=16384, generation_batch=4096, sft_lr=1e-3, lr=5e-4),
+        online_prompts=16384, generation_batch=4096, sft_lr=1e-3, lr=5e-4, gate=True),
 }
 BETA = 0.1  # configs/demo.py: the paper's 0.01 barely moves a 0.1M-parameter model's log-probs
 
@@ -284,6 +292,73 @@ def oracle_win_rate(prompts: Sequence[str], policy: Sequence[str], baseline: Seq
     wr = win_rate(make_judge("oracle:sorting"), list(prompts), list(policy), list(baseline), num_bootstrap=1000,
                   task=tasks.get("sorting"))
     return wr.summary()
+
+
+GATE_DEDUP = 0.70  # issue 21: the SFT's greedy answer is the teacher's "dedup" error on >= 70% of repeat prompts
+GATE_KINDS = ("correct", "dedup", "desc", "copy", "sub1")  # the teacher's kinds on repeat-digit inputs
+
+
+class GateFailed(RuntimeError):
+    """The SFT start lacks the structure the experiment tests (a hard, likely wrong answer above the right one)."""
+
+
+def sequence_logps(model_path: str, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+    """log pi(completion + EOS | chat-templated prompt) per pair, summed over the completion's tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from mcpo_jax import models
+    from mcpo_jax.data.synthetic import make_tokenizer
+
+    tok = make_tokenizer()
+    model = models.from_pretrained(model_path)
+    rows, starts = [], []
+    for p, c in zip(prompts, completions):
+        ids_p = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        ids_p = list(ids_p["input_ids"] if hasattr(ids_p, "keys") else ids_p)
+        ids_c = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(ids_p + ids_c)
+        starts.append(len(ids_p))
+    t = max(map(len, rows))
+    ids = np.full((len(rows), t), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    out = []
+    for s in range(0, len(rows), 512):
+        logits = model(jnp.asarray(ids[s:s + 512]), jnp.asarray(mask[s:s + 512]))
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+        for i in range(logp.shape[0]):
+            r, st = rows[s + i], starts[s + i]
+            out.append(float(sum(logp[i, j - 1, r[j]] for j in range(st, len(r)))))
+    return np.asarray(out)
+
+
+def sft_gate(model_path: str, prompts: Sequence[str], answers: Sequence[str], *, threshold: float = GATE_DEDUP) -> dict:
+    """Whether an SFT start has the structure the MC kernel's argument needs (issue 21), on the repeat-digit
+    prompts among `prompts`: its greedy `answers` are the teacher's "dedup" error on >= `threshold` of them, and
+    the correct answer is the log-prob runner-up (mean log pi over those prompts: dedup first, correct second
+    among GATE_KINDS). Returns the measured numbers and `passed`."""
+    from mcpo_jax.data import synthetic
+
+    rng = np.random.default_rng(0)
+    rep = [(p, a) for p, a in zip(prompts, answers) if synthetic.has_repeats(synthetic.parse_prompt(p))]
+    if not rep:
+        raise ValueError("no repeat-digit prompts to check the SFT gate on")
+    digits = [synthetic.parse_prompt(p) for p, _ in rep]
+    dedup = float(np.mean([a.strip() == synthetic.completion_of_kind(rng, d, "dedup") for (_, a), d in zip(rep, digits)]))
+    exact = float(np.mean([a.strip() == synthetic.answer(p) for p, a in rep]))
+    texts = {k: [synthetic.completion_of_kind(rng, d, k) for d in digits] for k in GATE_KINDS}
+    logps = {k: sequence_logps(model_path, [p for p, _ in rep], texts[k]) for k in GATE_KINDS}
+    means = {k: float(np.mean(v)) for k, v in logps.items()}
+    order = sorted(means, key=lambda k: -means[k])
+    stacked = np.stack([logps[k] for k in GATE_KINDS])  # [K, P]
+    second = np.argsort(-stacked, axis=0)[1]
+    runner_up_share = float(np.mean(second == GATE_KINDS.index("correct")))
+    passed = dedup >= threshold and order[:2] == ["dedup", "correct"]
+    return {"passed": bool(passed), "repeat_prompts": len(rep), "greedy_dedup": dedup, "greedy_exact": exact,
+            "threshold": threshold, "mean_logp": means, "order": order,
+            "correct_runner_up_per_prompt": runner_up_share}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -2,17 +2,21 @@
 on held-out test prompts over seeds, with paired tests for the head-to-head comparisons.
 
 For every method:
-  1. a learning-rate grid: the paper's 7 values (App. B.1 lists 8e-7, 1e-6, 2e-6, 5e-6, 8e-7, 1e-5, 2e-5; the
-     repeated 8e-7 is read as 8e-6) scaled so that its 4th value (5e-6) is the base config's learning rate;
+  1. a learning-rate grid: the paper's (`training.config.PAPER_LR_GRID`: App. B.1 prints 8e-7, 1e-6, 2e-6, 5e-6,
+     8e-7, 1e-5, 2e-5, 8e-7 twice, so 6 distinct rates) scaled so that 5e-6 is the base config's learning rate;
+     a selected rate on the grid's edge is flagged, and with `max_extensions` the grid is extended past that
+     edge (x2 / /2) until the selection is inside it;
   2. beta fixed for every method, as the paper fixes beta = 0.01 for all (App. B.2): the base config's beta
      (0.01 in the paper-scale configs, 2 in configs/demo.py, whose model is too small for 0.01);
-  3. every grid point trained on the selection seed, its greedy answers judged against the start policy's on the
-     VALIDATION prompts; the learning rate with the highest adjusted win rate is selected (ties: the smaller one);
-  4. the selected setting run on every seed (the selection seed's run is reused) and reported on the TEST
-     prompts (disjoint from the validation prompts), mean +- std over seeds.
-  5. head-to-head: the two methods' test answers judged against each other, seed by seed, on the same prompts
-     (sign test, exact binomial p-value, ties dropped), and a paired bootstrap over prompts of the difference of
-     their per-prompt scores against the start policy (averaged over seeds).
+  3. every grid point trained on the selection seeds, its greedy answers judged against the start policy's on
+     the VALIDATION prompts; the learning rate with the highest mean adjusted win rate over the selection seeds
+     is selected (ties: the smaller one). Selection seeds are never reported (`selection_seeds`, disjoint from
+     `seeds`); the old single `selection_seed` = seeds[0] is still accepted and marked as biased;
+  4. the selected setting run on every reported seed and evaluated on the TEST prompts (disjoint from the
+     validation prompts), mean +- std over seeds;
+  5. comparisons with the seed as the unit (stats.py): per-seed differences of the test win rates vs the start,
+     an exact sign-flip permutation p over seeds and a paired t-test, a bootstrap over seeds then prompts; the
+     pooled head-to-head verdicts (sign test) are kept as a description, not as the test.
 
 One start policy per seed, shared by every method (the synthetic task's SFT warm start is built once per seed by
 `common.Runner` and reused by path; a real model's start is the released model). Runs are cached under
@@ -41,26 +45,38 @@ from typing import Any
 import numpy as np
 
 from mcpo_jax.experiments import common, stats
+from mcpo_jax.training.config import PAPER_LR_GRID
 
 log = logging.getLogger("mcpo_jax.experiments.protocol")
 
-# App. B.1, in increasing order (the printed list repeats 8e-7; the 5th value is read as 8e-6).
-PAPER_LRS = (8e-7, 1e-6, 2e-6, 5e-6, 8e-6, 1e-5, 2e-5)
+PAPER_LRS = PAPER_LR_GRID  # App. B.1, increasing (one copy, in training/config.py)
 PAPER_LR_ANCHOR = 5e-6  # the grid value mapped onto the base config's learning rate
 SCORE = {"A": 1.0, "tie": 0.5, "B": 0.0}
 
 
-def lr_grid(base_lr: float, points: int | Sequence[int] = 7) -> tuple[float, ...]:
+def _round(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def lr_grid(base_lr: float, points: int | Sequence[int] = len(PAPER_LRS)) -> tuple[float, ...]:
     """The paper's grid scaled to the model: PAPER_LRS * base_lr / 5e-6 (rounded to 3 significant digits).
-    `points` = k keeps k values centred on the anchor; a sequence keeps those indices of the 7."""
-    scaled = [float(f"{v * base_lr / PAPER_LR_ANCHOR:.3g}") for v in PAPER_LRS]
+    `points` = k keeps k values centred on the anchor; a sequence keeps those indices."""
+    n = len(PAPER_LRS)
+    scaled = [_round(v * base_lr / PAPER_LR_ANCHOR) for v in PAPER_LRS]
     if isinstance(points, int):
-        if not 1 <= points <= 7:
-            raise ValueError(f"grid points must be 1..7, got {points}")
+        if not 1 <= points <= n:
+            raise ValueError(f"grid points must be 1..{n}, got {points}")
         anchor = PAPER_LRS.index(PAPER_LR_ANCHOR)
-        start = min(max(anchor - (points - 1) // 2, 0), 7 - points)
+        start = min(max(anchor - (points - 1) // 2, 0), n - points)
         return tuple(scaled[start:start + points])
     return tuple(scaled[i] for i in points)
+
+
+def grid_edge(lr: float, lrs: Sequence[float]) -> str | None:
+    """"low" / "high" when `lr` is the smallest / largest of `lrs` (the optimum may lie outside), else None."""
+    if len(lrs) < 2:
+        return "low+high"
+    return "low" if lr == min(lrs) else "high" if lr == max(lrs) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +130,8 @@ class Task:
     test_prompts: list[str]
     overrides: tuple[tuple[str, Any], ...] = ()  # applied to every run's config (sizes for toy runs)
     online_overrides: tuple[tuple[str, Any], ...] = ()  # applied to the online runs' configs after `overrides`
+    # (prompts, answers) -> {name: value}: task-specific answer metrics (e.g. exact answers on repeat prompts)
+    answer_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None
 
     def base_lr(self, kind: str = "offline") -> float:
         return float(load_config(self.online_base if kind == "online" else self.base).optimizer.learning_rate)
@@ -171,8 +189,40 @@ def synthetic_task(out: str, scale: str = "small", *, base: str = "configs/demo.
     runner = common.Runner(out, scale)
     pool = synthetic.prompts(4 * (num_validation + num_test), seed=1)
     val, test = _split(pool, num_validation, num_test)
-    return Task("synthetic", base, online_base, runner.sft, common.greedy_answers, oracle_judge("sorting"), val, test,
-                tuple(overrides), tuple(online_overrides))
+    gated = common.SCALES[scale].get("gate", False)
+
+    def start(seed: int) -> str:
+        """The seed's SFT export; at a gated scale it must pass `common.sft_gate` on the repeat-digit test prompts
+        before any preference run starts from it (else GateFailed stops the protocol)."""
+        path = runner.sft(seed)
+        if gated:
+            gate_path = os.path.join(runner.sft_dir(seed), "gate.json")
+            if not os.path.exists(gate_path):
+                _write(gate_path, common.sft_gate(path, test, common.greedy_answers(path, test)))
+            gate = _read(gate_path)
+            log.info("SFT gate, seed %d: %s", seed, json.dumps(gate))
+            if not gate["passed"]:
+                raise common.GateFailed(
+                    f"SFT seed {seed} ({path}) fails the gate: greedy dedup {100 * gate['greedy_dedup']:.1f}% of "
+                    f"{gate['repeat_prompts']} repeat-digit test prompts (need >= {100 * gate['threshold']:.0f}%), "
+                    f"log-prob order {gate['order']} (need dedup, correct first): this SFT lacks the structure the "
+                    "experiment tests; no preference run was started from it")
+        return path
+
+    return Task("synthetic", base, online_base, start, common.greedy_answers, oracle_judge("sorting"), val, test,
+                tuple(overrides), tuple(online_overrides), answer_metrics=sorting_metrics)
+
+
+def sorting_metrics(prompts: Sequence[str], answers: Sequence[str]) -> dict:
+    """Exact-answer rates (all prompts, repeat-digit prompts) and the dedup-error rate on repeat-digit prompts."""
+    from mcpo_jax.data import synthetic
+
+    digits = [synthetic.parse_prompt(p) for p in prompts]
+    exact = [a.strip() == "".join(sorted(d)) for a, d in zip(answers, digits)]
+    rep = [i for i, d in enumerate(digits) if synthetic.has_repeats(d)]
+    dedup = [answers[i].strip() == "".join(sorted(set(digits[i]))) for i in rep]
+    return {"exact": float(np.mean(exact)), "exact_repeat": float(np.mean([exact[i] for i in rep])) if rep else
+            float("nan"), "dedup_repeat": float(np.mean(dedup)) if rep else float("nan")}
 
 
 def config_task(base: str, online_base: str, model_dir: str, prompts_path: str, judge: str, *,
@@ -254,13 +304,24 @@ class Protocol:
     """Runs (method, lr, seed) under OUT, selects, reruns, compares; every run cached on disk."""
 
     def __init__(self, task: Task, out: str, *, seeds: Sequence[int] = (0, 1, 2), grid: Sequence[float] = (),
-                 online_grid: Sequence[float] = (), selection_seed: int | None = None, train: Callable | None = None,
-                 train_online: Callable | None = None, report_only: bool = False):
+                 online_grid: Sequence[float] = (), selection_seed: int | None = None,
+                 selection_seeds: Sequence[int] = (), max_extensions: int = 0, extension_factor: float = 2.0,
+                 train: Callable | None = None, train_online: Callable | None = None, report_only: bool = False):
         self.task, self.out = task, os.path.abspath(out)
         self.seeds = tuple(seeds)
         if len(self.seeds) < 1:
             raise ValueError("at least one seed")
-        self.selection_seed = self.seeds[0] if selection_seed is None else selection_seed
+        if selection_seeds:
+            self.selection_seeds = tuple(selection_seeds)
+            shared = sorted(set(self.selection_seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"selection seeds {shared} are also reported seeds: selection seeds must not be "
+                                 "reported (their validation optimum inflates their test score)")
+        else:  # the old protocol: one selection seed, reused in the report (flagged in the tables)
+            self.selection_seeds = (self.seeds[0] if selection_seed is None else selection_seed,)
+        self.selection_seed = self.selection_seeds[0]
+        self.selection_reused = bool(set(self.selection_seeds) & set(self.seeds))
+        self.max_extensions, self.extension_factor = int(max_extensions), float(extension_factor)
         self.grid = tuple(grid) or lr_grid(task.base_lr())
         self.online_grid = tuple(online_grid) or (lr_grid(task.base_lr("online")) if task.online_base else ())
         self._train = train or common._train
@@ -313,11 +374,14 @@ class Protocol:
         seconds = time.time() - t0
         result = {"method": method.name, "key": method.key, "kind": method.kind, "lr": lr, "seed": seed,
                   "overrides": dict(method.overrides), "train_seconds": seconds, "steps": summary.get("total_steps"),
-                  "git": common.git_state(), "heldout": _last_eval_metrics(metrics)}
+                  "git": common.git_state(), "heldout": _last_eval_metrics(metrics),
+                  "train_diag": train_diagnostics(metrics, int(config.num_candidates))}
         for split, prompts in (("validation", self.task.validation_prompts), ("test", self.task.test_prompts)):
             answers = self.task.answers(policy, prompts)
             verdicts = _verdicts(self.task.judge, prompts, answers, start[split])
             result[split] = {"answers": answers, "verdicts": verdicts, "win_rate": win_rate_of(verdicts)}
+            if self.task.answer_metrics is not None:
+                result[split]["metrics"] = self.task.answer_metrics(prompts, answers)
         for root, dirs, _ in os.walk(wd):  # keep the answers and metrics, not the weights
             for d in list(dirs):
                 if d in ("checkpoints", "cache", "hf", "export"):
@@ -330,20 +394,45 @@ class Protocol:
 
     # -- steps 1-4 ------------------------------------------------------------------------------------------
     def select(self, method: Method) -> dict:
-        lrs = self.online_grid if method.kind == "online" else self.grid
-        grid = {lr: self.run(method, lr, self.selection_seed)["validation"]["win_rate"] for lr in lrs}
-        return {"grid": grid, "lr": select_lr(grid)}
+        """The lr with the best mean validation win rate over the selection seeds; while it sits on the grid's
+        edge, up to `max_extensions` points are added past that edge (x / ÷ extension_factor)."""
+        lrs = sorted(self.online_grid if method.kind == "online" else self.grid)
+        extended: list[float] = []
+        while True:
+            per_seed = {lr: [self.run(method, lr, s)["validation"]["win_rate"] for s in self.selection_seeds]
+                        for lr in lrs}
+            grid = {lr: float(np.mean(v)) for lr, v in per_seed.items()}
+            lr = select_lr(grid)
+            edge = grid_edge(lr, lrs)
+            if edge is None or len(extended) >= self.max_extensions:
+                break
+            new = _round(lrs[0] / self.extension_factor) if edge.startswith("low") else _round(
+                lrs[-1] * self.extension_factor)
+            log.info("%s: selected lr %g is on the grid's %s edge; extending the grid with %g", method.name, lr,
+                     edge, new)
+            extended.append(new)
+            lrs = sorted(lrs + [new])
+        if edge is not None:
+            log.warning("%s: selected lr %g is on the %s edge of the grid %s: the optimum may lie outside",
+                        method.name, lr, edge, lrs)
+        return {"grid": grid, "lr": lr, "edge": edge, "extended": extended, "per_seed_grid": per_seed}
 
-    def evaluate(self, method: Method) -> dict:
-        sel = self.select(method)
+    def evaluate(self, method: Method, lr: float | None = None) -> dict:
+        """Select (unless `lr` is given: a pre-declared carry-over), then run the reported seeds."""
+        sel = self.select(method) if lr is None else {"grid": {}, "lr": lr, "edge": None, "extended": [],
+                                                        "per_seed_grid": {}}
         runs = [self.run(method, sel["lr"], s) for s in self.seeds]
         return {"method": method.name, "key": method.key, "method_obj": method, "selected_lr": sel["lr"],
-                "grid": sel["grid"],
+                "grid": sel["grid"], "edge": sel["edge"], "extended": sel["extended"],
+                "per_seed_grid": sel["per_seed_grid"], "selection_seeds": list(self.selection_seeds),
                 "runs": runs, "test_win_rates": [r["test"]["win_rate"] for r in runs]}
 
     # -- step 5 ---------------------------------------------------------------------------------------------
-    def compare(self, a: dict, b: dict) -> dict:
-        """Head-to-head of two evaluated methods on the test prompts, seed by seed (same seeds)."""
+    def compare(self, a: dict, b: dict, *, alternative: str = "two-sided") -> dict:
+        """A vs B on the test prompts, seed by seed (same seeds). The unit is the seed: d_s = A's test win rate vs
+        the start minus B's (seed s), tested by an exact sign-flip permutation p and a paired t-test
+        (`alternative` = "greater": A > B, one-sided), with a bootstrap over seeds then prompts of the per-prompt
+        score differences. The head-to-head verdicts pooled over seeds (sign test) are descriptive."""
         by_seed_b = {r["seed"]: r for r in b["runs"]}
         wins = losses = ties = 0
         per_seed = []
@@ -359,7 +448,41 @@ class Protocol:
         boot = stats.paired_bootstrap(np.nanmean(scores_a, axis=0), np.nanmean(scores_b, axis=0))
         return {"a": a["method"], "b": b["method"], "lr_a": a["selected_lr"], "lr_b": b["selected_lr"],
                 "wins": wins, "losses": losses, "ties": ties, "sign_p": stats.sign_test(wins, losses),
-                "per_seed": per_seed, "bootstrap": boot}
+                "per_seed": per_seed, "bootstrap": boot,
+                "seed_level": seed_level(np.asarray(scores_a) - np.asarray(scores_b), alternative=alternative),
+                "seeds": [r["seed"] for r in a["runs"]]}
+
+
+def seed_level(D: np.ndarray, *, alternative: str = "two-sided") -> dict:
+    """The seed-level test of a [seeds, prompts] matrix of per-prompt score differences (NaN = unjudged): the
+    per-seed mean differences, their exact sign-flip p, the paired t-test, the bootstrap over seeds then prompts."""
+    D = np.asarray(D, float)
+    d = np.nanmean(D, axis=1)
+    return {"diffs": d.tolist(), "mean": float(d.mean()), "alternative": alternative,
+            "sign_flip_p": stats.sign_flip_p(d, alternative=alternative),
+            "t_test": stats.paired_t(d, alternative=alternative),
+            "bootstrap": stats.hierarchical_bootstrap(D, num_samples=4000)}
+
+
+def train_diagnostics(metrics_paths: Sequence[str], num_candidates: int, last: int = 8) -> dict:
+    """Kernel numbers over the last `last` logged training steps: the entropy of the kernel's weights, the share
+    of negatives that were y0 (Algorithm 1's zero-gradient draws) and that were the best remaining candidate
+    (dataset rank 8 - L of 7 ranked answers: the hardest by quality)."""
+    rows = []
+    for path in metrics_paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += [json.loads(x) for x in f if x.strip()]
+    rows = [r for r in rows if r.get("split", "train") == "train"][-last:]
+    if not rows:
+        return {}
+    mean = lambda k: float(np.mean([r[k] for r in rows if k in r])) if any(k in r for r in rows) else float("nan")
+    out = {"entropy": mean("kernel/entropy"), "selected_is_y0": mean("kernel/selected_is_y0")}
+    hist = [sum(x) for x in zip(*[r["kernel/rank_hist"] for r in rows if "kernel/rank_hist" in r])]
+    best = 8 - int(num_candidates)
+    if hist and sum(hist) > 0 and best < len(hist):
+        out["best_remaining"] = hist[best] / sum(hist)
+    return out
 
 
 def select_lr(grid: dict[float, float]) -> float:
@@ -412,25 +535,35 @@ def method_table(names: Sequence[str], evals: dict[str, dict], *, start_label: s
         if not ev:
             lines.append(f"| {n} | — | — | — | — | — | — | — |")
             continue
-        grid = ", ".join(f"{fmt_lr(lr)}: {100 * v:.1f}" for lr, v in sorted(ev["grid"].items()))
+        grid = ", ".join(f"{fmt_lr(lr)}: {100 * v:.1f}" for lr, v in sorted(ev["grid"].items())) or "carried over"
         verdicts = [v for r in ev["runs"] for v in r["test"]["verdicts"]]
         w, l = verdicts.count("A"), verdicts.count("B")
-        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])} | {grid} | {heldout_summary(ev)} "
-                     f"| {w}/{l} ({stats.format_p(stats.sign_test(w, l))}) |")
+        lines.append(f"| {n} | {cell(ev)} | {fmt_lr(ev['selected_lr'])}{edge_mark(ev)} | {grid} "
+                     f"| {heldout_summary(ev)} | {w}/{l} ({stats.format_p(stats.sign_test(w, l))}) |")
     return "\n".join(lines)
 
 
+def edge_mark(ev: dict) -> str:
+    return f" (⚠ {ev['edge']} edge of the grid)" if ev.get("edge") else ""
+
+
 def comparison_table(comparisons: Sequence[dict]) -> str:
-    lines = ["| A vs B (test prompts, all seeds) | A wins | B wins | ties | sign test p | "
-             "paired bootstrap: A − B win rate vs start (pp) [95% CI] | bootstrap p | per seed (W/L, p) |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Seed-level columns first (the test); the pooled head-to-head counts after them (a description)."""
+    lines = ["| A vs B (test prompts) | per-seed Δ win rate vs start (pp): mean [95% t CI] | sign-flip p (seeds) "
+             "| paired t p | bootstrap seeds→prompts [95% CI] | pooled A wins / B wins / ties (sign p, descriptive) "
+             "| per seed Δ (pp) |",
+             "|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        b = c["bootstrap"]
-        per = "; ".join(f"s{x['seed']}: {x['wins']}/{x['losses']}, {stats.format_p(x['p'])}" for x in c["per_seed"])
+        sl = c["seed_level"]
+        t, b = sl["t_test"], sl["bootstrap"]
+        side = "" if sl["alternative"] == "two-sided" else " (one-sided)"
+        per = ", ".join(f"s{s}: {100 * d:+.1f}" for s, d in zip(c["seeds"], sl["diffs"]))
         lines.append(
-            f"| {c['a']} (lr {fmt_lr(c['lr_a'])}) vs {c['b']} (lr {fmt_lr(c['lr_b'])}) | {c['wins']} | {c['losses']} "
-            f"| {c['ties']} | {stats.format_p(c['sign_p'])} | {100 * b['diff']:+.1f} [{100 * b['ci_low']:+.1f}, "
-            f"{100 * b['ci_high']:+.1f}] | {stats.format_p(b['p'])} | {per} |")
+            f"| {c['a']} (lr {fmt_lr(c['lr_a'])}) vs {c['b']} (lr {fmt_lr(c['lr_b'])}) "
+            f"| {100 * sl['mean']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}] "
+            f"| {stats.format_p(sl['sign_flip_p'])}{side} | {stats.format_p(t['p'])}{side} "
+            f"| {100 * b['diff']:+.1f} [{100 * b['ci_low']:+.1f}, {100 * b['ci_high']:+.1f}] "
+            f"| {c['wins']} / {c['losses']} / {c['ties']} ({stats.format_p(c['sign_p'])}) | {per} |")
     return "\n".join(lines)
 
 
@@ -480,6 +613,8 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
     """Every requested experiment; failures of one method are recorded and the others still run."""
     record: dict[str, Any] = {"task": proto.task.name, "base": proto.task.base, "online_base": proto.task.online_base,
                               "seeds": list(proto.seeds), "selection_seed": proto.selection_seed,
+                              "selection_seeds": list(proto.selection_seeds),
+                              "selection_reused": proto.selection_reused,
                               "grid": list(proto.grid), "validation_prompts": len(proto.task.validation_prompts),
                               "test_prompts": len(proto.task.test_prompts), "failures": [], "sections": []}
     t0 = time.time()
@@ -492,6 +627,8 @@ def run_all(proto: Protocol, *, table1: bool = True, baselines: Sequence[tuple[s
             except NotRun as e:
                 record["failures"].append({"method": m.name, "error": str(e)})
                 cache[m.key] = {}
+            except common.GateFailed:
+                raise  # the start policies lack what the experiment tests: stop, say so
             except Exception as e:  # noqa: BLE001 - reported, the other methods still run
                 log.exception("%s failed", m.name)
                 record["failures"].append({"method": m.name, "error": repr(e)})
@@ -569,17 +706,21 @@ def _slim(ev: dict | None) -> dict | None:
     if not ev:
         return None
     return {"method": ev["method"], "selected_lr": ev["selected_lr"], "grid": {str(k): v for k, v in ev["grid"].items()},
-            "test_win_rates": ev["test_win_rates"],
+            "edge": ev.get("edge"), "extended": ev.get("extended", []), "test_win_rates": ev["test_win_rates"],
             "runs": [{k: r[k] for k in ("seed", "lr", "steps", "train_seconds", "heldout")} for r in ev["runs"]]}
 
 
 def markdown(record: dict, *, heading: str = "###") -> str:
     online = (f"; online runs: {', '.join(fmt_lr(x) for x in record['online_grid'])}"
               if record.get("online_grid") else "")
+    sel = record.get("selection_seeds", [record["selection_seed"]])
+    reused = (" — the selection seed is also reported (the old protocol: its validation optimum inflates its test "
+              "score)" if record.get("selection_reused", True) else " (never reported)")
     head = (f"{heading} The paper's protocol on `{record['base']}` ({record['task']} task)\n\n"
-            f"Learning-rate grid {', '.join(fmt_lr(x) for x in record['grid'])}{online} (the paper's 7 values "
+            f"Learning-rate grid {', '.join(fmt_lr(x) for x in record['grid'])}{online} (the paper's grid "
             f"scaled to the base config's learning rate), selected per method on {record['validation_prompts']} validation "
-            f"prompts with seed {record['selection_seed']}, reported on {record['test_prompts']} test prompts over "
+            f"prompts with seed{'s' if len(sel) > 1 else ''} {', '.join(map(str, sel))}{reused}, reported on "
+            f"{record['test_prompts']} test prompts over "
             f"seeds {', '.join(map(str, record['seeds']))} (mean ± std; every cell names its selected lr). "
             f"{record['runs']} runs, {record['train_seconds'] / 60:.1f} min of summed training (the runs' own "
             f"wall time, evaluation not included).\n")

@@ -11,6 +11,11 @@ A real model (every seed starts from MODEL_DIR; prompts from a JSON/JSONL file; 
         --online-base configs/smollm2.py:online --model-dir MODEL_DIR --prompts prompts.jsonl --judge JUDGE ...
 
 `--set key=value` (repeatable) overrides every run's config (Python literals; e.g. data.synthetic_rows=64).
+
+The pre-registered experiment of issue 21 (mcpo_jax/experiments/preregistered.py; docs/results.md):
+
+    python -m mcpo_jax.experiments.run_protocol --experiments prereg --scale medium \
+        --selection-seeds 100,101 --seeds 0,1,2,3,4,5 --max-extensions 2 --out runs/prereg --doc docs/results.md
 """
 
 from __future__ import annotations
@@ -50,12 +55,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--generation-batch", type=int, default=64)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--selection-seed", type=int, default=None)
+    p.add_argument("--selection-seed", type=int, default=None, help="(old protocol) one selection seed, reported "
+                   "too; prefer --selection-seeds")
+    p.add_argument("--selection-seeds", default="", help="seeds the lr is selected on (mean validation win rate), "
+                   "never reported; must not overlap --seeds")
+    p.add_argument("--max-extensions", type=int, default=0, help="extend the lr grid past an edge the selection "
+                   "lands on, up to this many points per method (x2 / /2)")
+    p.add_argument("--extra-seeds", default="6,7,8,9", help="prereg: seeds added if P1's estimate is in [1, 2] pp")
+    p.add_argument("--time-one", action="store_true", help="prereg: time one SFT start and one run, print the "
+                   "estimate for the whole design, stop (the runs are cached for the design)")
     p.add_argument("--grid-points", default="7", help="k (k grid values centred on the base lr) or indices 0..6")
     p.add_argument("--lrs", default="", help="explicit learning rates (overrides --grid-points)")
     p.add_argument("--num-validation", type=int, default=256)
     p.add_argument("--num-test", type=int, default=512)
-    p.add_argument("--experiments", default="table1,fig2,table3", help="comma list of table1, fig2, table3, online")
+    p.add_argument("--experiments", default="table1,fig2,table3", help="comma list of table1, fig2, table3, online; "
+                   "or prereg (issue 21's pre-registered design, alone)")
     p.add_argument("--baselines", default="winning", help="'winning' (those that beat SFT in docs/results.md), "
                    "'none', or a comma list of NAME=objective")
     p.add_argument("--fig2", default="5,3,1", help="numbers of candidates L for Fig. 2")
@@ -100,9 +114,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overrides = [(k, _literal(v)) for k, _, v in (s.partition("=") for s in args.set)]
     online_overrides = [(k, _literal(v)) for k, _, v in (s.partition("=") for s in args.set_online)]
     experiments = set(filter(None, args.experiments.split(",")))
-    unknown = experiments - {"table1", "fig2", "table3", "online"}
+    unknown = experiments - {"table1", "fig2", "table3", "online", "prereg"}
     if unknown:
         raise SystemExit(f"unknown experiments {sorted(unknown)}")
+    if "prereg" in experiments and len(experiments) > 1:
+        raise SystemExit("--experiments prereg runs alone")
     if args.task == "synthetic":
         task = protocol.synthetic_task(args.out, args.scale, base=args.base,
                                        online_base=args.online_base or "configs/demo.py:online",
@@ -126,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     online_grid = protocol.lr_grid(task.base_lr("online"), points) if "online" in experiments else ()
     proto = protocol.Protocol(task, os.path.join(args.out, task.name), seeds=_ints(args.seeds), grid=grid,
                               online_grid=online_grid, selection_seed=args.selection_seed,
+                              selection_seeds=_ints(args.selection_seeds), max_extensions=args.max_extensions,
                               report_only=args.report_only)
+    if "prereg" in experiments:
+        return _prereg(args, proto, argv)
     record = protocol.run_all(proto, table1="table1" in experiments, baselines=_baselines(args.baselines),
                               fig2=_ints(args.fig2) if "fig2" in experiments else (),
                               table3=_ints(args.table3) if "table3" in experiments else (),
@@ -142,6 +161,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(text, flush=True)
     if args.doc:
         protocol.write_into(args.doc, args.doc_name or task.name, text)
+    return record
+
+
+def _prereg(args, proto, argv) -> dict:
+    from mcpo_jax.experiments import preregistered
+
+    if not args.selection_seeds:
+        raise SystemExit("--experiments prereg needs --selection-seeds (seeds that are never reported)")
+    all_seeds = tuple(proto.selection_seeds) + tuple(proto.seeds) + _ints(args.extra_seeds)
+
+    def save(record):
+        record["argv"] = list(sys.argv[1:] if argv is None else argv)
+        gates = preregistered.gates_of(args.out, args.scale, all_seeds) if args.task == "synthetic" else None
+        text = preregistered.write(record, proto.out, gates=gates, doc=args.doc)
+        print(text, flush=True)
+
+    if args.time_one:
+        timing = preregistered.time_one(proto)
+        print(json.dumps(timing), flush=True)
+        return timing
+    record = preregistered.run(proto, extra_seeds=_ints(args.extra_seeds), on_progress=save)
+    save(record)
     return record
 
 
