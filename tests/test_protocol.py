@@ -195,6 +195,8 @@ def test_cli_method_lists_and_grid_points():
     with pytest.raises(SystemExit):
         run_protocol._methods("no-objective")
     assert run_protocol._baselines("winning") == protocol.WINNING_BASELINES
+    args = run_protocol.parser().parse_args(["--experiments", "prereg", "--selection-seeds", "100,101"])
+    assert int(args.grid_points) == len(protocol.PAPER_LRS) and args.max_extensions == 0  # the paper's whole grid
     assert run_protocol._baselines("SPPO=sppo") == (("SPPO", "sppo"),)
 
 

@@ -216,6 +216,24 @@ def test_random_negative_fixed_per_prompt_by_default():
     assert not np.array_equal(build.random_negative_per_prompt(valid, ids, seed=4), draw)
 
 
+def test_a_drawn_fixed_index_survives_the_trip_to_data_workers(tmp_path):
+    """A cached dataset pickles as its path (grain workers re-open the files); the per-prompt negatives drawn
+    in memory must travel with it, not be re-read from the cache (the dataset's own `fixed_index`)."""
+    import pickle
+
+    from mcpo_jax.data import PreferenceExample, synthetic, tokenize_examples
+
+    examples = [PreferenceExample(prompt=f"sort {d}", preferred="".join(sorted(d)),
+                                  candidates=[d, d[::-1], "999", "000"]) for d in ("5391", "8172", "6254")]
+    ds = tokenize_examples(examples, synthetic.make_tokenizer(), num_candidates=4, max_prompt_length=16,
+                           max_completion_length=8, max_length=24, cache_dir=str(tmp_path))
+    assert isinstance(ds.fixed_index, np.memmap) and list(ds.fixed_index) == [1, 1, 1]
+    ds.fixed_index = np.asarray([4, 2, 3], np.int32)
+    back = pickle.loads(pickle.dumps(ds))
+    assert list(back.fixed_index) == [4, 2, 3] and isinstance(back.input_ids, np.memmap)
+    assert list(back.take([0, 2])["fixed_index"]) == [4, 3]
+
+
 PRUNABLE = [
     dict(objective="dpo", sampler="random", num_negatives=1),  # the selection reads no log-probs
     dict(objective="dpo", sampler="fixed", num_negatives=1, reference="precomputed"),

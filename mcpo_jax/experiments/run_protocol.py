@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-seeds", default="6,7,8,9", help="prereg: seeds added if P1's estimate is in [1, 2] pp")
     p.add_argument("--time-one", action="store_true", help="prereg: time one SFT start and one run, print the "
                    "estimate for the whole design, stop (the runs are cached for the design)")
-    p.add_argument("--grid-points", default="7", help="k (k grid values centred on the base lr) or indices 0..6")
+    p.add_argument("--grid-points", default="6", help="k (k grid values centred on the base lr) or indices 0..5 "
+                   "of the paper's 6")
     p.add_argument("--lrs", default="", help="explicit learning rates (overrides --grid-points)")
     p.add_argument("--num-validation", type=int, default=256)
     p.add_argument("--num-test", type=int, default=512)
