@@ -11,7 +11,9 @@
 Ctrl-C / SIGTERM in any phase: the trainer saves, nothing else starts, and the run exits 0 with the command that
 resumes it; a second one exits at once. A rerun in the same workdir resumes where the run stopped; a rerun
 whose config changes what the run computes (data, model, batch, objective, ...) is refused with the differing
-keys unless `resume_policy="restart"`.
+keys unless `resume_policy="restart"`, once a step of any phase has been checkpointed (before that nothing was
+trained: the rerun starts with its own config and says so). A rerun of a finished run prints its result and
+writes nothing (`final_eval.redo=True` evaluates the final policy again).
 """
 
 from __future__ import annotations
@@ -49,14 +51,21 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
     run_dir = files.workdir_path(workdir)
     workdir = os.fspath(run_dir)
     primary = shd.is_primary()
+    setup_logging(None, primary)  # the console; the run's train.log once the workdir is known to be writable
     check_workdir(config, run_dir, primary)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, primary)
+    summary = read_summary(run_dir)
+    if is_finished(config, summary) and not (config.final_eval.redo and config.final_eval.judge):
+        # printed, not logged: nothing is written to the workdir, its train.log included
+        print(f"{workdir} holds a finished run: nothing to redo"
+              + (" (--config.final_eval.redo=true evaluates the final policy again)" if config.final_eval.judge
+                 else ""), flush=True)
+        print("\n".join(result_lines(summary)), flush=True)
+        return summary
+    make_workdir(run_dir, primary)
     if primary:
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
-    summary = read_summary(run_dir)
     own_stop = stop is None
     stop = (stop or StopFlag()).install() if own_stop else stop
     try:
@@ -80,13 +89,18 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
             return summary
         if primary:
             summary["plot"] = metrics_lib.plot_curves(workdir)
+        # the final evaluation prints its own line, last
+        announce_result({k: v for k, v in summary.items() if not (k == "final_eval" and config.final_eval.judge)})
         if config.final_eval.judge and not stop.should_stop():
             summary["final_eval"] = final_evaluation(config, summary, start_path=start)
+            if primary:  # the curves again, with the final result in the title
+                summary["plot"] = metrics_lib.plot_curves(workdir, title=_plot_title(workdir, summary))
     except loop.TrainingDiverged as e:
         summary.update(status="diverged", message=str(e))
         raise
     except Exception as e:
         summary.update(status="failed", message=f"{type(e).__name__}: {e}")
+        log.error("the run failed: %s", summary["message"], extra={"result_line": True})  # train.log has it too
         raise
     finally:
         if summary.get("status") == "interrupted":
@@ -173,7 +187,8 @@ def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
         baseline = (models.from_pretrained(start, dtype=dtype, mesh=mesh, rules=rules) if start
                     else build.build_model(config.model, mesh, rules))
         name = start or f"the initial {config.model.preset} model"
-    return evaluate.final_evaluation(fe, policy, tokenizer, baseline=baseline, baseline_name=name,
+    block = {k: v for k, v in fe.to_dict().items() if k != "redo"}  # redo is the pipeline's, not the evaluation's
+    return evaluate.final_evaluation(block, policy, tokenizer, baseline=baseline, baseline_name=name,
                                      workdir=summary["workdir"])
 
 
@@ -192,19 +207,40 @@ def check_final_eval(config) -> None:
 
 def read_summary(run_dir) -> dict:
     path = epath.Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):  # not a folder, unreadable, or a half-written file: no summary to go on
+        return {}
+
+
+def has_checkpoint(run_dir) -> bool:
+    """Whether a phase of the run in `run_dir` (the warm start's or the main one) saved a step."""
+    for folder in (run_dir / "checkpoints", run_dir / "sft" / "checkpoints"):
+        if folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir()):
+            return True
+    return False
+
+
+def is_finished(config, summary: dict) -> bool:
+    """The summary of a completed run that holds everything `config` asks for (its final evaluation too)."""
+    return summary.get("status") == "completed" and (not config.final_eval.judge or "final_eval" in summary)
 
 
 def check_workdir(config, run_dir, primary: bool) -> None:
     """A workdir with a saved config.json: a rerun resumes; a rerun that changes the run is refused (nothing
-    written) or, with resume_policy="restart", the old run's files move to workdir/previous/<time>/."""
+    written) or, with resume_policy="restart", the old run's files move to workdir/previous/<time>/. Before any
+    phase has checkpointed a step the saved config binds nothing: the rerun starts with its own (and says so)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--workdir {os.fspath(run_dir)} is a file, not a folder: pass a folder (it is created "
+                          "if missing)")
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
     diffs = cfg_lib.run_defining_diff(json.loads(saved_path.read_text()), config.to_dict())
     if not diffs:
         return
-    if config.resume_policy == "refuse":
+    trained = has_checkpoint(run_dir)
+    if trained and config.resume_policy == "refuse":
         raise ConfigError(
             f"{os.fspath(run_dir)} holds a run whose config differs in keys that change what it computes:\n    "
             + "\n    ".join(diffs) + "\n  resume with the saved config, use another --workdir, or pass "
@@ -215,15 +251,70 @@ def check_workdir(config, run_dir, primary: bool) -> None:
         for child in list(run_dir.iterdir()):
             if child.name != "previous":
                 child.rename(dest / child.name)
-        log.warning("resume_policy=restart: the previous run moved to %s", dest)
+        if trained:
+            log.warning("resume_policy=restart: the previous run moved to %s", dest)
+        else:
+            log.warning("%s holds an earlier attempt that checkpointed no step, with another config (%s): starting "
+                        "with this one; its files moved to %s", os.fspath(run_dir), "; ".join(diffs), dest)
+
+
+def make_workdir(run_dir, primary: bool) -> None:
+    """The workdir, created if missing, and train.log in it: a folder that cannot be written is a ConfigError."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir, primary)
+    except OSError as e:
+        raise ConfigError(f"--workdir {os.fspath(run_dir)}: cannot write there ({e.strerror or e}); pass a "
+                          "folder you can write to") from None
+
+
+def announce_result(summary: dict) -> None:
+    """What the run did, in a few lines on stdout (and train.log): steps, the last train and eval metrics, where
+    the model is, and the final evaluation's result when the summary holds one."""
+    for line in result_lines(summary):
+        log.info(line, extra={"result_line": True})
+        print(line, flush=True)
+
+
+def result_lines(summary: dict) -> list[str]:
+    def metrics(m: dict) -> str:
+        names = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "margin"))
+        return ", ".join(f"{label} {float(m[k]):.4g}" for k, label in names if isinstance(m.get(k), (int, float)))
+
+    lines = [f"finished: {summary.get('step', '?')} steps in {summary.get('workdir', '?')}"]
+    if summary.get("final_metrics"):
+        lines.append(f"  last train step: {metrics(summary['final_metrics'])}")
+    if summary.get("eval"):
+        lines.append(f"  held-out (eval split): {metrics(summary['eval'])}")
+    if summary.get("hf_export"):
+        lines.append(f"  model (Hugging Face folder): {summary['hf_export']}")
+    if summary.get("plot"):
+        lines.append(f"  curves: {summary['plot']}")
+    if (summary.get("final_eval") or {}).get("message"):
+        lines.append(summary["final_eval"]["message"])
+    return lines
+
+
+def _plot_title(workdir: str, summary: dict) -> str:
+    fe = summary.get("final_eval") or {}
+    title = metrics_lib.run_name(workdir)
+    if "win_rate" in fe:
+        title += f" | final: {100 * float(fe['win_rate']):.1f}% {str(fe.get('judge', '')).partition(':')[0]} win rate"
+    return title
 
 
 def resume_command(workdir: str) -> str:
-    argv = [a for a in sys.argv[1:] if not a.startswith("--workdir")]
-    head = "python -m mcpo_jax.train" if sys.argv and sys.argv[0].endswith(("train.py", "mcpo-train")) else None
-    if head is None:
+    """The command line that resumes this run: this one's arguments with its --workdir (either form) replaced."""
+    argv, args = [], iter(sys.argv[1:])
+    for a in args:
+        if a == "--workdir":
+            next(args, None)  # and its value
+        elif not a.startswith("--workdir="):
+            argv.append(a)
+    if not (sys.argv and sys.argv[0].endswith(("train.py", "mcpo-train"))):
         return f"rerun with the same workdir ({workdir})"
-    return " ".join([head, *map(shlex.quote, argv), "--workdir", shlex.quote(workdir)])
+    return " ".join([shlex.quote(sys.executable), "-m", "mcpo_jax.train", *map(shlex.quote, argv), "--workdir",
+                     shlex.quote(workdir)])
 
 
 class _RunLogHandler(logging.StreamHandler):
@@ -239,6 +330,7 @@ class _RunLogHandler(logging.StreamHandler):
 
 
 def setup_logging(run_dir, primary: bool) -> None:
+    """The console handler (once), and with `run_dir` the run's train.log (primary process)."""
     root = logging.getLogger("mcpo_jax")
     root.setLevel(logging.INFO)
     root.propagate = False  # one console line per record (absl's root handler would print it again)
@@ -252,6 +344,8 @@ def setup_logging(run_dir, primary: bool) -> None:
         h.setFormatter(fmt)
         h.addFilter(lambda record: not getattr(record, "result_line", False))  # printed to stdout already
         root.addHandler(h)
+    if run_dir is None:
+        return
     path = os.fspath(run_dir / "train.log")
     if primary and not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
         fh = _RunLogHandler(path)

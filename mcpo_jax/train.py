@@ -148,6 +148,10 @@ def _parse_flags(argv):
     sys.argv[:] = kept  # config_flags reads the overrides from sys.argv itself
     try:
         return flags.FLAGS(kept)
+    except SystemExit as e:  # absl exits 1 after printing the help it was asked for: asked-for help is no error
+        if any(a.split("=", 1)[0] in ("--help", "-?", "--helpshort", "--helpfull", "--helpxml") for a in kept[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

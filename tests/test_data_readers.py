@@ -218,6 +218,10 @@ def test_fewer_candidates_than_L_and_min_candidates():
     assert len(out) == 1 and out.skipped == {"too_few_candidates": 1}
     out = load_examples(rows, format="nectar", num_candidates=5, min_candidates=1)
     assert [len(e.candidates) for e in out] == [5, 2]
+    # every row readable but short of candidates: the message says which knob, not "is the format right?"
+    with pytest.raises(DataError, match=r"fewer than min_candidates=5 candidates.*min_candidates=1") as e:
+        load_examples(rows[1:] * 3, format="nectar", num_candidates=5, on_bad_example="skip")
+    assert "Is the format right" not in str(e.value)
 
 
 def test_malformed_and_non_utf8_lines_skipped_with_summary(tmp_path, caplog):

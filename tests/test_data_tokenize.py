@@ -86,12 +86,24 @@ def test_plain_text_mode_adds_bos_and_eos(tok):
 
 
 def test_truncation_keeps_prompt_end_and_completion_start(tok):
+    import logging
+
     long_prompt = "the quick brown fox jumps over the lazy dog " * 3
     ex = PreferenceExample(prompt=long_prompt, preferred="the sea is blue and deep and wide", candidates=["hello"])
     full_prompt = [tok.bos_token_id] + _ids(tok, long_prompt)
     full_y0 = _ids(tok, ex.preferred) + [tok.eos_token_id]
-    ds = tokenize_examples([ex], tok, num_candidates=1, max_prompt_length=6, max_completion_length=4,
-                           max_length=16, use_chat_template=False)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("mcpo_jax.data.tokenize").addHandler(handler)
+    try:
+        ds = tokenize_examples([ex], tok, num_candidates=1, max_prompt_length=6, max_completion_length=4,
+                               max_length=16, use_chat_template=False)
+    finally:
+        logging.getLogger("mcpo_jax.data.tokenize").removeHandler(handler)
+    # the cut is a warning with the count and the limit
+    assert any("1 of 1 prompts are longer than data.max_prompt_length=6" in w for w in warnings), warnings
+    assert any("1 completions are longer than data.max_completion_length=4" in w for w in warnings), warnings
     p = ds.prompt_lengths[0, 0]
     assert p == 6 and _seq(ds, 0, 0)[:p] == [tok.bos_token_id] + full_prompt[-5:]  # BOS kept, end kept
     assert _completion(ds, 0, 0) == full_y0[:4]  # start kept, EOS lost

@@ -70,13 +70,39 @@ def test_final_eval_of_a_task_it_does_not_know_is_refused_at_start(tmp_path):
 
     prompts = tmp_path / "reverse.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"reverse the word {w}"}) + "\n" for w in ("cat", "dog")))
-    c = tiny_config(**{"final_eval.judge": "oracle:sorting", "final_eval.prompts": str(prompts)})
+    c = tiny_config(export_hf=True, **{"final_eval.judge": "oracle:sorting", "final_eval.prompts": str(prompts)})
     with pytest.raises(EvalConfigError, match="are not 'sorting' prompts"):
         pipeline.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any training
-    c = tiny_config(**{"final_eval.judge": "oracle:sorting", "final_eval.prompts": "task:nosuchtask"})
+    c = tiny_config(export_hf=True, **{"final_eval.judge": "oracle:sorting", "final_eval.prompts": "task:nosuchtask"})
     with pytest.raises(EvalConfigError, match="nosuchtask"):
         pipeline.run(c, str(tmp_path / "run2"))
+
+
+def test_objective_module_registers_a_custom_objective_before_validation(tmp_path):
+    """--config.objective_module=my_losses (or a .py path) is imported before the config is checked, so
+    --config.objective may name what it registers; a module that does not import is one config problem."""
+    module = tmp_path / "my_losses_issue22.py"
+    module.write_text(
+        "import jax\nfrom mcpo_jax import losses\n\n"
+        "def hinge_all(policy, ref, *, beta, lengths=None, valid=None):\n"
+        "    r = beta * (policy - ref)\n"
+        "    return jax.numpy.sum(jax.nn.relu(1.0 - (r[:, :1] - r[:, 1:])) * valid[:, 1:], axis=1)\n\n"
+        "losses.register('hinge_all_issue22', hinge_all)\n")
+    with pytest.raises(ConfigError, match="objective='hinge_all_issue22' is unknown"):
+        pipeline.run(tiny_config(objective="hinge_all_issue22"), str(tmp_path / "no"))
+    with pytest.raises(ConfigError, match="objective_module='no_such_module_x' could not be imported"):
+        pipeline.run(tiny_config(objective_module="no_such_module_x"), str(tmp_path / "no"))
+    out = pipeline.run(tiny_config(objective="hinge_all_issue22", objective_module=str(module),
+                                   **{"debug.stop_after_steps": 1}), str(tmp_path / "run"))
+    assert out["status"] == "stopped" and np.isfinite(out["final_metrics"]["loss"])
+    sys.path.insert(0, str(tmp_path))
+    try:  # by module name, as from the command line in the module's folder
+        from mcpo_jax.training.config import validate
+
+        validate(tiny_config(objective="hinge_all_issue22", objective_module="my_losses_issue22"))
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_config_is_locked_after_validation():
@@ -86,6 +112,32 @@ def test_config_is_locked_after_validation():
     with pytest.raises(AttributeError):
         c.optimizer.learnig_rate = 1.0
     assert c.optimizer.learning_rate == 3e-3
+
+
+def test_help_exits_0():
+    proc = _cli(["--help"])
+    assert proc.returncode == 0 and "--workdir" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_written_is_one_message(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        pipeline.run(tiny_config(), str(file))
+    with pytest.raises(ConfigError, match="cannot write there"):
+        pipeline.run(tiny_config(), str(file / "run"))  # under a file
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:  # root writes anywhere: then a folder of the kernel's filesystem, which nobody can write into
+        (readonly / "probe").write_text("")
+        readonly = "/sys/kernel"
+    except OSError:
+        pass
+    if not os.path.isdir(readonly):
+        pytest.skip("no read-only folder to try")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        pipeline.run(tiny_config(), str(readonly))
 
 
 def test_helpconfig_lists_every_key():
@@ -116,7 +168,43 @@ def test_rerun_with_a_changed_config_is_refused_and_restart_moves_the_old_run(tm
     assert len(previous) == 1 and "checkpoints" in os.listdir(os.path.join(workdir, "previous", previous[0]))
 
 
-def test_each_step_logged_once_after_a_crash_and_summary_kept_on_rerun(tmp_path):
+def test_a_run_that_failed_before_its_first_step_does_not_lock_its_workdir(tmp_path):
+    """Nothing was trained: the corrected rerun starts (and says so); once a step is checkpointed the lock holds.
+    The failure is in train.log too."""
+    from mcpo_jax.data.example import DataError
+
+    workdir = str(tmp_path / "run")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        pipeline.run(tiny_config(**{"data.source": str(empty)}), workdir)
+    assert "no rows" in open(os.path.join(workdir, "train.log")).read()
+    out = pipeline.run(tiny_config(**{"debug.stop_after_steps": 1}), workdir)
+    assert out["status"] == "stopped" and out["step"] == 1
+    assert len(os.listdir(os.path.join(workdir, "previous"))) == 1  # the failed attempt's files, kept aside
+    with pytest.raises(ConfigError, match="batch_size: 8 -> 16"):
+        pipeline.run(tiny_config(batch_size=16, micro_batch_size=8), workdir)
+
+
+def test_a_finished_run_reprints_its_final_result_and_redo_evaluates_again(tmp_path, capsys):
+    workdir = str(tmp_path)
+    fe = {"final_eval.judge": "oracle:sorting", "final_eval.prompts": "task:sorting", "final_eval.num_prompts": 8,
+          "final_eval.max_new_tokens": 8, "final_eval.batch_size": 8}
+    c = dict(max_steps=2, eval_every=0, export_hf=True, **fe)
+    first = pipeline.run(tiny_config(**c), workdir)
+    line = first["final_eval"]["message"]
+    assert "win rate" in line
+    written = os.stat(os.path.join(workdir, "final_eval.json")).st_mtime_ns
+    capsys.readouterr()
+    again = pipeline.run(tiny_config(**c), workdir)
+    assert line in capsys.readouterr().out and again["final_eval"]["message"] == line
+    assert os.stat(os.path.join(workdir, "final_eval.json")).st_mtime_ns == written
+    redo = pipeline.run(tiny_config(**c, **{"final_eval.redo": True}), workdir)
+    assert redo["status"] == "completed" and redo["final_eval"]["message"] == line  # greedy: the same answers
+    assert os.stat(os.path.join(workdir, "final_eval.json")).st_mtime_ns != written
+
+
+def test_each_step_logged_once_after_a_crash_and_summary_kept_on_rerun(tmp_path, capsys):
     import shutil
 
     crashed, clean = str(tmp_path / "crashed"), str(tmp_path / "clean")
@@ -132,13 +220,15 @@ def test_each_step_logged_once_after_a_crash_and_summary_kept_on_rerun(tmp_path)
     want = {r["step"]: r for r in _rows(clean)}
     for r in _rows(crashed):
         np.testing.assert_allclose(r["loss"], want[r["step"]]["loss"], rtol=1e-6, err_msg=str(r["step"]))
-    # a rerun of the finished run does nothing and keeps every section of the summary
-    before = json.load(open(os.path.join(clean, "summary.json")))
-    again = pipeline.run(tiny_config(), clean)
-    after = json.load(open(os.path.join(clean, "summary.json")))
-    assert again["status"] == "completed"
-    for key in ("eval", "compile", "final_metrics", "total_steps"):
-        assert after[key] == before[key], key
+    # a rerun of the finished run prints its result and writes nothing
+    files = ("summary.json", "config.json", "curves.png", "metrics.jsonl", "train.log")
+    before = {f: os.stat(os.path.join(clean, f)).st_mtime_ns for f in files}
+    capsys.readouterr()
+    again = pipeline.run(tiny_config(log_every=1), clean)
+    assert again["status"] == "completed" and again["step"] == 7
+    assert {f: os.stat(os.path.join(clean, f)).st_mtime_ns for f in files} == before
+    printed = capsys.readouterr().out
+    assert "finished: 7 steps" in printed and "reward accuracy" in printed
     assert [r["step"] for r in _rows(clean)] == list(range(1, 8))
 
 
@@ -165,13 +255,21 @@ def test_ctrl_c_in_the_warm_start_saves_exits_0_and_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    assert "SIGINT: saved step" in out and "resume with: python -m mcpo_jax.train" in out
-    assert "--workdir" in out.split("resume with:")[-1]
+    assert "SIGINT: saved step" in out and "resume with: " in out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["phase"] == "warm_start"
     saved = [int(s) for s in os.listdir(workdir / "sft" / "checkpoints") if s.isdigit()]
     assert saved == [summary["step"]]
     assert not (workdir / "hf").exists()  # nothing after the interrupted phase ran
+    # the printed command resumes (it ran with the README's `--workdir DIR` form); one more step, then stop
+    import shlex
+
+    command = shlex.split(out.split("resume with: ")[-1].splitlines()[0])
+    assert command[:3] == [sys.executable, "-m", "mcpo_jax.train"] and command.count("--workdir") == 1
+    again = subprocess.run(command + [f"--config.debug.stop_after_steps={summary['step'] + 1}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {summary['step']}" in again.stderr  # resumed from the saved step
 
 
 def test_second_ctrl_c_during_compile_exits_at_once(tmp_path):

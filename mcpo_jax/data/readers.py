@@ -610,9 +610,15 @@ def load_examples(
     out.skipped, out.skipped_at, out.num_rows = skipped, skipped_at, num_rows
     n_skipped = sum(skipped.values())
     if n_skipped and (n_skipped == num_rows or n_skipped > max_skipped_fraction * num_rows):
+        if skipped["too_few_candidates"] > n_skipped / 2:  # the rows are readable: they hold fewer candidates
+            hint = (f"Most rows hold fewer than min_candidates={min_candidates} candidates: keep them with "
+                    "--config.data.min_candidates=1 (missing columns are masked), or lower --config.num_candidates "
+                    "(and --config.num_negatives with it). ")
+        else:
+            hint = f"Is the format right (format={format!r})? "
         raise DataError(
             f"{n_skipped} of {num_rows} rows of {_describe(source)} skipped as bad {format} rows: "
-            f"{_skip_summary(skipped_at, by_field)}. Is the format right (format={format!r})? "
+            f"{_skip_summary(skipped_at, by_field)}. {hint}"
             + ("" if n_skipped == num_rows else
                f"More than {max_skipped_fraction:.0%} of the rows are bad; fix the data.")
         )

@@ -457,6 +457,7 @@ def tokenize_examples(
         if os.path.isdir(path):
             dataset = TokenizedDataset.load(path)
             logger.info("tokenized data read from cache %s (%d examples)", path, len(dataset))
+            _warn_truncation(dataset.stats, options)
             return dataset
     for i, ex in enumerate(examples):
         if len(ex.candidates) > num_candidates:
@@ -468,6 +469,7 @@ def tokenize_examples(
     dataset = _assemble(examples, tokenizer, prompt_texts, completion_texts, **options)
     dataset.fingerprint = key
     _log_stats(dataset.stats)
+    _warn_truncation(dataset.stats, options)
     if path is not None:
         dataset.save(path)
         logger.info("tokenized data cached at %s", path)
@@ -605,6 +607,21 @@ def _assemble(examples, tokenizer, prompt_texts, completion_texts, *, num_candid
         example_id=cut(example_id),
         stats=stats,
     )
+
+
+def _warn_truncation(stats: dict, limits: dict) -> None:
+    """Cut prompts and completions, counted, with the limit that cut them (a warning: the model never sees the
+    cut tokens)."""
+    if stats.get("prompt_truncated"):
+        logger.warning("%d of %d prompts are longer than data.max_prompt_length=%d tokens: cut to their last %d "
+                       "tokens (raise max_prompt_length, and max_length with it, to keep them whole)",
+                       stats["prompt_truncated"], stats["examples"], limits["max_prompt_length"],
+                       limits["max_prompt_length"])
+    if stats.get("completion_truncated"):
+        logger.warning("%d completions are longer than data.max_completion_length=%d tokens or than what "
+                       "data.max_length=%d leaves after their prompt: cut to their start (the end, EOS included, "
+                       "is not trained on)", stats["completion_truncated"], limits["max_completion_length"],
+                       limits["max_length"])
 
 
 def _log_stats(stats: dict) -> None:

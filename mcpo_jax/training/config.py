@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Objective and sampler (Sec. 3.1, Algorithm 1).
     c.objective = "mcpo"  # any registered name in mcpo_jax.losses
+    # Your own objectives: a module (importable from the working directory, e.g. "my_losses", or a .py path)
+    # that calls mcpo_jax.losses.register; imported before the config is checked, so `objective` may name them.
+    c.objective_module = ""
     c.sampler = "mc"  # mc | max | min | random | fixed
     c.num_candidates = 5  # L
     c.num_negatives = 1  # M
@@ -198,6 +201,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.final_eval.batch_size = 64
     c.final_eval.baseline_path = ""  # "" = the policy this run's preference training started from
     c.final_eval.use_chat_template = True
+    c.final_eval.redo = False  # a rerun of a finished run evaluates again (else it prints the result it has)
 
     c.debug = ml_collections.ConfigDict()
     c.debug.stop_after_steps = -1  # tests: stop (and save) after N steps, as if preempted
@@ -326,10 +330,14 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         errors.extend(p.replace("unknown key '", "unknown key 'warm_start.") for p in _unknown_keys(config.warm_start))
 
     objective, sampler = config.objective, config.sampler
+    if config.objective_module:
+        problem = import_objective_module(config.objective_module)
+        if problem:
+            errors.append(problem)
     known_objectives = losses.names()
     if objective not in known_objectives:
-        errors.append(f"objective={objective!r} is unknown; known: {', '.join(known_objectives)} "
-                      "(or register one with mcpo_jax.losses.register)")
+        errors.append(f"objective={objective!r} is unknown; known: {', '.join(known_objectives)} (or register "
+                      "one with mcpo_jax.losses.register in a module named by --config.objective_module)")
     if sampler not in SAMPLERS:
         errors.append(f"sampler={sampler!r} is unknown; known: {', '.join(SAMPLERS)}")
     L, M = int(config.num_candidates), int(config.num_negatives)
@@ -406,6 +414,12 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     except (TypeError, ValueError) as e:
         errors.append(f"data.bucket_lengths={config.data.bucket_lengths!r}: {e} ('pow2', 'none' or "
                       "comma-separated token lengths such as '128,384,768')")
+    d = config.data
+    if not 1 <= int(d.max_prompt_length) < int(d.max_length) or int(d.max_completion_length) < 1:
+        errors.append(f"data.max_length={d.max_length} must exceed data.max_prompt_length={d.max_prompt_length} "
+                      f"(a row is prompt + completion) and data.max_completion_length={d.max_completion_length} "
+                      "must be >= 1: lower them together, e.g. --config.data.max_prompt_length=32 "
+                      "--config.data.max_completion_length=32 --config.data.max_length=64")
     if not config.data.source and not config.online.enabled:
         errors.append("data.source is empty (a file, folder, hub dataset id or 'synthetic')")
     if int(config.num_epochs) < 1 and int(config.max_steps) < 1:
@@ -420,8 +434,39 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         if int(config.final_eval.num_prompts) < 1:
             errors.append(f"final_eval.num_prompts must be >= 1, got {config.final_eval.num_prompts}")
         _check_model_path("final_eval.baseline_path", config.final_eval.baseline_path, errors)
+        if not config.export_hf:
+            errors.append("final_eval evaluates the trained policy's Hugging Face export: keep export_hf=true "
+                          "(or set final_eval.judge='')")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def import_objective_module(name: str) -> str | None:
+    """Imports `objective_module` (a module name, or a path to a .py file) so its `losses.register` calls run;
+    the problem, or None."""
+    import importlib
+    import importlib.util
+    import sys
+
+    try:
+        if name.endswith(".py"):
+            path = os.path.abspath(os.path.expanduser(name))
+            module = os.path.splitext(os.path.basename(path))[0]
+            if sys.modules.get(module) is not None and getattr(sys.modules[module], "__file__", None) == path:
+                return None
+            spec = importlib.util.spec_from_file_location(module, path)
+            if spec is None or not os.path.isfile(path):
+                return f"objective_module={name!r}: no such file"
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[module] = loaded
+            spec.loader.exec_module(loaded)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:  # `python -m` puts it there; a script may not
+                sys.path.append(os.getcwd())
+            importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - the user's module: whatever it raises is the message
+        return f"objective_module={name!r} could not be imported: {type(e).__name__}: {e}"
+    return None
 
 
 def _validate_online(config, errors: list[str]) -> None:

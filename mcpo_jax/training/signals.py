@@ -50,8 +50,9 @@ class StopFlag:
             sys.stderr.flush()
             os._exit(SECOND_SIGNAL_EXIT)  # no unwinding through XLA's threads: no half-torn-down runtime
         self.signal = name
-        log.warning("%s received: finishing the current step, then saving and exiting "
-                    "(send it again to exit at once without saving)", name)
+        log.warning("%s received: stopping at the next safe point (in training, the steps already dispatched, at "
+                    "most two, finish first), then saving and exiting (send it again to exit at once without "
+                    "saving)", name)
 
     def should_stop(self) -> bool:
         """Whether every process stops now (agreed across processes)."""
