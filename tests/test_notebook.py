@@ -32,8 +32,20 @@ def test_notebook_is_stored_with_its_outputs(name):
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_executes(monkeypatch, name):
-    # The kernel inherits this environment: headless matplotlib, CPU jax, this checkout importable, no hub.
+def test_notebook_executes(monkeypatch, tmp_path, name):
+    # The kernel inherits this environment: headless matplotlib, CPU jax, this checkout importable, no hub, and
+    # a temp folder of the test's own (custom_objective.ipynb trains into tempfile.mkdtemp(): ~15 MB a run),
+    # removed below.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    try:
+        _execute(monkeypatch, name)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _execute(monkeypatch, name):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -64,6 +64,31 @@ def test_mesh_must_give_every_process_whole_batch_shards():
     validate(tiny_config(), device_count=4, process_count=2)  # fsdp = 4 over 2 processes: fine
 
 
+def test_final_eval_loads_the_baseline_as_the_policy(monkeypatch, tmp_path):
+    """final_eval.baseline_path is loaded with the policy's dtype, mesh and rules (it was float32 on one device),
+    and the evaluation gets the typed spec of the config's block."""
+    import jax.numpy as jnp
+
+    from mcpo_jax import evaluate, models
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.training import build
+
+    c = tiny_config(export_hf=True, **{"model.dtype": "bfloat16", "final_eval.judge": "oracle:sorting",
+                                       "final_eval.prompts": "task:sorting", "final_eval.num_prompts": 3})
+    mesh, rules = shd.mesh_and_rules(c)
+    folder = str(tmp_path / "model")
+    models.save_pretrained(build.build_model(c.model, mesh, rules), folder, tokenizer=build.build_tokenizer(c))
+    c.final_eval.baseline_path = folder
+    seen = {}
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda spec, policy, tok, **kw: seen.update(spec=spec,
+                        policy=policy, **kw) or {})
+    pipeline.final_evaluation(c, {"hf_export": folder, "workdir": str(tmp_path)}, start_path="")
+    policy, baseline = seen["policy"], seen["baseline"]
+    assert policy.dtype == baseline.dtype == jnp.bfloat16 and seen["baseline_name"] == folder
+    assert baseline.layout.mesh == policy.layout.mesh and baseline.layout.rules == policy.layout.rules
+    assert seen["spec"] == evaluate.FinalEvalSpec.from_block(c.final_eval) and seen["spec"].num_prompts == 3
+
+
 def test_final_eval_of_a_task_it_does_not_know_is_refused_at_start(tmp_path):
     """The bug this guards: a user's own task (word reversal prompts) scored by the built-in sorting oracle."""
     from mcpo_jax.evaluate import EvalConfigError
@@ -103,6 +128,36 @@ def test_objective_module_registers_a_custom_objective_before_validation(tmp_pat
         validate(tiny_config(objective="hinge_all_issue22", objective_module="my_losses_issue22"))
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_own_config_trains_your_folder_on_your_rows(tmp_path, capsys):
+    """configs/own.py with only model.path and data.source: a held-out split that is evaluated, a summary at the
+    end naming where the model went."""
+    import importlib.util
+
+    from mcpo_jax import models
+    from mcpo_jax.data import synthetic
+
+    model_dir = str(tmp_path / "model")
+    config = models.preset_config("tiny", **tiny_config().model.overrides.to_dict())
+    models.save_pretrained(models.init_random(config, seed=0), model_dir, tokenizer=synthetic.make_tokenizer())
+    rows = tmp_path / "rows.jsonl"
+    rng = np.random.default_rng(0)
+    with open(rows, "w") as f:
+        for _ in range(80):  # 8 held out: one micro-batch
+            digits = "".join(rng.choice(list("0123456789"), 4))
+            f.write(json.dumps({"prompt": f"sort {digits}", "chosen": "".join(sorted(digits)),
+                                "rejected": "".join(sorted(digits, reverse=True))}) + "\n")
+    spec = importlib.util.spec_from_file_location("own_config", os.path.join(ROOT, "configs", "own.py"))
+    own = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(own)
+    c = own.get_config()
+    c.model.path, c.data.source = model_dir, str(rows)
+    c.max_steps, c.eval_every, c.progress_bar, c.tensorboard = 2, 2, False, False
+    out = pipeline.run(c, str(tmp_path / "run"))
+    assert out["status"] == "completed" and out["hf_export"] and "rewards/accuracies" in out["eval"]
+    printed = capsys.readouterr().out
+    assert "finished: 2 steps" in printed and "held-out (eval split)" in printed and out["hf_export"] in printed
 
 
 def test_config_is_locked_after_validation():
