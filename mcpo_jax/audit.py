@@ -817,24 +817,50 @@ def device_bytes(argument: int, output: int, temp: int, alias: int, peak: int, p
     return peak if platform == "tpu" and 0 < peak < total else total
 
 
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes", "alias_size_in_bytes", "host_temp_size_in_bytes",
+                 "peak_memory_in_bytes")
+
+
+def memory_fields(compiled) -> dict[str, Any]:
+    """XLA's memory analysis of a compiled program in bytes ({} where the backend has none), with its platform:
+    the one place it is read."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if mem is None:
+        return {}
+    out: dict[str, Any] = {f: int(getattr(mem, f)) for f in MEMORY_FIELDS if hasattr(mem, f)}
+    out["platform"] = compiled_platform(compiled)
+    return out
+
+
+def program_bytes(info: dict) -> int | None:
+    """`device_bytes` of a `memory_fields` dict (None without a memory analysis)."""
+    try:
+        return device_bytes(info["argument_size_in_bytes"], info["output_size_in_bytes"], info["temp_size_in_bytes"],
+                            info.get("alias_size_in_bytes", 0), info.get("peak_memory_in_bytes", 0),
+                            info.get("platform"))
+    except KeyError:
+        return None
+
+
 def memory_report(compiled, *, unit: float = 1e9) -> dict[str, float] | None:
     """XLA's accounting of a compiled executable in units of `unit` bytes (GB = 1e9 by default; the timed
     bench reports GiB, 2**30): `sum_gb` is arguments + outputs + temporaries − donated aliases; `total_gb`, what the
     program needs on the device, is that sum, or on TPU XLA's peak of live buffers (its temporaries are not all
-    live at once; `training.program.device_bytes`)."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
+    live at once; `device_bytes`)."""
+    info = memory_fields(compiled)
+    if "temp_size_in_bytes" not in info:
         return None
-    if ma is None:
-        return None
-    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
-    peak = device_bytes(ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes,
-                        ma.alias_size_in_bytes, getattr(ma, "peak_memory_in_bytes", 0), compiled_platform(compiled))
-    return {"arguments_gb": ma.argument_size_in_bytes / unit, "outputs_gb": ma.output_size_in_bytes / unit,
-            "temp_gb": ma.temp_size_in_bytes / unit, "aliased_gb": ma.alias_size_in_bytes / unit,
-            "host_temp_gb": getattr(ma, "host_temp_size_in_bytes", 0) / unit, "sum_gb": total / unit,
-            "total_gb": peak / unit}
+    get = lambda field: info.get(field, 0) / unit
+    total = (info["argument_size_in_bytes"] + info["output_size_in_bytes"] + info["temp_size_in_bytes"]
+             - info.get("alias_size_in_bytes", 0))
+    return {"arguments_gb": get("argument_size_in_bytes"), "outputs_gb": get("output_size_in_bytes"),
+            "temp_gb": get("temp_size_in_bytes"), "aliased_gb": get("alias_size_in_bytes"),
+            "host_temp_gb": get("host_temp_size_in_bytes"), "sum_gb": total / unit,
+            "total_gb": program_bytes(info) / unit}
 
 
 # ----------------------------------------------------------------------------------------------

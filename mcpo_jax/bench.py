@@ -52,6 +52,7 @@ import numpy as np
 
 from mcpo_jax import audit
 from mcpo_jax import batch as batch_lib
+from mcpo_jax.models.config import DTYPES
 from mcpo_jax.online.generate import generation_throughput
 
 PEAK_TFLOPS_H200_BF16 = 989.0  # dense bf16, datasheet (the anchor's PEAK)
@@ -185,7 +186,15 @@ def model_config(name_or_path: str):
 
 
 FAST_CPU_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "f32": "float32"}  # besides the config's names (models.DTYPES)
+
+
+def _dtypes(args) -> tuple[Any, Any]:
+    """(compute dtype, parameter dtype) of the command line."""
+    from mcpo_jax.models import dtype_of
+
+    return (dtype_of(DTYPE_ALIASES.get(args.dtype, args.dtype)),
+            dtype_of(DTYPE_ALIASES.get(args.param_dtype or args.dtype, args.param_dtype or args.dtype)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def run_steps(args, config, shapes: Shapes, variants: Sequence[str], log=print,
     from mcpo_jax.training import state as state_lib
     from mcpo_jax.training import step as step_lib
 
-    dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
+    dtype, param_dtype = _dtypes(args)
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, -1, 1)
     model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=model_remat(args), seed=args.seed,
@@ -351,7 +360,7 @@ def abstract_model(config, args, platform: str = "cpu"):
     from mcpo_jax import models
 
     impl = audit.opaque_attention if platform == "cpu" else None
-    dtype, param_dtype = DTYPES[args.dtype], DTYPES[args.param_dtype or args.dtype]
+    dtype, param_dtype = _dtypes(args)
     return nnx.eval_shape(lambda: models.Transformer(config, dtype=dtype, param_dtype=param_dtype,
                                                      remat=model_remat(args),
                                                      attention_impl=impl, rngs=nnx.Rngs(0)))
@@ -625,9 +634,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", choices=("online", "precomputed", "both"), default="both",
                    help="which variants: reference forward in the step, precomputed, or both (default)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default bf16; tiny: f32, "
+    dtypes = sorted((*DTYPES, *DTYPE_ALIASES))
+    p.add_argument("--dtype", default=None, choices=dtypes, help="compute dtype (default bf16; tiny: f32, "
                    "the CPU's fast path)")
-    p.add_argument("--param-dtype", default=None, choices=sorted(DTYPES),
+    p.add_argument("--param-dtype", default=None, choices=dtypes,
                    help="weight and optimizer-state dtype (default: --dtype, as the anchor's pure-bf16 AdamW)")
     p.add_argument("--remat", default="minimal", type=lambda s: {"false": False, "true": True}.get(s.lower(), s),
                    help="false, true, a policy name of models.REMAT_POLICIES (default minimal: the backward keeps "
@@ -801,8 +811,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         gen_batch = args.gen_batch or args.prompts * (1 + args.candidates)
         new_tokens = args.gen_new_tokens or min(args.completion_len, 128)
         try:
-            model = init_model(config, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype or args.dtype],
-                               remat=False, seed=args.seed)
+            dtype, param_dtype = _dtypes(args)
+            model = init_model(config, dtype=dtype, param_dtype=param_dtype, remat=False, seed=args.seed)
             result["generation"] = generation_throughput(
                 model, batch_size=gen_batch, prompt_len=args.prompt_len, new_tokens=new_tokens,
                 vocab_size=config.vocab_size, warmup=1, steps=3, seed=args.seed)

@@ -49,7 +49,7 @@ class ProgramCheck:
     arguments_gb: float | None = None
     temp_gb: float | None = None
     host_temp_gb: float | None = None
-    total_gb: float | None = None  # XLA's peak of live buffers (`training.program.program_bytes`)
+    total_gb: float | None = None  # XLA's peak of live buffers (`audit.program_bytes`)
     resident_gb: float = 0.0  # the run's other device arrays alive while this program runs
     usable_gb: float | None = None
     fits: bool | None = None  # None: no limit to compare with (the cpu target)
@@ -148,8 +148,9 @@ class _Run:
 
         layout = shd.model_layout(self.mesh, self.rules)
         return nnx.eval_shape(lambda: models.Transformer(
-            self.model_config, dtype=build.DTYPES[model_cfg.dtype], param_dtype=build.DTYPES[model_cfg.param_dtype],
-            remat=build.model_remat(model_cfg), layout=layout, rngs=nnx.Rngs(0)))
+            self.model_config, dtype=models.dtype_of(model_cfg.dtype),
+            param_dtype=models.dtype_of(model_cfg.param_dtype), remat=build.model_remat(model_cfg), layout=layout,
+            rngs=nnx.Rngs(0)))
 
     def usable_gb(self) -> float | None:
         return None if self.budget is None else self.budget / 1e9
@@ -157,15 +158,14 @@ class _Run:
     def finish(self, check: ProgramCheck, compiled, *, compile_s: float, work=None) -> ProgramCheck:
         """Memory, verdict, FLOPs and collectives of a compiled program."""
         from mcpo_jax import audit
-        from mcpo_jax.training.program import memory_fields, program_bytes
 
-        info = memory_fields(compiled)
+        info = audit.memory_fields(compiled)
         check.compile_s = compile_s
         if info:
             check.arguments_gb = info["argument_size_in_bytes"] / 1e9
             check.temp_gb = info["temp_size_in_bytes"] / 1e9
             check.host_temp_gb = info.get("host_temp_size_in_bytes", 0) / 1e9
-            check.total_gb = program_bytes(info) / 1e9
+            check.total_gb = audit.program_bytes(info) / 1e9
         check.usable_gb = self.usable_gb()
         if check.usable_gb is not None and check.need_gb is not None:
             check.fits = check.need_gb <= check.usable_gb

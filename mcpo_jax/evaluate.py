@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mcpo_jax.data import tasks
-from mcpo_jax.data.text import decode_completion, encode_prompts, left_pad, load_prompts, read_rows, row_prompt
+from mcpo_jax.data.text import encode_prompts, load_prompts, read_rows, row_prompt
 from mcpo_jax.judges import A, B, INVALID, TIE, Judge, judge_task, make_judge
 
 
@@ -68,28 +68,13 @@ def generate_outputs(model, tokenizer, instructions: Sequence[Any], *, max_new_t
                      batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      use_chat_template: bool = True, max_prompt_tokens: int | None = None) -> list[str]:
     """Answers of ``model`` to ``instructions`` (greedy by default), batched and left-padded."""
-    import jax
+    from mcpo_jax.online.generate import generate_texts
 
-    from mcpo_jax.online.generate import generate, stop_ids, to_host
-
-    eos_ids = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     rows = encode_prompts(tokenizer, instructions, use_chat_template=use_chat_template,
                           max_prompt_tokens=max_prompt_tokens)
-    # batches of similar length waste less compute on padding; results go back in input order
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    outputs: list[str] = [""] * len(rows)
-    key = jax.random.key(seed)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        # the last batch is filled up with repeats, so every batch of a width bucket shares one program
-        fill = idx + [idx[-1]] * (batch_size - len(idx)) if len(order) > batch_size else idx
-        ids, mask = left_pad([rows[i] for i in fill], pad, multiple=32)
-        new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, key=jax.random.fold_in(key, b), eos_id=eos_ids))
-        for i, row in zip(idx, new):
-            outputs[i] = decode_completion(tokenizer, row, eos_ids)
-    return outputs
+    # batches of similar length waste less compute on padding (widths rounded up to 32: few programs)
+    return generate_texts(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          temperature=temperature, top_p=top_p, seed=seed, multiple=32)
 
 
 # -- win rates ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 STRATEGIES = ("mc", "max", "min", "random")
+SAMPLERS = (*STRATEGIES, "fixed")  # the trainer's `sampler`: a strategy, or the dataset's own negative
 
 
 def _eligible(valid_BC, shape, include_preferred):

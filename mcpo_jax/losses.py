@@ -213,23 +213,26 @@ def _pair_mean(x_B2: Array, has_negative_B: Array) -> Array:
 def _register(name: str, *, uses_ref: bool, uses_lengths: bool, pairwise: bool):
     """Wraps `body(inputs, beta, **hparams) -> (loss_B, metrics)` into the public signature."""
 
-    def wrap(body):
-        def objective(policy_logps, ref_logps=None, *, beta, lengths=None, valid=None, **hparams):
-            inputs = _Inputs(
-                name, policy_logps, ref_logps, lengths, valid,
-                uses_ref=uses_ref, uses_lengths=uses_lengths, pairwise=pairwise,
-            )
-            loss_B, metrics = body(inputs, beta, **hparams)
-            if pairwise:
-                loss_B = jnp.where(inputs.has_negative, loss_B, 0.0)
-            return loss_B, metrics
+    return lambda body: _objective(name, body, uses_ref=uses_ref, uses_lengths=uses_lengths, pairwise=pairwise)
 
-        objective.__name__ = objective.__qualname__ = name
-        objective.__doc__ = body.__doc__
-        _OBJECTIVES[name] = objective
-        return objective
 
-    return wrap
+def _objective(name: str, body, *, uses_ref: bool, uses_lengths: bool | None, pairwise: bool):
+    """The public objective around `body(inputs, beta, **hparams) -> (loss_B, metrics)`, registered under `name`
+    (built-in and user objectives alike). `uses_lengths=None`: lengths are used when they are passed."""
+
+    def objective(policy_logps, ref_logps=None, *, beta, lengths=None, valid=None, **hparams):
+        inputs = _Inputs(name, policy_logps, ref_logps, lengths, valid, uses_ref=uses_ref,
+                         uses_lengths=lengths is not None if uses_lengths is None else uses_lengths,
+                         pairwise=pairwise)
+        loss_B, metrics = body(inputs, beta, **hparams)
+        if pairwise:
+            loss_B = jnp.where(inputs.has_negative, loss_B, 0.0)
+        return loss_B, metrics
+
+    objective.__name__ = objective.__qualname__ = name
+    objective.__doc__ = body.__doc__
+    _OBJECTIVES[name] = objective
+    return objective
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -596,18 +599,8 @@ def register(
         return loss_B, {**_reward_metrics(rewards, x.valid), **dict(metrics)}
 
     body.__doc__ = fn.__doc__
-
-    def objective(policy_logps, ref_logps=None, *, beta, lengths=None, valid=None, **hparams):
-        inputs = _Inputs(name, policy_logps, ref_logps, lengths, valid, uses_ref=not reference_free,
-                         uses_lengths=needs_lengths or lengths is not None, pairwise=pairwise)
-        loss_B, metrics = body(inputs, beta, **hparams)
-        if pairwise:
-            loss_B = jnp.where(inputs.has_negative, loss_B, 0.0)
-        return loss_B, metrics
-
-    objective.__name__ = objective.__qualname__ = name
-    objective.__doc__ = fn.__doc__
-    _OBJECTIVES[name] = objective
+    objective = _objective(name, body, uses_ref=not reference_free, uses_lengths=True if needs_lengths else None,
+                           pairwise=pairwise)
     NAMES = tuple(_OBJECTIVES)
     PAIRWISE = (PAIRWISE | {name}) if pairwise else (PAIRWISE - {name})
     MULTI_NEGATIVE = (MULTI_NEGATIVE - {name}) if pairwise else (MULTI_NEGATIVE | {name})

@@ -173,9 +173,8 @@ def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
     from mcpo_jax import evaluate, models
 
     fe = config.final_eval
-    dtype = build.DTYPES[config.model.dtype]
-    rules = shd.rules_from_config(config.sharding_rules.to_dict() or None)
-    mesh = shd.mesh_from_config(config.mesh)
+    dtype = models.dtype_of(config.model.dtype)
+    mesh, rules = shd.mesh_and_rules(config)
     policy_path = summary.get("hf_export")
     if not policy_path:
         raise ConfigError("final_eval needs the trained policy's export: keep --config.export_hf=true")

@@ -295,6 +295,12 @@ def is_primary() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Trainer-side helpers: mesh from config, parameter/batch shardings, global input arrays.
 
+def mesh_and_rules(config) -> tuple[Mesh, tuple[tuple[str, Any], ...]]:
+    """The mesh (`config.mesh`) and the logical-axis rules (`config.sharding_rules` over the defaults) of a trainer
+    config: every program of a run (training, evaluation, generation, an online run's initial model) uses these."""
+    return mesh_from_config(config.mesh), rules_from_config(config.sharding_rules.to_dict() or None)
+
+
 def mesh_from_config(mesh_config) -> Mesh:
     """Mesh from a config with `data`, `fsdp`, `tensor` (one may be -1 = all remaining devices)."""
     return make_mesh(int(mesh_config.data), int(mesh_config.fsdp), int(mesh_config.tensor))

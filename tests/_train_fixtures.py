@@ -176,9 +176,8 @@ def sharded_step_metrics(fsdp: int, tensor: int, variant: str = "rows", include_
                else S.StepConfig(objective="dpo", sampler="random", num_negatives=1, beta=1.0, **shared))
     batch = shd.global_batch(local, mesh, batch_axis=1)
     fn = S.make_train_step(cfg, graphdef, rest, tx, sched)
-    compiled, _ = S.compile_train_step(fn, state, ref, batch, state_shardings=ss, ref_shardings=ps,
-                                       batch_shardings=jax.tree.map(lambda x: x.sharding, batch),
-                                       metric_shardings=shd.replicated(mesh))
+    compiled = jax.jit(fn, in_shardings=(ss, ps, jax.tree.map(lambda x: x.sharding, batch)),
+                       out_shardings=(ss, shd.replicated(mesh)), donate_argnums=(0,))
     new_state, m = compiled(state, ref, batch)
     checksum = float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(new_state["params"])))
     specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(new_state["params"])})

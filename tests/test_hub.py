@@ -85,3 +85,22 @@ def test_hub_dataset_offline_is_a_data_error(monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"HF_HUB_OFFLINE is set\) and it is not in the datasets cache"):
         load_examples("no-such-org/no-such-data", format="nectar")
+
+
+@pytest.mark.parametrize("offline", ["1", "true"])
+def test_config_validation_and_the_loaders_agree_on_path_or_hub_id(monkeypatch, no_network, offline):
+    """One decision (`hub.looks_like_path`): a bare `gpt2` is a hub id to the config's validation as to the
+    loader (it used to be "no such folder" there), and any true HF_HUB_OFFLINE makes an uncached id an error."""
+    from mcpo_jax.training.config import ConfigError, validate
+
+    from _train_fixtures import tiny_config
+
+    monkeypatch.setattr(hub, "hub_cached", lambda repo, filename="config.json": False)
+    validate(tiny_config(**{"model.path": "gpt2"}), device_count=1, process_count=1)  # the loader decides
+    with pytest.raises(ConfigError, match=r"model.path='\./none-here': no such folder$"):
+        validate(tiny_config(**{"model.path": "./none-here"}), device_count=1, process_count=1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    for name in ("gpt2", "org/name"):
+        with pytest.raises(ConfigError, match=rf"model.path='{name}': no such folder and the hub is offline"):
+            validate(tiny_config(**{"model.path": name}), device_count=1, process_count=1)
+    assert hub.looks_like_path("./none-here") and not hub.looks_like_path("gpt2")

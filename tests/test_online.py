@@ -207,3 +207,27 @@ def test_segment_start_reference_is_saved_per_segment(tmp_path, compilation_cach
     # at a segment's first step pi_ref is the policy itself: every log-ratio, hence every reward, is 0
     assert abs(rows[1]["rewards/chosen"]) < 1e-5 and abs(rows[3]["rewards/chosen"]) < 1e-5  # float noise only
     assert abs(rows[2]["rewards/chosen"]) > 1e-3
+
+
+def test_online_initial_model_uses_the_runs_sharding_rules(monkeypatch, tmp_path):
+    """An online run from a random preset saves its initial model laid out by the run's `sharding_rules` (the
+    default rules were used there before, whatever the config said)."""
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.online import onmcpo
+    from mcpo_jax.training import build
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def build_model(model_cfg, mesh, rules, **kw):
+        seen.append(dict(rules))
+        raise Built
+
+    monkeypatch.setattr(build, "build_model", build_model)
+    c = _config(**{"sharding_rules.mlp": None})
+    with pytest.raises(Built):
+        onmcpo.train_online(c, str(tmp_path), start_path="", stop=None)
+    assert seen == [dict(shd.mesh_and_rules(c)[1])] and seen[0]["mlp"] is None
+    assert dict(shd.DEFAULT_RULES)["mlp"] is not None  # the override is what made the difference

@@ -332,9 +332,8 @@ def test_mcpo_steps_on_real_text_then_export_reloads_in_transformers(jax_model, 
     state = st.init_state(params, tx, 0, shardings=ss)
     bs = {k: shd.batch_sharding(mesh, v.ndim, 1) for k, v in batch.items()}
     cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=1, beta=0.1)
-    compiled, _ = S.compile_train_step(S.make_train_step(cfg, graphdef, rest, tx, sched), state, ref, batch,
-                                       state_shardings=ss, ref_shardings=ps, batch_shardings=bs,
-                                       metric_shardings=shd.replicated(mesh), donate=False)
+    compiled = jax.jit(S.make_train_step(cfg, graphdef, rest, tx, sched), in_shardings=(ss, ps, bs),
+                       out_shardings=(ss, shd.replicated(mesh)))
     history = []
     for _ in range(3):
         state, m = compiled(state, ref, batch)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from mcpo_jax import audit
 from mcpo_jax import batch as batch_lib
 from mcpo_jax import models
 from mcpo_jax import sharding as shd
@@ -31,7 +32,7 @@ def needed(prog):
     batch = prog.abstract_batch(SHAPES)
     prog.compiled(batch)
     info = next(iter(prog.compile_info.values()))
-    return program_lib.program_bytes(info), info.get("remat")
+    return audit.program_bytes(info), info.get("remat")
 
 
 def test_auto_takes_the_first_choice_that_fits():

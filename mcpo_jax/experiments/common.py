@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from mcpo_jax.training.config import set_keys
+
 log = logging.getLogger("mcpo_jax.experiments")
 
 DEFAULT_OUT = "runs/experiments"
@@ -173,7 +175,7 @@ def po_config(scale: str, seed: int, sft_path: str, overrides: Sequence[tuple[st
     c.reference = "precomputed"
     c.batch_size = c.micro_batch_size = int(s["batch"])
     c.optimizer.learning_rate = float(s["lr"])
-    apply_overrides(c, overrides)
+    set_keys(c, overrides)
     return c
 
 
@@ -195,19 +197,8 @@ def online_config(scale: str, seed: int, sft_path: str, overrides: Sequence[tupl
     o.generation_batch_size = int(s["generation_batch"])
     o.seed = int(seed)
     c.num_candidates = len(o.temperatures) - 1
-    apply_overrides(c, overrides)
+    set_keys(c, overrides)
     return c
-
-
-def apply_overrides(config, overrides: Sequence[tuple[str, Any]]):
-    for dotted, value in overrides:
-        node = config
-        *path, last = dotted.split(".")
-        for part in path:
-            node = node[part]
-        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
-            node[last] = value
-    return config
 
 
 # --------------------------------------------------------------------------------------------- utilities

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from mcpo_jax.experiments import common, stats
-from mcpo_jax.training.config import PAPER_LR_GRID
+from mcpo_jax.training.config import PAPER_LR_GRID, set_keys
 
 log = logging.getLogger("mcpo_jax.experiments.protocol")
 
@@ -157,10 +157,10 @@ class Task:
             c.optimizer.learning_rate = float(lr)
             if method.kind == "online":
                 c.online.seed = int(seed)
-        common.apply_overrides(c, self.overrides)
+        set_keys(c, self.overrides)
         if method.kind == "online":
-            common.apply_overrides(c, self.online_overrides)
-        common.apply_overrides(c, method.overrides)
+            set_keys(c, self.online_overrides)
+        set_keys(c, method.overrides)
         if method.kind == "online" and "num_candidates" not in dict(method.overrides):
             c.num_candidates = len(c.online.temperatures) - 1
         return c

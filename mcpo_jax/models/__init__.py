@@ -1,6 +1,6 @@
 """Llama / Mistral in Flax NNX, with Hugging Face checkpoints in and out."""
 
-from .config import ModelConfig, UnsupportedConfigError, load_config
+from .config import DTYPES, ModelConfig, UnsupportedConfigError, dtype_of, load_config
 from .decoder import KVCache, REMAT_POLICIES, Transformer, logical_axes
 
 __all__ = [

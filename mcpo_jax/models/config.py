@@ -23,6 +23,18 @@ from typing import Any
 
 from flax.core import FrozenDict
 
+DTYPES = ("float32", "bfloat16", "float16")  # the dtype names configs and command lines take
+
+
+def dtype_of(name: str):
+    """The JAX dtype of a dtype name (one of `DTYPES`)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    import jax.numpy as jnp
+
+    return getattr(jnp, name)
+
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")

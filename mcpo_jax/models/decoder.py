@@ -245,6 +245,9 @@ def record_attention_fallback(reason: str, *, kernel: str = "cuDNN", **details) 
                 "in memory): %s %s", kernel, reason, {k: v for k, v in record.items() if k != "reason"})
 
 
+_KERNEL_NAMES = {"cudnn": "cuDNN", "splash": "splash"}
+
+
 def _attention_impl(dtype, head_dim, platform: str | None = None) -> str:
     """The attention kernel for the devices a program targets (`platform`: their platform, default the host's):
     Pallas splash attention on TPU, cuDNN flash attention on GPU in half precision, XLA otherwise."""
@@ -465,8 +468,11 @@ class Transformer(nnx.Module):
 
     def _layer_pieces(self, join=None):
         """(qkv, out_and_mlp, wrap): the layer's two halves and how to wrap the scanned body, per the remat
-        setting; with remat="minimal" the halves are checkpointed around attention, as in `layer_body`. `join`:
-        out_and_mlp takes several attention outputs and joins them first (`join(*outs)`), inside its checkpoint."""
+        setting. With a split policy ("minimal", "minimal_offload") the halves are checkpointed around attention:
+        a custom_vjp attention (cuDNN, splash) inside a checkpoint is recomputed in the backward whatever the
+        policy; outside, it keeps its own residuals (q, k, v, output, softmax statistics) and runs once, and the
+        halves recompute only RMSNorm, RoPE and SiLU·up. `join`: out_and_mlp takes several attention outputs and
+        joins them first (`join(*outs)`), inside its checkpoint."""
         out_and_mlp = self._out_and_mlp
         if join is not None:
             out_and_mlp = lambda p, x, *outs: self._out_and_mlp(p, x, join(*outs))
@@ -481,26 +487,13 @@ class Transformer(nnx.Module):
         reads what its backward saves)."""
         cos, sin = rope_cos_sin(self.config, positions_BT)
         attend = self._forward_attention(mask_BT, positions_BT.shape[1])
-        if self.remat in SPLIT_REMAT:
-            # Two checkpointed pieces around attention: a custom_vjp attention (cuDNN) inside a checkpoint is
-            # recomputed in the backward whatever the policy; outside, it keeps its own residuals (q, k, v,
-            # output, softmax statistics) and runs once. The pieces recompute only RMSNorm, RoPE and SiLU·up.
-            policy = REMAT_POLICIES[self.remat]
-            qkv = jax.checkpoint(lambda p, x: self._qkv(p, x, cos, sin), policy=policy, prevent_cse=False)
-            out_and_mlp = jax.checkpoint(self._out_and_mlp, policy=policy, prevent_cse=False)
-
-            def split_body(x_BTD, p):
-                q, k, v = qkv(p, x_BTD)
-                return out_and_mlp(p, x_BTD, checkpoint_name(attend(q, k, v), "attn_out")), None
-
-            return split_body
+        qkv, out_and_mlp, wrap = self._layer_pieces()
 
         def body(x_BTD, p):
-            q, k, v = self._qkv(p, x_BTD, cos, sin)
-            out = checkpoint_name(attend(q, k, v), "attn_out")
-            return self._out_and_mlp(p, x_BTD, out), None
+            q, k, v = qkv(p, x_BTD, cos, sin)
+            return out_and_mlp(p, x_BTD, checkpoint_name(attend(q, k, v), "attn_out")), None
 
-        return self._maybe_remat(body)
+        return wrap(body)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
         """Empty KV cache with `max_length` slots per row."""
@@ -628,16 +621,17 @@ class Transformer(nnx.Module):
                                 scale=scale, mesh=mesh, batch_axes=rows, head_axis=head,
                                 interpret=self.platform != "tpu")
 
-    def _fused_or_xla(self, kernel: str, fused, xla, q, *, prefix: bool = False):
-        """`fused()`, or where the kernel refuses the call (shape, dtype, chip), `xla()` with the reason recorded
-        loudly (`record_attention_fallback`); a kernel asked for by name (`attention_impl`) raises instead."""
+    def _fused_or_xla(self, impl: str, fused, xla, q, *, prefix: bool = False):
+        """`fused()` (the kernel `impl`: "cudnn" or "splash"), or where the kernel refuses the call (shape, dtype,
+        chip), `xla()` with the reason recorded loudly (`record_attention_fallback`), never silently; a kernel
+        asked for by name (`attention_impl`) raises instead."""
         try:
             return fused()
         except (NotImplementedError, ValueError, RuntimeError) as e:
-            if self.attention_impl == kernel:
+            if self.attention_impl == impl:
                 raise
             record_attention_fallback(f"{'prompt-prefix attention: ' if prefix else ''}{type(e).__name__}: {e}",
-                                      kernel=kernel, q_shape=q.shape, dtype=q.dtype)
+                                      kernel=_KERNEL_NAMES[impl], q_shape=q.shape, dtype=q.dtype)
             return xla()
 
     def _forward_attention(self, mask_BT, T):
@@ -662,7 +656,6 @@ class Transformer(nnx.Module):
             return xla_attend
         # right padding: padding keys are exactly those past each row's length
         local = None if window is None else (window - 1, 0)
-        explicit = self.attention_impl == "cudnn"
 
         def cudnn(q, k, v, *lengths_N):
             return jax.nn.dot_product_attention(
@@ -670,15 +663,10 @@ class Transformer(nnx.Module):
                 local_window_size=local, implementation="cudnn")
 
         def attend(q, k, v):
-            try:
-                extra = () if lengths is None else (lengths,)
-                return self._per_device(cudnn, q, k, v, *extra, heads=(True, True, True, False))
-            except (NotImplementedError, ValueError, RuntimeError) as e:
-                if explicit:
-                    raise
-                # shape / dtype / GPU generation cuDNN does not take: never silently
-                record_attention_fallback(f"{type(e).__name__}: {e}", q_shape=q.shape, dtype=q.dtype)
-                return xla_attend(q, k, v)
+            extra = () if lengths is None else (lengths,)
+            return self._fused_or_xla(
+                "cudnn", lambda: self._per_device(cudnn, q, k, v, *extra, heads=(True, True, True, False)),
+                lambda: xla_attend(q, k, v), q)
 
         return attend
 
@@ -738,21 +726,16 @@ class Transformer(nnx.Module):
             return splash
         if impl != "cudnn":
             return xla
-        explicit = self.attention_impl == "cudnn"
 
         def cudnn(q, k, v, mask):  # cuDNN flash attention with the mask as an additive bias
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
 
         def attend(q, kp, vp, kc, vc):
             k, v = keys(kp, vp, kc, vc)
-            try:
-                return self._per_device(cudnn, q, k, v, allowed, heads=(True, True, True, False))
-            except (NotImplementedError, ValueError, RuntimeError) as e:
-                if explicit:
-                    raise
-                record_attention_fallback(f"prompt-prefix attention: {type(e).__name__}: {e}", q_shape=q.shape,
-                                          dtype=q.dtype)
-                return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla")
+            return self._fused_or_xla(
+                "cudnn", lambda: self._per_device(cudnn, q, k, v, allowed, heads=(True, True, True, False)),
+                lambda: jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale, implementation="xla"),
+                q, prefix=True)
 
         return attend
 

@@ -243,6 +243,35 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, temp
                          max_new_tokens=int(max_new_tokens), use_filter=use_filter, gather=bool(gather_weights))
 
 
+def generate_texts(model, tokenizer, rows: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+                   temperature=0.0, top_p: float = 1.0, seed: int = 0, width: int | None = None,
+                   multiple: int = 1, gather_weights: bool = True) -> list[str]:
+    """The decoded completions of prompt token `rows`, in input order: the evaluation's and the online
+    sampler's one batching. Rows run shortest first (stable order) in batches of `batch_size`, left-padded to
+    `width` (one program for all batches) or to the batch's longest row rounded up to `multiple`; the last batch
+    is filled up with repeats so that every batch has one shape. `temperature`: a scalar or one per row; batch
+    b samples with `fold_in(key(seed), b)`."""
+    from mcpo_jax.data.text import decode_completion, left_pad
+
+    eos_ids = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    per_row = np.ndim(temperature) > 0
+    temperatures = np.asarray(temperature, np.float32)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = [""] * len(rows)
+    key = jax.random.key(seed)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start:start + batch_size]
+        fill = idx + [idx[-1]] * (batch_size - len(idx)) if len(order) > batch_size else idx
+        ids, mask = left_pad([rows[i] for i in fill], pad, width=width, multiple=multiple)
+        new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                               temperature=temperatures[fill] if per_row else temperature, top_p=top_p,
+                               key=jax.random.fold_in(key, b), eos_id=eos_ids, gather_weights=gather_weights))
+        for i, row in zip(idx, new):
+            out[i] = decode_completion(tokenizer, row, eos_ids)
+    return out
+
+
 def generation_throughput(model, *, batch_size: int, prompt_len: int, new_tokens: int, warmup: int = 1,
                           steps: int = 3, temperature: float = 1.0, vocab_size: int | None = None,
                           seed: int = 0) -> dict:

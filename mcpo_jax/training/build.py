@@ -8,15 +8,11 @@ from __future__ import annotations
 import logging
 import random
 
-import jax.numpy as jnp
-
 from mcpo_jax import kernel, models
 from mcpo_jax.data.example import DataError
 from mcpo_jax.training.config import ConfigError, kernel_includes_preferred, negative_fixed_per_prompt, num_columns
 
 log = logging.getLogger("mcpo_jax.train")
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def model_remat(model_cfg):
@@ -27,7 +23,7 @@ def model_remat(model_cfg):
 
 def build_model(model_cfg, mesh, rules, *, path: str | None = None):
     """The policy: `path` (or model.path) loaded from a Hugging Face folder / hub id, else the preset, random."""
-    dtype, param_dtype = DTYPES[model_cfg.dtype], DTYPES[model_cfg.param_dtype]
+    dtype, param_dtype = models.dtype_of(model_cfg.dtype), models.dtype_of(model_cfg.param_dtype)
     path = model_cfg.path if path is None else path
     if path:
         return models.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,

@@ -18,8 +18,6 @@ from typing import Any
 
 import ml_collections
 
-DTYPES = ("float32", "bfloat16", "float16")
-SAMPLERS = ("mc", "max", "min", "random", "fixed")
 # Blocks whose keys are free: reader options, model-config overrides, objective hyper-parameters, axis rules.
 FREE_FORM = ("model.overrides", "data.options", "loss_hparams", "sharding_rules")
 # Keys that do not change what a run computes: a rerun in the same workdir may change them freely
@@ -283,27 +281,18 @@ def negative_fixed_per_prompt(config) -> bool:
             and config.objective != "sft")
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.count("/") != 1 or os.sep in value.split("/", 1)[-1]
-
-
 def _check_model_path(field: str, value: str, errors: list[str]) -> None:
+    """A folder, or a hub id (`hub.looks_like_path` decides which, as the loaders do); with the hub declared
+    offline (`hub.offline_env`), a hub id must be in the local cache. A reachable hub is checked when loading."""
+    from mcpo_jax import hub
+
     if not value or os.path.isdir(os.path.expanduser(value)):
         return
-    if _looks_like_path(value):
+    if hub.looks_like_path(value):
         errors.append(f"{field}={value!r}: no such folder")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached(value):
-        errors.append(f"{field}={value!r}: no such folder and the hub is offline (HF_HUB_OFFLINE=1); "
+    elif hub.offline_env() and not hub.hub_cached(value):
+        errors.append(f"{field}={value!r}: no such folder and the hub is offline (HF_HUB_OFFLINE is set); "
                       f"pass a local folder (--config.{field}=/path/to/folder)")
-
-
-def _hub_cached(repo: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
-    except Exception:
-        return False
 
 
 def _check_judge(field: str, spec: str, errors: list[str]) -> None:
@@ -317,7 +306,7 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
              problems: tuple[str, ...] = ()) -> None:
     """Every check that needs no model or data; raises one ConfigError listing every problem (`problems`:
     ones found before, e.g. command-line overrides of unknown keys)."""
-    from mcpo_jax import losses, models, sharding
+    from mcpo_jax import kernel, losses, models, sharding
 
     errors = list(problems) + _unknown_keys(config)
     present = _flat(config)
@@ -338,8 +327,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     if objective not in known_objectives:
         errors.append(f"objective={objective!r} is unknown; known: {', '.join(known_objectives)} (or register "
                       "one with mcpo_jax.losses.register in a module named by --config.objective_module)")
-    if sampler not in SAMPLERS:
-        errors.append(f"sampler={sampler!r} is unknown; known: {', '.join(SAMPLERS)}")
+    if sampler not in kernel.SAMPLERS:
+        errors.append(f"sampler={sampler!r} is unknown; known: {', '.join(kernel.SAMPLERS)}")
     L, M = int(config.num_candidates), int(config.num_negatives)
     if L < 1:
         errors.append(f"num_candidates (L) must be >= 1, got {L}")
@@ -395,8 +384,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         errors.append(f"model.memory_budget_gb must be >= 0 (0 = the device's own limit), got "
                       f"{config.model.memory_budget_gb}")
     for key in ("dtype", "param_dtype"):
-        if config.model[key] not in DTYPES:
-            errors.append(f"model.{key}={config.model[key]!r}: use one of {', '.join(DTYPES)}")
+        if config.model[key] not in models.DTYPES:
+            errors.append(f"model.{key}={config.model[key]!r}: use one of {', '.join(models.DTYPES)}")
     if config.optimizer.decay not in ("linear", "cosine", "constant"):
         errors.append(f"optimizer.decay={config.optimizer.decay!r}: linear, cosine or constant")
     if float(config.optimizer.learning_rate) <= 0:
@@ -496,6 +485,8 @@ def _validate_online(config, errors: list[str]) -> None:
     if not o.prompts:
         errors.append("online.prompts is empty: 'task:NAME', 'synthetic', a prompts file or a hub dataset id")
     _check_judge("online.judge", o.judge, errors)
+    from mcpo_jax.models.config import DTYPES
+
     if o.judge_dtype not in DTYPES:
         errors.append(f"online.judge_dtype={o.judge_dtype!r}: use one of {', '.join(DTYPES)}")
 
@@ -508,15 +499,23 @@ def prepare(config, **kwargs) -> ml_collections.ConfigDict:
     return config
 
 
-def with_overrides(config, overrides) -> ml_collections.ConfigDict:
-    """A copy of `config` with the (nested) keys of `overrides` set: the warm start's SFT phase."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for key, value in _flat(overrides).items():
+def set_keys(config, overrides) -> ml_collections.ConfigDict:
+    """`config` with keys set in place, the one way code changes a config: `overrides` is a nested mapping
+    (a warm start's block), a mapping of dotted keys or (dotted key, value) pairs (the experiments'
+    overrides). Returns `config`."""
+    items = _flat(overrides).items() if hasattr(overrides, "items") else overrides
+    for key, value in items:
         parent, _, leaf = key.rpartition(".")
-        node = _get(out, parent) if parent else out
+        node = _get(config, parent) if parent else config
         with node.unlocked():
             node[leaf] = value
-    return out
+    return config
+
+
+def with_overrides(config, overrides) -> ml_collections.ConfigDict:
+    """A copy of `config` (references resolved) with `overrides` set (`set_keys`): the warm start's SFT phase,
+    an online segment's data."""
+    return set_keys(ml_collections.ConfigDict(config.to_dict()), overrides)
 
 
 def run_defining_diff(saved: dict, current: dict) -> list[str]:

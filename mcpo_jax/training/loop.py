@@ -77,8 +77,7 @@ class Trainer:
         self.run_dir = files.workdir_path(workdir)
         self.workdir = os.fspath(self.run_dir)
         self.primary = shd.is_primary()
-        self.rules = shd.rules_from_config(config.sharding_rules.to_dict() or None)
-        self.mesh = shd.mesh_from_config(config.mesh)
+        self.mesh, self.rules = shd.mesh_and_rules(config)
         log.info("mesh %s (%d devices, %d processes)", dict(self.mesh.shape), self.mesh.size, jax.process_count())
         self.model_path = config.model.path if model_path is None else model_path
         model = build.build_model(config.model, self.mesh, self.rules, path=self.model_path)

@@ -179,8 +179,8 @@ class TrainProgram:
                 tried.append(f"remat={remat!r}: {first_line(e)}")
                 continue
             info: dict[str, Any] = {"compile_seconds": time.perf_counter() - t0}
-            info.update(memory_fields(compiled))
-            need = program_bytes(info)
+            info.update(audit.memory_fields(compiled))
+            need = audit.program_bytes(info)
             if remat is not None:
                 info["remat"] = remat
                 fits = self.memory_budget is None or need is None or need <= self.memory_budget
@@ -201,33 +201,6 @@ class TrainProgram:
 
     def __call__(self, state, ref_params, batch):
         return self.compiled(batch)(state, ref_params, batch)
-
-
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes", "alias_size_in_bytes", "host_temp_size_in_bytes",
-                 "peak_memory_in_bytes")
-
-
-def memory_fields(compiled) -> dict[str, Any]:
-    """XLA's memory analysis of a compiled program ({} where the backend has none), with its platform."""
-    try:
-        mem = compiled.memory_analysis()
-    except Exception as e:  # noqa: BLE001 - some backends do not implement it
-        log.debug("memory_analysis unavailable: %s", e)
-        return {}
-    out: dict[str, Any] = {f: int(getattr(mem, f)) for f in MEMORY_FIELDS if mem is not None and hasattr(mem, f)}
-    out["platform"] = audit.compiled_platform(compiled)
-    return out
-
-
-def program_bytes(info: dict) -> int | None:
-    """`device_bytes` of a `memory_fields` dict (None without a memory analysis)."""
-    try:
-        return audit.device_bytes(info["argument_size_in_bytes"], info["output_size_in_bytes"], info["temp_size_in_bytes"],
-                            info.get("alias_size_in_bytes", 0), info.get("peak_memory_in_bytes", 0),
-                            info.get("platform"))
-    except KeyError:
-        return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

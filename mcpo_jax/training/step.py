@@ -9,7 +9,7 @@
         3. gather y0 + the M selected rows; value_and_grad of the objective on those rows only
       4. optax update with the exact global mean gradient; metrics as (sum, count) -> means
 
-Everything is one `jax.jit` with explicit shardings (see `compile_train_step`); no host round
+Everything is one `jax.jit` with explicit shardings (`training.program.TrainProgram`); no host round
 trips. The step knows nothing of configs files or data readers: it takes a `StepConfig`.
 """
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,7 +28,6 @@ from mcpo_jax import kernel, logprobs, losses, ranking_metrics
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("mc", "max", "min", "random", "fixed")
 RANK_BINS = 16  # histogram of the dataset rank of each selected negative: ranks 0..15 (unknown ones apart)
 
 
@@ -500,34 +497,6 @@ def make_optimizer(
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts), schedule
-
-
-def compile_train_step(step_fn, state, ref_params, batch, *, state_shardings, ref_shardings, batch_shardings,
-                       metric_shardings=None, donate=True):
-    """jax.jit with explicit shardings, lowered and compiled once; logs compile time and memory."""
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, ref_shardings, batch_shardings),
-        out_shardings=(state_shardings, metric_shardings),
-        donate_argnums=(0,) if donate else (),
-    )
-    t0 = time.perf_counter()
-    lowered = jitted.lower(state, ref_params, batch)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
-    info: dict[str, Any] = {"compile_seconds": seconds}
-    try:
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                          "generated_code_size_in_bytes", "alias_size_in_bytes"):
-                if hasattr(mem, field):
-                    info[field] = int(getattr(mem, field))
-    except Exception as e:  # some backends do not implement it
-        log.debug("memory_analysis unavailable: %s", e)
-    log.info("compiled train step in %.1fs; memory %s", seconds,
-             {k: v for k, v in info.items() if k != "compile_seconds"})
-    return compiled, info
 
 
 def step_config_from(config) -> StepConfig:
