@@ -168,44 +168,38 @@ def anchor_work(variant: str, *, prompts: int, candidates: int, negatives: int, 
 
 
 def pass_rows(cfg, columns: int) -> dict[str, int]:
-    """Rows per example of each model pass the step executes under `cfg` (a `training.step.StepConfig`)."""
-    policy = 0
-    if cfg.selection_reads_policy(columns):
-        policy = columns - 1 if cfg.prune_passes and not cfg.y0_eligible else columns
-    reference = columns if (cfg.reference == "online" and not cfg.is_sft) else 0
-    trained = 1 if cfg.is_sft else 1 + cfg.num_negatives
-    return {"policy_no_grad": policy, "reference_no_grad": reference, "trained": trained}
+    """Rows per example of each model pass the step executes under `cfg` (a `training.step.StepConfig`): its
+    `PassPlan`'s, which do not depend on the length."""
+    return cfg.pass_plan(columns, 0, rope_type="default").rows()
 
 
-def executed_work(cfg, *, prompts: int, columns: int, prompt_len: int, completion_len: int) -> Work:
-    """The anchor's formula credited for the work the step really executes: its passes (`pass_rows`) and, when
-    `cfg.completion_window` is set, the LM head on that many positions per row only."""
-    rows = pass_rows(cfg, columns)
+def executed_work(cfg, *, prompts: int, columns: int, prompt_len: int, completion_len: int,
+                  rope_type: str = "default") -> Work:
+    """The anchor's formula credited for the work the step really executes under `cfg` (a
+    `training.step.StepConfig`): the passes of its `PassPlan` and, when `cfg.completion_window` is set, the LM
+    head on that many positions per row only. `rope_type`: the model's (dynamic NTK RoPE reuses no prompt)."""
     seq = prompt_len + completion_len
+    plan = cfg.pass_plan(columns, seq, rope_type=rope_type)
+    rows = plan.rows()
     fwd_rows = rows["policy_no_grad"] + rows["reference_no_grad"]
-    window = getattr(cfg, "completion_window", None)
-    if getattr(cfg, "prompt_window", None) and window:
-        from mcpo_jax.logprobs import shared_prompt_windows
-
+    window = plan.completion_window
+    if plan.prompt_window and window:
         # per pass: the prompt once per example (no LM head) and the rows' completions, or the rows whole
         tokens = dict(trained_tokens=0, forward_tokens=0, head_trained_tokens=0, head_forward_tokens=0,
                       prompt_trained_tokens=0, prompt_forward_tokens=0)
-        windows = {}
-        for name, kind, k in (("trained", "trained", rows["trained"]), ("policy", "forward", rows["policy_no_grad"]),
-                              ("reference", "forward", rows["reference_no_grad"])):
-            shared = shared_prompt_windows(cfg.prompt_window, window, k, seq) if k else None
+        # the policy's no-gradient pass reuses the gradient pass's prompt encoding: its prompt is not counted again
+        for kind, k, shared, reused in (
+                ("trained", plan.trained_rows, plan.trained_windows, False),
+                ("forward", plan.policy_rows, plan.policy_windows, plan.reuses_prompt_encoding),
+                ("forward", plan.reference_rows, plan.reference_windows, False)):
             if shared is not None and sum(shared) != seq:
                 raise ValueError(f"the formula needs prompt_len + completion_len = the windows {shared}")
-            windows[name] = shared
             p, w = shared or (0, seq)
             tokens[f"{kind}_tokens"] += prompts * k * w
             tokens[f"head_{kind}_tokens"] += prompts * k * min(w, window, seq - 1)
-            # the policy's no-gradient pass reuses the gradient pass's prompt encoding (`step.prompt_reuse`)
-            reused = (name == "policy" and shared is not None and shared == windows["trained"]
-                      and getattr(cfg, "reuse_prompt_encoding", False))
             tokens[f"prompt_{kind}_tokens"] += prompts * p if k and not reused else 0
         if tokens["prompt_trained_tokens"] or tokens["prompt_forward_tokens"]:
-            return Work(seq=seq, prompt_seq=min(int(cfg.prompt_window), seq - 1), **tokens)
+            return Work(seq=seq, prompt_seq=min(int(plan.prompt_window), seq - 1), **tokens)
     work = Work(trained_tokens=prompts * rows["trained"] * seq, forward_tokens=prompts * fwd_rows * seq, seq=seq)
     if window:
         head = min(window, seq - 1)

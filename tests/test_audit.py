@@ -67,6 +67,45 @@ def test_executed_work_follows_the_step_config():
     assert audit.pass_rows(unpruned, 2) == {"policy_no_grad": 2, "reference_no_grad": 2, "trained": 2}
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_step_and_the_audit_read_one_pass_plan(monkeypatch, shared):
+    """The train step builds its PassPlan once (not per micro-batch nor per pass), every micro-batch runs that
+    plan, and the audit credits the same plan's passes: rows, shared-prompt windows and prompt reuse."""
+    from flax import nnx
+
+    from _train_fixtures import toy_batch
+    from mcpo_jax import models
+    from mcpo_jax.training import state as st
+    from mcpo_jax.training import step as S
+
+    built, ran = [], []
+    build, run = S.StepConfig.pass_plan, S.micro_batch_grads_and_metrics
+    monkeypatch.setattr(S.StepConfig, "pass_plan", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    monkeypatch.setattr(S, "micro_batch_grads_and_metrics", lambda cfg, plan, *a, **kw: ran.append(plan) or run(
+        cfg, plan, *a, **kw))
+    config = models.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                max_position_embeddings=64, rms_norm_eps=1e-5)
+    graphdef, params, rest = st.split_model(nnx.eval_shape(lambda: models.Transformer(config, rngs=nnx.Rngs(0))))
+    tx, _ = S.make_optimizer(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    state = jax.eval_shape(lambda p: st.init_state(p, tx, 1), params)
+    batch = toy_batch(b=6, c=4, t=12, vocab=32, accum=3)  # prompts of 4 tokens, completions of at most 8
+    cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, include_preferred=False,
+                       completion_window=8, prompt_window=4 if shared else None, reuse_prompt_encoding=True,
+                       logprob_chunk_size=4)
+    jax.eval_shape(S.make_train_step(cfg, graphdef, rest, tx), state, params, batch)
+    assert len(built) == 1 and ran and all(plan is built[0] for plan in ran)  # the scan traces its body once
+    plan = built[0]
+    assert audit.pass_rows(cfg, 4) == plan.rows() == {"policy_no_grad": 3, "reference_no_grad": 4, "trained": 3}
+    assert (plan.policy_windows, plan.trained_windows, plan.reference_windows) == (((4, 8),) * 3 if shared
+                                                                                   else (None,) * 3)
+    assert plan.reuses_prompt_encoding == shared
+    work = audit.executed_work(cfg, prompts=2, columns=4, prompt_len=4, completion_len=8)
+    # the prompts the audit credits: the trained pass's and the reference's; the policy's no-gradient pass
+    # reuses the trained pass's encoding, as the plan says
+    assert (work.prompt_trained_tokens, work.prompt_forward_tokens) == ((2 * 4, 2 * 4) if shared else (0, 0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading hand-written HLO: each form the compilers print, with a number a wrong parser would miss
 

@@ -115,9 +115,11 @@ def test_step_same_loss_negatives_and_gradient(objective, sampler, m, include_pr
         cfg = S.StepConfig(objective=objective, sampler=sampler, num_negatives=m, beta=0.5,
                            include_preferred=include_preferred, prune_passes=prune, completion_window=7,
                            prompt_window=pw, reuse_prompt_encoding=reuse, logprob_chunk_size=4)
-        runs[pw] = jax.jit(lambda p, r, b, k, cfg=cfg: S._micro_step(cfg, graphdef, rest, p, r, b, k, ranking=True))(
-            params, ref, mb, key)
-    (g0, sums0, _, _, neg0), (g1, sums1, _, _, neg1) = runs[None], runs[5]
+        plan = S.micro_batch_plan(cfg, graphdef, params, rest, mb)
+        runs[pw] = jax.jit(lambda p, r, b, k, cfg=cfg, plan=plan: S.micro_batch_grads_and_metrics(
+            cfg, plan, graphdef, rest, p, r, b, k, ranking=True))(params, ref, mb, key)
+    g0, sums0, neg0 = runs[None].grads, runs[None].sums, runs[None].negatives_BM
+    g1, sums1, neg1 = runs[5].grads, runs[5].sums, runs[5].negatives_BM
     np.testing.assert_array_equal(neg1, neg0)
     for name in sums0:
         np.testing.assert_allclose(sums1[name], sums0[name], rtol=2e-5, atol=2e-6, err_msg=name)
@@ -125,7 +127,7 @@ def test_step_same_loss_negatives_and_gradient(objective, sampler, m, include_pr
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert float(sums1["logprobs/prompt_mismatch"][0]) == 0.0 and "logprobs/prompt_mismatch" not in sums0
     expect_reuse = reuse and objective == "mcpo" and variant != "dynamic_rope"
-    assert (S.prompt_reuse(cfg, 4, 12, dynamic_rope=variant == "dynamic_rope") is not None) == expect_reuse
+    assert plan.reuses_prompt_encoding == expect_reuse  # the plan the step ran (the model's RoPE type)
 
 
 def test_mismatched_prompts_and_long_prompts_are_counted():

@@ -32,6 +32,12 @@ def _setup(cfg, model=None, axes=None, lr=1e-2, accum=2, b=4, c=4, ref_shift=0.0
                 compiled=compiled, info=info, tx=tx, program=program)
 
 
+def _micro_batch(cfg, graphdef, rest, params, ref, mb, key, **kw):
+    """One micro-batch under the pass plan the train step builds for it."""
+    plan = S.micro_batch_plan(cfg, graphdef, params, rest, mb)
+    return S.micro_batch_grads_and_metrics(cfg, plan, graphdef, rest, params, ref, mb, key, **kw)
+
+
 def _host_logps(model_params, graphdef, rest, ids, mask, loss_mask):
     """Independent path: full logits through the model's __call__ and a naive log-softmax."""
     model = nnx.merge(graphdef, model_params, rest)
@@ -70,9 +76,8 @@ def test_gradient_flows_only_through_selected_rows():
     ref = jax.tree.map(lambda x: x * 0.9, params)
     mb = toy_batch(b=3, c=5, seed=4)
     key = jax.random.PRNGKey(11)
-    grads, sums, _, _, neg = jax.jit(
-        lambda p, r, b, k: S._micro_step(cfg, graphdef, rest, p, r, b, k))(params, ref, mb, key)
-    neg = np.asarray(neg)
+    out = jax.jit(lambda p, r, b, k: _micro_batch(cfg, graphdef, rest, p, r, b, k))(params, ref, mb, key)
+    grads, sums, neg = out.grads, out.sums, np.asarray(out.negatives_BM)
     cols = np.concatenate([np.zeros((3, 1), np.int32), neg], axis=1)
     take = lambda x: np.take_along_axis(x, cols.reshape(cols.shape + (1,) * (x.ndim - 2)), axis=1)
     ids, mask, lm = take(mb["input_ids"]), take(mb["attention_mask"]), take(mb["loss_mask"])
@@ -91,14 +96,16 @@ def test_gradient_flows_only_through_selected_rows():
     # `fixed` sampler the choice (column 1) does not depend on the tokens, and prune_passes=False keeps the
     # no-grad policy pass over every row, so a leak of its gradient would show.
     cfg_fixed = S.StepConfig(objective="mcpo", sampler="fixed", num_negatives=1, beta=1.0, prune_passes=False)
-    run = jax.jit(lambda p, r, b, k: S._micro_step(cfg_fixed, graphdef, rest, p, r, b, k))
-    g1, s1, _, _, n1 = run(params, ref, mb, key)
+    run = jax.jit(lambda p, r, b, k: _micro_batch(cfg_fixed, graphdef, rest, p, r, b, k))
+    out = run(params, ref, mb, key)
+    g1, s1, n1 = out.grads, out.sums, out.negatives_BM
     mb2 = {k: v.copy() for k, v in mb.items()}
     for row in range(3):
         other = [c for c in range(2, 5) if mb["valid"][row, c]][0]
         mb2["input_ids"][row, other] = np.where(mb["loss_mask"][row, other] == 1, 0, mb["input_ids"][row, other])
     assert not np.array_equal(mb2["input_ids"], mb["input_ids"])
-    g2, s2, _, _, n2 = run(params, ref, mb2, key)
+    out = run(params, ref, mb2, key)
+    g2, s2, n2 = out.grads, out.sums, out.negatives_BM
     np.testing.assert_array_equal(np.asarray(n1), np.asarray(n2))
     np.testing.assert_array_equal(np.asarray(n1)[:, 0], mb["fixed_index"])
     np.testing.assert_allclose(s1["loss"][0], s2["loss"][0], rtol=1e-6)
@@ -263,10 +270,12 @@ def test_pruned_passes_give_the_same_loss_and_gradient_with_less_work(kw):
     runs = {}
     for prune in (False, True):
         cfg = S.StepConfig(beta=0.5, prune_passes=prune, **kw)
-        compiled = jax.jit(lambda p, r, b, k, cfg=cfg: S._micro_step(cfg, graphdef, rest, p, r, b, k)).lower(
+        compiled = jax.jit(lambda p, r, b, k, cfg=cfg: _micro_batch(cfg, graphdef, rest, p, r, b, k)).lower(
             params, ref, mb, key).compile()
-        runs[prune] = (*compiled(params, ref, mb, key), _flops(compiled))
-    (g0, sums0, hist0, tok0, neg0, f0), (g1, sums1, hist1, tok1, neg1, f1) = runs[False], runs[True]
+        runs[prune] = (compiled(params, ref, mb, key), _flops(compiled))
+    (out0, f0), (out1, f1) = runs[False], runs[True]
+    g0, sums0, hist0, tok0, neg0 = out0.grads, out0.sums, out0.rank_hist, out0.tokens, out0.negatives_BM
+    g1, sums1, hist1, tok1, neg1 = out1.grads, out1.sums, out1.rank_hist, out1.tokens, out1.negatives_BM
     for k in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies"):
         np.testing.assert_allclose(sums1[k], sums0[k], rtol=1e-6, atol=1e-7, err_msg=k)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -319,9 +328,10 @@ def test_completion_window_same_loss_and_gradient():
     for window in (None, 8):
         cfg = S.StepConfig(objective="mcpo", sampler="mc", num_negatives=2, beta=0.5, completion_window=window,
                            logprob_chunk_size=4)
-        runs[window] = jax.jit(lambda p, r, b, k, cfg=cfg: S._micro_step(cfg, graphdef, rest, p, r, b, k))(
+        runs[window] = jax.jit(lambda p, r, b, k, cfg=cfg: _micro_batch(cfg, graphdef, rest, p, r, b, k))(
             params, ref, mb, key)
-    (g0, sums0, _, _, neg0), (g1, sums1, _, _, neg1) = runs[None], runs[8]
+    g0, sums0, neg0 = runs[None].grads, runs[None].sums, runs[None].negatives_BM
+    g1, sums1, neg1 = runs[8].grads, runs[8].sums, runs[8].negatives_BM
     np.testing.assert_array_equal(neg1, neg0)
     for k in ("loss", "rewards/chosen", "rewards/margins", "kernel/entropy"):
         np.testing.assert_allclose(sums1[k], sums0[k], rtol=1e-5, atol=1e-6, err_msg=k)

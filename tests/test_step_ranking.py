@@ -37,6 +37,7 @@ def test_eval_step_metrics_are_the_same_for_every_sampler_and_match_the_host():
             assert float(sums[name][1]) == float(count) == 4.0, name
         seen[sampler] = {k: float(sums[k][0]) for k in expected}
         # the training step's metrics are unchanged (no held-out keys there)
-        grads, train_sums, *_ = S._micro_step(cfg, graphdef, rest, params, ref, mb, jax.random.key(0))
+        plan = S.micro_batch_plan(cfg, graphdef, params, rest, mb)
+        train_sums = S.micro_batch_grads_and_metrics(cfg, plan, graphdef, rest, params, ref, mb, jax.random.key(0)).sums
         assert not any(k.startswith("heldout/") for k in train_sums)
     assert seen["max"] == seen["min"] == seen["mc"] == seen["random"]

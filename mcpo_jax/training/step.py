@@ -9,6 +9,9 @@
         3. gather y0 + the M selected rows; value_and_grad of the objective on those rows only
       4. optax update with the exact global mean gradient; metrics as (sum, count) -> means
 
+Which passes run, over how many rows, in which shared-prompt windows, is decided once per step from the
+`StepConfig` and the batch shapes (`PassPlan`); every micro-batch runs that plan and the audit credits it.
+
 Everything is one `jax.jit` with explicit shardings (`training.program.TrainProgram`); no host round
 trips. The step knows nothing of configs files or data readers: it takes a `StepConfig`.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +85,78 @@ class StepConfig:
         if self.sampler in ("fixed", "random"):
             return False
         return not (self.num_negatives == num_columns - 1 and not self.y0_eligible)
+
+    def pass_plan(self, columns: int, length: int, *, rope_type: str, trains: bool = True) -> PassPlan:
+        """The model passes of a micro-batch of `columns` candidates of `length` tokens (`PassPlan`).
+        `rope_type`: the model's (`ModelConfig.rope_type`); `trains`: the selected rows' pass takes a gradient."""
+        window = self.completion_window
+        prompt_window = self.prompt_window if window is not None else None
+        policy_rows = 0
+        if self.selection_reads_policy(columns):
+            # y0 can never be a negative: the kernel reads no value of its column
+            policy_rows = columns - 1 if self.prune_passes and not self.y0_eligible else columns
+        trained_rows = 1 if self.is_sft else 1 + self.num_negatives
+        windows = lambda rows: logprobs.shared_prompt_windows(prompt_window, window, rows, length) if rows else None
+        policy_windows, trained_windows = windows(policy_rows), windows(trained_rows)
+        return PassPlan(
+            columns=columns, length=length, completion_window=window, prompt_window=prompt_window, trains=trains,
+            policy_rows=policy_rows, reference_rows=columns if self.reference == "online" and not self.is_sft else 0,
+            trained_rows=trained_rows, policy_windows=policy_windows, trained_windows=trained_windows,
+            all_rows_windows=windows(columns),
+            reuses_prompt_encoding=(self.reuse_prompt_encoding and trains and rope_type != "dynamic"
+                                    and policy_windows is not None and policy_windows == trained_windows),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """The model passes of one micro-batch, decided once per step from the `StepConfig` and the batch shapes
+    (`StepConfig.pass_plan`): the step runs these passes and the audit credits them (`audit.executed_work`).
+
+    Rows are per example; 0: the pass does not run. Windows are the (P, W) prompt and completion positions of the
+    shared-prompt layout for a pass of that many rows (`logprobs.shared_prompt_windows`), or None: the pass
+    encodes its rows whole (no shared prompt, or a layout that would not run fewer tokens)."""
+
+    columns: int  # C = 1 + L candidates per example
+    length: int  # T tokens per row
+    completion_window: int | None  # LM-head positions per row (None: every position)
+    prompt_window: int | None  # the shared prompt's positions (None: every row encoded whole)
+    trains: bool  # the selected rows' pass takes a gradient (False: the held-out evaluation)
+    # The policy without gradient: C; C - 1 when y0 can never be a negative (its column is not run); 0 when the
+    # selection does not read the policy (`StepConfig.selection_reads_policy`)
+    policy_rows: int
+    reference_rows: int  # the online reference without gradient: C; 0 for a precomputed or no reference, SFT
+    trained_rows: int  # the objective's rows: y0 and the M negatives (y0 alone for SFT)
+    policy_windows: tuple[int, int] | None
+    trained_windows: tuple[int, int] | None
+    all_rows_windows: tuple[int, int] | None  # a pass over all C rows: the reference, the held-out ranking
+    # The policy's prompt encoded once (`jax.vjp`) for its no-gradient and its gradient pass: both passes in the
+    # shared layout with the same windows. Not with dynamic NTK RoPE, whose angles depend on each pass's rows.
+    reuses_prompt_encoding: bool
+
+    @property
+    def policy_skips_y0(self) -> bool:
+        return 0 < self.policy_rows == self.columns - 1
+
+    @property
+    def reference_windows(self) -> tuple[int, int] | None:
+        return self.all_rows_windows if self.reference_rows else None
+
+    def rows(self) -> dict[str, int]:
+        """Rows per example of each pass, as the audit names them."""
+        return {"policy_no_grad": self.policy_rows, "reference_no_grad": self.reference_rows,
+                "trained": self.trained_rows}
+
+
+def model_rope_type(graphdef, params, rest) -> str:
+    """The model's RoPE type (`ModelConfig.rope_type`); "default" for a model without a config (the tests' toy LMs)."""
+    return getattr(getattr(nnx.merge(graphdef, params, rest), "config", None), "rope_type", "default")
+
+
+def micro_batch_plan(cfg: StepConfig, graphdef, params, rest, batch, *, trains: bool = True) -> PassPlan:
+    """The `PassPlan` of every micro-batch of `batch` (input ids [..., C, T]) under this model."""
+    columns, length = batch["input_ids"].shape[-2:]
+    return cfg.pass_plan(columns, length, rope_type=model_rope_type(graphdef, params, rest), trains=trains)
 
 
 def negatives_key(rng, step, micro):
@@ -163,33 +238,28 @@ def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, promp
     return jnp.sum(logps_NW * mask_NW, axis=-1).reshape(b, k)
 
 
-def prompt_reuse(cfg: StepConfig, num_columns: int, length: int, *, with_grad: bool = True,
-                 dynamic_rope: bool = False) -> tuple[int, int] | None:
-    """(P, W) when the policy's prompt encoding is shared by its no-gradient pass and its gradient pass (both
-    passes in the shared layout with the same windows), else None. Not with dynamic NTK RoPE, whose angles
-    depend on the longest row of each pass."""
-    if (dynamic_rope or cfg.is_sft or not cfg.reuse_prompt_encoding
-            or not (with_grad and cfg.selection_reads_policy(num_columns))):
-        return None
-    nograd_rows = num_columns - 1 if cfg.prune_passes and not cfg.y0_eligible else num_columns
-    windows = {logprobs.shared_prompt_windows(cfg.prompt_window, cfg.completion_window, k, length)
-               for k in (nograd_rows, 1 + cfg.num_negatives)}
-    return windows.pop() if len(windows) == 1 else None
+def _pass_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, windows, *, chunk_size,
+                completion_window, encoded=None):
+    """[B, K] log-probs of one pass: in the shared-prompt layout when `windows` (P, W) is given (the prompts
+    already `encoded` by `encode_prompts` or not), else every row whole."""
+    if windows is not None:
+        return shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, prompt_len=windows[0],
+                                   window=windows[1], chunk_size=chunk_size, encoded=encoded)
+    b, k, t = ids_BKT.shape
+    flat = lambda x: x.reshape(b * k, t)
+    logps_N = forward_logps(
+        graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size,
+        window=completion_window,
+    )
+    return logps_N.reshape(b, k)
 
 
 def _rows_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, chunk_size, window=None,
                 prompt_window=None):
-    b, k, t = ids_BKT.shape
-    shared = logprobs.shared_prompt_windows(prompt_window, window, k, t)
-    if shared is not None:
-        return shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, prompt_len=shared[0],
-                                   window=shared[1], chunk_size=chunk_size)
-    flat = lambda x: x.reshape(b * k, t)
-    logps_N = forward_logps(
-        graphdef, params, rest, flat(ids_BKT), flat(mask_BKT), flat(loss_mask_BKT), chunk_size=chunk_size,
-        window=window,
-    )
-    return logps_N.reshape(b, k)
+    """[B, K] log-probs of these rows as the step's pass over them runs (the reference cache's entry)."""
+    shared = logprobs.shared_prompt_windows(prompt_window, window, *ids_BKT.shape[1:])
+    return _pass_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, shared, chunk_size=chunk_size,
+                       completion_window=window)
 
 
 def _gather_cols(x_BC, cols_BK):
@@ -238,128 +308,171 @@ def initial_loss_state(cfg: StepConfig):
     return None
 
 
-def _micro_step(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True, ranking=False):
-    """Gradient sum and metric (sum, count) pairs of one micro-batch (objectives without a loss state);
-    `ranking`: also the held-out metrics over every candidate (mcpo_jax/ranking_metrics.py)."""
-    return _micro_step_with_state(cfg, graphdef, rest, params, ref_params, mb, key, with_grad,
-                                  ranking=ranking)[:5]
+class MicroBatchResult(NamedTuple):
+    """What one micro-batch adds to the step."""
+
+    grads: Any  # the gradient summed over the micro-batch's examples (None when the plan does not train)
+    sums: dict[str, tuple[jax.Array, jax.Array]]  # metric (sum, count) pairs
+    rank_hist: jax.Array  # [RANK_BINS] dataset ranks of the selected negatives
+    tokens: jax.Array  # the examples' tokens (all C rows; y0 only for SFT), whatever passes ran
+    negatives_BM: jax.Array  # the selected columns [b, M] ([b, 0] for SFT)
+    loss_state: Any  # the objective's updated state (None when it keeps none)
 
 
-def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, mb, key, with_grad=True,
-                           loss_state=None, ranking=False):
-    """`_micro_step` and the objective's updated loss state (None when `loss_state` is None)."""
+class _Passes(NamedTuple):
+    """The model and how its log-probs are taken: what every pass of a micro-batch shares."""
+
+    graphdef: Any
+    rest: Any
+    chunk_size: int
+    completion_window: int | None
+
+    def logps(self, params, ids_BKT, mask_BKT, loss_mask_BKT, windows, encoded=None):
+        return _pass_logps(self.graphdef, params, self.rest, ids_BKT, mask_BKT, loss_mask_BKT, windows,
+                           chunk_size=self.chunk_size, completion_window=self.completion_window, encoded=encoded)
+
+    def encode_prompts(self, params, ids_BCT, loss_mask_BCT, windows):
+        return encode_prompts(self.graphdef, params, self.rest, ids_BCT, loss_mask_BCT, prompt_len=windows[0])
+
+
+class _Selection(NamedTuple):
+    """y0 and the selected negatives: the objective's rows [b, K = 1 + M]."""
+
+    negatives_BM: jax.Array | None  # None for SFT
+    ids_BKT: jax.Array
+    mask_BKT: jax.Array
+    loss_mask_BKT: jax.Array
+    valid_BK: jax.Array
+    lengths_BK: jax.Array  # completion tokens per row
+    ref_BK: jax.Array | None
+
+
+class _Objective(NamedTuple):
+    loss_sum: jax.Array
+    aux: dict[str, jax.Array]  # the objective's per-example metrics
+    policy_BK: jax.Array  # the selected rows' policy log-probs
+    loss_state: Any
+    grads: Any  # None when the plan does not train
+
+
+def _shared_prompt_encoding(plan: PassPlan, passes: _Passes, params, mb):
+    """0. The policy's prompts encoded once for its no-gradient and gradient passes, with the encoding's vjp
+    (`plan.reuses_prompt_encoding`), else (None, None)."""
+    if not plan.reuses_prompt_encoding:
+        return None, None
+    return jax.vjp(lambda p: passes.encode_prompts(p, mb["input_ids"], mb["loss_mask"], plan.policy_windows),
+                   params)
+
+
+def _no_grad_logps(cfg: StepConfig, plan: PassPlan, passes: _Passes, params, ref_params, mb, encoded):
+    """1. The log-probs [b, C] of every candidate the kernel reads: the policy's (None when the selection does
+    not read it) and the reference's (None without one; SFT needs neither)."""
+    ids_BCT, mask_BCT, loss_mask_BCT = mb["input_ids"], mb["attention_mask"], mb["loss_mask"]
+    policy_BC = ref_BC = None
+    if plan.policy_rows:
+        enc = None if encoded is None else jax.lax.stop_gradient(encoded)
+        if plan.policy_skips_y0:
+            # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
+            rest_BL = passes.logps(params, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:], plan.policy_windows,
+                                   enc)
+            policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
+        else:
+            policy_BC = passes.logps(params, ids_BCT, mask_BCT, loss_mask_BCT, plan.policy_windows, enc)
+        policy_BC = jax.lax.stop_gradient(policy_BC)
+    if plan.reference_rows and plan.reuses_prompt_encoding:
+        # the policy's passes' arithmetic (prompt, then completions), so that policy = reference (the first
+        # step) gives rewards of rounding size only, not two different fusions of the same sums
+        ref_enc = passes.encode_prompts(ref_params, ids_BCT, loss_mask_BCT, plan.reference_windows)
+        ref_BC = jax.lax.stop_gradient(passes.logps(ref_params, ids_BCT, mask_BCT, loss_mask_BCT,
+                                                    plan.reference_windows, ref_enc))
+    elif plan.reference_rows:
+        ref_BC = jax.lax.stop_gradient(passes.logps(ref_params, ids_BCT, mask_BCT, loss_mask_BCT,
+                                                    plan.reference_windows))
+    elif cfg.reference == "precomputed" and not cfg.is_sft:
+        ref_BC = mb["ref_logps"].astype(jnp.float32)
+    return policy_BC, ref_BC
+
+
+def _select(cfg: StepConfig, key, mb, policy_BC, ref_BC) -> _Selection:
+    """2. The MC kernel (or max / min / random / fixed) picks the negatives; their rows and y0's are gathered."""
+    valid_BC = mb["valid"].astype(bool)
+    cols_BK, neg_BM = select_columns(cfg, key, policy_BC, ref_BC, valid_BC, mb.get("fixed_index"))
+    take = lambda x: _gather_cols(x, cols_BK)
+    ids_BKT, mask_BKT, loss_mask_BKT = take(mb["input_ids"]), take(mb["attention_mask"]), take(mb["loss_mask"])
+    valid_BK = take(valid_BC)
+    lengths_BK = jnp.sum(loss_mask_BKT[..., 1:], axis=-1).astype(jnp.float32)
+    return _Selection(neg_BM, ids_BKT, mask_BKT, loss_mask_BKT, valid_BK, lengths_BK,
+                      None if ref_BC is None else take(ref_BC))
+
+
+def _loss_and_grad(cfg: StepConfig, plan: PassPlan, passes: _Passes, params, sel: _Selection, loss_state,
+                   encoded, encoded_vjp) -> _Objective:
+    """3. The objective on the selected rows, and its gradient through them only when the plan trains."""
+    objective = losses.get(cfg.objective)
+    hparams = dict(cfg.loss_hparams)
+
+    def loss_fn(p, enc=None):
+        policy_BK = passes.logps(p, sel.ids_BKT, sel.mask_BKT, sel.loss_mask_BKT, plan.trained_windows, enc)
+        extra, new_state = {}, None
+        if loss_state is not None and cfg.objective == "bco":
+            # TRL: the running mean takes this batch's detached mean reward first, then the loss uses it
+            reward = losses.bco_batch_reward(policy_BK, sel.ref_BK, beta=cfg.beta, valid=sel.valid_BK)
+            mean, count = losses.running_mean_update(loss_state["bco_delta"], loss_state["bco_count"], reward)
+            extra["delta"], new_state = mean, {"bco_delta": mean, "bco_count": count}
+        per_example_B, aux = objective(
+            policy_BK, sel.ref_BK, beta=cfg.beta, lengths=sel.lengths_BK, valid=sel.valid_BK, **hparams, **extra
+        )
+        return jnp.sum(per_example_B), (aux, policy_BK, new_state)
+
+    if plan.trains and encoded is not None:
+        # the gradient through the completions, then through the shared prompt encoding (its vjp)
+        (loss_sum, (aux, policy_BK, new_state)), (grads, d_encoded) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(params, encoded)
+        grads = jax.tree.map(jnp.add, grads, encoded_vjp(d_encoded)[0])
+    elif plan.trains:
+        (loss_sum, (aux, policy_BK, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+        loss_sum, (aux, policy_BK, new_state) = loss_fn(params)
+        grads = None
+    return _Objective(loss_sum, aux, policy_BK, new_state, grads)
+
+
+def _metrics(cfg: StepConfig, plan: PassPlan, passes: _Passes, params, mb, policy_BC, ref_BC, sel: _Selection,
+             obj: _Objective, ranking: bool):
+    """4. The metric (sum, count) pairs, the rank histogram [RANK_BINS] and the token count of a micro-batch;
+    `ranking`: also the held-out metrics over every candidate (one more policy pass)."""
     ids_BCT, mask_BCT, loss_mask_BCT = mb["input_ids"], mb["attention_mask"], mb["loss_mask"]
     valid_BC = mb["valid"].astype(bool)
     b, c, t = ids_BCT.shape
-    chunk = cfg.logprob_chunk_size
-    window = cfg.completion_window
-    prompt_window = cfg.prompt_window if window is not None else None
-    sums: dict[str, jax.Array] = {}
+    sums: dict[str, tuple[jax.Array, jax.Array]] = {}
 
     def add(name, total, count):
         sums[name] = (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
 
-    # 0. The policy's prompts, encoded once for its no-gradient and gradient passes (shared-prompt layout).
-    reuse = None
-    if prompt_window is not None:
-        model_config = getattr(nnx.merge(graphdef, params, rest), "config", None)
-        reuse = prompt_reuse(cfg, c, t, with_grad=with_grad,
-                             dynamic_rope=getattr(model_config, "rope_type", None) == "dynamic")
-    encoded = encoded_vjp = None
-    if reuse is not None:
-        encoded, encoded_vjp = jax.vjp(
-            lambda p: encode_prompts(graphdef, p, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0]), params)
-
-    def policy_logps(p, ids, mask, loss_mask, enc):
-        if enc is None:
-            return _rows_logps(graphdef, p, rest, ids, mask, loss_mask, chunk, window, prompt_window)
-        return shared_prompt_logps(graphdef, p, rest, ids, loss_mask, prompt_len=reuse[0], window=reuse[1],
-                                   chunk_size=chunk, encoded=enc)
-
-    # 1. No-gradient log-probs of every candidate the kernel reads (SFT only needs y0).
-    policy_BC = ref_BC = None
-    if cfg.selection_reads_policy(c):
-        enc = None if encoded is None else jax.lax.stop_gradient(encoded)
-        if cfg.prune_passes and not cfg.y0_eligible:
-            # y0 is never a negative: its column is masked out of the kernel's weights (any finite value).
-            rest_BL = policy_logps(params, ids_BCT[:, 1:], mask_BCT[:, 1:], loss_mask_BCT[:, 1:], enc)
-            policy_BC = jnp.concatenate([jnp.zeros_like(rest_BL[:, :1]), rest_BL], axis=1)
-        else:
-            policy_BC = policy_logps(params, ids_BCT, mask_BCT, loss_mask_BCT, enc)
-        policy_BC = jax.lax.stop_gradient(policy_BC)
-    if not cfg.is_sft:
-        if cfg.reference == "online" and reuse is not None:
-            # the policy's passes' arithmetic (prompt, then completions), so that policy = reference (the first
-            # step) gives rewards of rounding size only, not two different fusions of the same sums
-            ref_enc = encode_prompts(graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0])
-            ref_BC = jax.lax.stop_gradient(shared_prompt_logps(
-                graphdef, ref_params, rest, ids_BCT, loss_mask_BCT, prompt_len=reuse[0], window=reuse[1],
-                chunk_size=chunk, encoded=ref_enc))
-        elif cfg.reference == "online":
-            ref_BC = jax.lax.stop_gradient(_rows_logps(graphdef, ref_params, rest, ids_BCT, mask_BCT, loss_mask_BCT,
-                                                       chunk, window, prompt_window))
-        elif cfg.reference == "precomputed":
-            ref_BC = mb["ref_logps"].astype(jnp.float32)
-
-    # 2. The MC kernel (or max/min/random/fixed) picks the negatives.
-    cols_BK, neg_BM = select_columns(cfg, key, policy_BC, ref_BC, valid_BC, mb.get("fixed_index"))
-    take = lambda x: _gather_cols(x, cols_BK)
-    sel_ids, sel_mask, sel_loss_mask = take(ids_BCT), take(mask_BCT), take(loss_mask_BCT)
-    sel_valid_BK = take(valid_BC)
-    lengths_BK = jnp.sum(sel_loss_mask[..., 1:], axis=-1).astype(jnp.float32)
-    sel_ref_BK = None if ref_BC is None else take(ref_BC)
-    objective = losses.get(cfg.objective)
-    hparams = dict(cfg.loss_hparams)
-
-    # 3. Gradient through the selected rows only.
-    def loss_fn(p, enc=None):
-        sel_policy_BK = policy_logps(p, sel_ids, sel_mask, sel_loss_mask, enc)
-        extra, new_state = {}, None
-        if loss_state is not None and cfg.objective == "bco":
-            # TRL: the running mean takes this batch's detached mean reward first, then the loss uses it
-            reward = losses.bco_batch_reward(sel_policy_BK, sel_ref_BK, beta=cfg.beta, valid=sel_valid_BK)
-            mean, count = losses.running_mean_update(loss_state["bco_delta"], loss_state["bco_count"], reward)
-            extra["delta"], new_state = mean, {"bco_delta": mean, "bco_count": count}
-        per_example_B, aux = objective(
-            sel_policy_BK, sel_ref_BK, beta=cfg.beta, lengths=lengths_BK, valid=sel_valid_BK, **hparams, **extra
-        )
-        return jnp.sum(per_example_B), (per_example_B, aux, sel_policy_BK, new_state)
-
-    if with_grad and encoded is not None:
-        # the gradient through the completions, then through the shared prompt encoding (its vjp)
-        (loss_sum, (_, aux, sel_policy_BK, new_loss_state)), (grads, d_encoded) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(params, encoded)
-        grads = jax.tree.map(jnp.add, grads, encoded_vjp(d_encoded)[0])
-    elif with_grad:
-        (loss_sum, (_, aux, sel_policy_BK, new_loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params)
-    else:
-        loss_sum, (_, aux, sel_policy_BK, new_loss_state) = loss_fn(params)
-        grads = None
-    add("loss", loss_sum, b)
-    if window is not None and window < t - 1:
-        dropped = logprobs.window_overflow(loss_mask_BCT.reshape(b * c, t), window)
+    add("loss", obj.loss_sum, b)
+    if plan.completion_window is not None and plan.completion_window < t - 1:
+        dropped = logprobs.window_overflow(loss_mask_BCT.reshape(b * c, t), plan.completion_window)
         add("logprobs/window_overflow", jnp.sum(dropped), b)
-    if prompt_window is not None:
-        add("logprobs/prompt_mismatch", jnp.sum(prompt_mismatch(ids_BCT, loss_mask_BCT, valid_BC, prompt_window)), b)
+    if plan.prompt_window is not None:
+        add("logprobs/prompt_mismatch", jnp.sum(prompt_mismatch(ids_BCT, loss_mask_BCT, valid_BC, plan.prompt_window)),
+            b)
     # The objective's own metrics (TRL names: rewards/chosen, rewards/rejected, rewards/margins,
     # rewards/accuracies, nll, ...) are per-example [B] arrays: summed here, averaged over all examples.
-    for name, value_B in aux.items():
+    for name, value_B in obj.aux.items():
         value_B = jnp.asarray(value_B, jnp.float32)
         if value_B.ndim == 1:
             add(name, jnp.sum(value_B), b)
     # Tokens of the examples this micro-batch (all C rows; y0 only for SFT), whatever passes ran.
     tokens = jnp.sum(mask_BCT[:, 0] if cfg.is_sft else mask_BCT)
     if cfg.is_sft:
-        add("nll_per_token", -jnp.sum(sel_policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
-        return (grads, sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens, jnp.zeros((b, 0), jnp.int32),
-                new_loss_state)
+        add("nll_per_token", -jnp.sum(obj.policy_BK[:, 0]), jnp.sum(loss_mask_BCT[:, 0, 1:]))
+        return sums, jnp.zeros((RANK_BINS,), jnp.float32), tokens
 
     if ranking:  # held-out metrics over every candidate, comparable across samplers (mcpo_jax/ranking_metrics.py)
-        all_BC = jax.lax.stop_gradient(_rows_logps(graphdef, params, rest, ids_BCT, mask_BCT, loss_mask_BCT, chunk,
-                                                    window, prompt_window))
+        all_BC = jax.lax.stop_gradient(passes.logps(params, ids_BCT, mask_BCT, loss_mask_BCT, plan.all_rows_windows))
         for name, (total, count) in ranking_metrics.sums(all_BC, ref_BC, cfg.beta, valid_BC, mb.get("ranks")).items():
             add(name, total, count)
+    neg_BM = sel.negatives_BM
     neg_valid_BM = _gather_cols(valid_BC, neg_BM)
     if policy_BC is not None:  # the MC weights' entropy; without the policy pass it is not computed
         weights_BC = kernel.weights(
@@ -376,7 +489,23 @@ def _micro_step_with_state(cfg: StepConfig, graphdef, rest, params, ref_params, 
     add("kernel/rank_unknown", jnp.sum(neg_valid_BM & (ranks_BM < 0)), jnp.sum(neg_valid_BM))
     bins_BM = jnp.clip(ranks_BM, 0, RANK_BINS - 1)
     hist = jnp.sum(jax.nn.one_hot(bins_BM, RANK_BINS) * ranked_BM[..., None], axis=(0, 1))
-    return grads, sums, hist, tokens, neg_BM, new_loss_state
+    return sums, hist, tokens
+
+
+def micro_batch_grads_and_metrics(cfg: StepConfig, plan: PassPlan, graphdef, rest, params, ref_params, mb, key, *,
+                                  loss_state=None, ranking=False) -> MicroBatchResult:
+    """One micro-batch [b, C, T] through the passes of `plan` (`micro_batch_plan`): the gradient sum (when the
+    plan trains), the metric (sum, count) pairs and the negatives. `loss_state`: the objective's state across
+    steps (`initial_loss_state`; None: the objective keeps none); `ranking`: also the held-out metrics over every
+    candidate (mcpo_jax/ranking_metrics.py)."""
+    passes = _Passes(graphdef, rest, cfg.logprob_chunk_size, plan.completion_window)
+    encoded, encoded_vjp = _shared_prompt_encoding(plan, passes, params, mb)
+    policy_BC, ref_BC = _no_grad_logps(cfg, plan, passes, params, ref_params, mb, encoded)
+    sel = _select(cfg, key, mb, policy_BC, ref_BC)
+    obj = _loss_and_grad(cfg, plan, passes, params, sel, loss_state, encoded, encoded_vjp)
+    sums, hist, tokens = _metrics(cfg, plan, passes, params, mb, policy_BC, ref_BC, sel, obj, ranking)
+    neg_BM = sel.negatives_BM if sel.negatives_BM is not None else jnp.zeros((mb["valid"].shape[0], 0), jnp.int32)
+    return MicroBatchResult(obj.grads, sums, hist, tokens, neg_BM, obj.loss_state)
 
 
 def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransformation, schedule=None):
@@ -393,36 +522,36 @@ def make_train_step(cfg: StepConfig, graphdef, rest, tx: optax.GradientTransform
         params = state["params"]
         step = state["step"]
         num_micro = jax.tree.leaves(batch)[0].shape[0]
-        loss_state = state.get("loss_state")
+        plan = micro_batch_plan(cfg, graphdef, params, rest, batch)  # one plan for every micro-batch
+
+        def micro_batch(mb, micro, loss_state):
+            return micro_batch_grads_and_metrics(cfg, plan, graphdef, rest, params, ref_params, mb,
+                                                 negatives_key(state["rng"], step, micro), loss_state=loss_state)
 
         def body(carry, xs):
             grad_acc, sums_acc, hist_acc, tok_acc, loss_state = carry
             micro, mb = xs
-            grads, sums, hist, tokens, selected_BM, loss_state = _micro_step_with_state(
-                cfg, graphdef, rest, params, ref_params, mb, negatives_key(state["rng"], step, micro),
-                loss_state=loss_state)
+            out = micro_batch(mb, micro, loss_state)
             # float32 accumulation whatever the parameter dtype: bf16 sums of micro-batch gradients lose bits
-            grad_acc = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_acc, grads)
-            sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
-            return (grad_acc, sums_acc, hist_acc + hist, tok_acc + tokens, loss_state), selected_BM
+            grad_acc = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_acc, out.grads)
+            sums_acc = jax.tree.map(jnp.add, sums_acc, out.sums)
+            carry = (grad_acc, sums_acc, hist_acc + out.rank_hist, tok_acc + out.tokens, out.loss_state)
+            return carry, out.negatives_BM
 
         first_mb = jax.tree.map(lambda x: x[0], batch)
         if num_micro == 1:
             # No accumulation: no loop and no float32 gradient-sized accumulator (8B: 32 GB) around one call.
-            grad_sum, sums, hist, tokens, selected_BM, loss_state = _micro_step_with_state(
-                cfg, graphdef, rest, params, ref_params, first_mb, negatives_key(state["rng"], step, 0),
-                loss_state=loss_state)
-            selected_ABM = selected_BM[None]
+            out = micro_batch(first_mb, 0, state.get("loss_state"))
+            grad_sum, sums, hist, tokens, loss_state = out.grads, out.sums, out.rank_hist, out.tokens, out.loss_state
+            selected_ABM = out.negatives_BM[None]
         else:
-            sums_shape = jax.eval_shape(
-                lambda: _micro_step(cfg, graphdef, rest, params, ref_params, first_mb, state["rng"], False)[1]
-            )
+            sums_shape = jax.eval_shape(lambda: micro_batch(first_mb, 0, state.get("loss_state")).sums)
             init = (
                 jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
                 jnp.zeros((RANK_BINS,), jnp.float32),
                 jnp.zeros((), jnp.int32),
-                loss_state,
+                state.get("loss_state"),
             )
             (grad_sum, sums, hist, tokens, loss_state), selected_ABM = jax.lax.scan(
                 body, init, (jnp.arange(num_micro, dtype=jnp.int32), batch)
@@ -457,9 +586,9 @@ def make_eval_step(cfg: StepConfig, graphdef, rest):
     for the negatives, given by the caller (the trainer passes a fixed key, so every evaluation draws alike)."""
 
     def eval_step(params, ref_params, rng, batch):
-        _, sums, _, _, _ = _micro_step(cfg, graphdef, rest, params, ref_params, batch, rng, with_grad=False,
-                                       ranking=True)
-        return sums
+        plan = micro_batch_plan(cfg, graphdef, params, rest, batch, trains=False)
+        return micro_batch_grads_and_metrics(cfg, plan, graphdef, rest, params, ref_params, batch, rng,
+                                             ranking=True).sums
 
     return eval_step
 
