@@ -120,8 +120,14 @@ def train_offline(config, workdir: str, *, start_path: str, stop: StopFlag) -> d
     tokenizer = build.build_tokenizer(config, model_path=start_path)
     cache_dir = config.data.cache_dir or files.local_cache_dir(workdir)
     train_ds, eval_ds = build.build_datasets(config, tokenizer, cache_dir)
-    log.info("data: %d train / %d eval examples, C=%d columns, T=%d", len(train_ds),
-             0 if eval_ds is None else len(eval_ds), train_ds.num_columns, train_ds.max_length)
+    from mcpo_jax.data.pipeline import bucket_lengths
+
+    longest = int(train_ds.row_lengths.max())
+    buckets = [b for b in bucket_lengths(train_ds.max_length, config.data.bucket_lengths) if b >= longest]
+    log.info("data: %d train / %d eval examples, C=%d columns, T<=%d (the longest row has %d tokens; batches "
+             "padded to their bucket of %s, data.max_length=%d)", len(train_ds),
+             0 if eval_ds is None else len(eval_ds), train_ds.num_columns, buckets[0], longest,
+             config.data.bucket_lengths, train_ds.max_length)
     trainer = loop.Trainer(config, workdir, total_steps=loop.planned_steps(config, len(train_ds)), stop=stop,
                            model_path=start_path or None)
     try:
