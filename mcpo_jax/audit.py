@@ -24,7 +24,7 @@ Reading memory on the CPU needs `--xla_disable_hlo_passes=while-loop-invariant-c
 pipeline hoists float32 copies of whole bf16 weight stacks out of the layer loop (1B: 46 → 82 GB), which
 the GPU pipeline does not do. `cpu_audit_flags()` sets it before the backend starts.
 
-The FLOP accounting of the PyTorch anchor (`../shared/bench/torch_dpo_anchor.py`) lives here too (`Shapes`,
+The FLOP accounting of the PyTorch anchor (`scripts/anchor/torch_dpo_anchor.py`) lives here too (`Shapes`,
 `flops_per_token`, `Work`, `anchor_work`), with `executed_work`: the same formula credited only for the work a
 `StepConfig` makes the step execute (pruned passes, LM head on completion positions).
 """

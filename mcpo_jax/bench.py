@@ -14,7 +14,7 @@ each variant:
 
 Each is compiled ahead of the loop (compile time reported apart), run `--warmup` times, then
 timed `--steps` times with the host blocking on the new state after each step; the median is
-reported. FLOPs follow the PyTorch anchor's formula (`../shared/bench/torch_dpo_anchor.py`): 6N + 12·l·d·s
+reported. FLOPs follow the PyTorch anchor's formula (`scripts/anchor/torch_dpo_anchor.py`): 6N + 12·l·d·s
 per trained token, 2N + 4·l·d·s per forward-only token, N = the matmul parameters of the layers plus the LM
 head. `mfu` credits the work the step executes (`audit.executed_work`: the passes its StepConfig runs,
 the LM head on completion positions only), so it never counts work that was skipped;
@@ -481,10 +481,6 @@ def format_audit(rows: Sequence[dict]) -> str:
                else "")
             + (f"  ERROR {r['error']}" if "error" in r else ""))
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation (the OnMC-PO sampler)
 
 
 # ----------------------------------------------------------------------------------------------

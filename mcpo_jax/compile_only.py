@@ -238,7 +238,7 @@ class _Run:
         try:
             prompt_len = int(config.data.max_prompt_length)
             one = audit.executed_work(step_cfg, prompts=micro, columns=columns, prompt_len=prompt_len,
-                                      completion_len=length - prompt_len)
+                                      completion_len=length - prompt_len, rope_type=self.model_config.rope_type)
             work = accum * one.flops(audit.Shapes.of(self.model_config))
         except ValueError as e:  # the formula needs prompt + completion windows that add up to the row length
             check.note = f"no formula: {e}"

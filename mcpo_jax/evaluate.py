@@ -189,25 +189,42 @@ def evaluate_models(policy, baseline, tokenizer, prompts: Sequence[Any], judge: 
 
 
 # -- the end-of-run evaluation of a training config --------------------------------------------------------------
-FINAL_EVAL_FIELDS = ("judge", "prompts", "num_prompts", "seed", "max_new_tokens", "batch_size", "baseline_path",
-                     "use_chat_template")
-FINAL_EVAL_OPTIONAL = ("max_prompt_tokens", "num_bootstrap", "tie_margin", "judge_max_new_tokens",
-                       "judge_batch_size")
-
-
 class EvalConfigError(ValueError):
     """A final-evaluation block that cannot be run as written (unknown task, prompts of another task, ...)."""
 
 
-def _block(cfg) -> dict:
-    block = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    missing = [k for k in FINAL_EVAL_FIELDS if k not in block]
-    unknown = [k for k in block if k not in FINAL_EVAL_FIELDS + FINAL_EVAL_OPTIONAL]
-    if missing or unknown:
-        raise EvalConfigError("final_eval: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else []))
-            + f" (fields: {', '.join(FINAL_EVAL_FIELDS + FINAL_EVAL_OPTIONAL)})")
-    return block
+@dataclasses.dataclass(frozen=True)
+class FinalEvalSpec:
+    """What an end-of-run evaluation runs, typed: a training config's `final_eval` block (its schema and defaults
+    are `training.config.base_config`'s; `from_block` builds this from it, less the pipeline's own keys)."""
+
+    judge: str  # a `make_judge` spec
+    prompts: str  # "task:NAME" or a prompt file
+    num_prompts: int
+    seed: int
+    max_new_tokens: int
+    batch_size: int
+    use_chat_template: bool
+    max_prompt_tokens: int  # 0: the prompts as they are
+    num_bootstrap: int
+    tie_margin: float  # oracle / rule judges: answers whose scores differ by at most this tie
+    judge_max_new_tokens: int  # llm judges; 0: the judge's default
+    judge_batch_size: int  # llm judges; 0: the judge's default
+
+    @classmethod
+    def from_block(cls, block, *, pipeline_keys: Sequence[str] = ("baseline_path", "redo")) -> FinalEvalSpec:
+        """From a `final_eval` block (a ConfigDict or dict); `pipeline_keys` are the pipeline's, left out. A
+        missing or unknown key is an EvalConfigError naming it."""
+        block = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        fields = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+                  for f in dataclasses.fields(cls)}
+        missing = [k for k in fields if k not in block]
+        unknown = [k for k in block if k not in fields and k not in pipeline_keys]
+        if missing or unknown:
+            raise EvalConfigError("final_eval: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f" (fields: {', '.join(fields)})")
+        return cls(**{k: cast(block[k]) for k, cast in fields.items()})
 
 
 def eval_prompts(spec: str, *, num_prompts: int, seed: int, judge_spec: str) -> tuple[list, tasks.Task | None]:
@@ -255,49 +272,36 @@ def eval_prompts(spec: str, *, num_prompts: int, seed: int, judge_spec: str) -> 
     return prompts, judged
 
 
-def final_evaluation(final_eval_cfg, policy, tokenizer, *, baseline=None, workdir: str | None = None,
-                     baseline_name: str | None = None) -> dict:
-    """The end-of-run evaluation a config asks for: greedy answers of ``policy`` and the baseline to the block's
-    prompts, judged by its judge, as the adjusted win rate (plus the task's scores when the prompts are a task's).
-
-    ``final_eval_cfg`` holds ``FINAL_EVAL_FIELDS`` (and any of ``FINAL_EVAL_OPTIONAL``): ``judge`` (a
-    :func:`make_judge` spec), ``prompts`` (``"task:NAME"`` or a prompt file), ``num_prompts``, ``seed``,
-    ``max_new_tokens``, ``batch_size``, ``baseline_path`` (a model folder; "" = the ``baseline`` model passed
-    here), ``use_chat_template``. Everything is checked before any model runs: an unknown task or judge, prompts
-    of another task than the judge's, a missing prompt file are :class:`EvalConfigError`. ``baseline_name`` names
-    a passed baseline in the printed line (e.g. its folder). With ``workdir``, the
-    prompts, both answers and the verdicts go to ``workdir/final_eval.json``. Prints the one-line result.
+def final_evaluation(spec: FinalEvalSpec, policy, tokenizer, *, baseline, baseline_name: str,
+                     workdir: str | None = None) -> dict:
+    """The end-of-run evaluation a config asks for: greedy answers of ``policy`` and ``baseline`` (both loaded
+    by the caller, the same way) to the spec's prompts, judged by its judge, as the adjusted win rate (plus the
+    task's scores when the prompts are a task's). Everything is checked before any model runs: an unknown task
+    or judge, prompts of another task than the judge's, a missing prompt file are :class:`EvalConfigError`.
+    ``baseline_name`` names the baseline in the printed line (e.g. its folder). With ``workdir``, the prompts,
+    both answers and the verdicts go to ``workdir/final_eval.json``. Prints the one-line result.
     """
     import logging
 
-    fe = _block(final_eval_cfg)
-    prompts, task = eval_prompts(str(fe["prompts"]), num_prompts=int(fe["num_prompts"]), seed=int(fe["seed"]),
-                                 judge_spec=str(fe["judge"]))
-    if fe["baseline_path"]:
-        from mcpo_jax import models
-
-        baseline, baseline_name = models.from_pretrained(fe["baseline_path"]), str(fe["baseline_path"])
-    elif baseline is None:
-        raise EvalConfigError("final_eval.baseline_path is empty and no baseline model was given")
-    else:
-        baseline_name = baseline_name or "the starting policy"
+    fe = spec
+    prompts, task = eval_prompts(fe.prompts, num_prompts=fe.num_prompts, seed=fe.seed, judge_spec=fe.judge)
     judge_kwargs = {}
-    if str(fe["judge"]).startswith(("oracle:", "rule:")) and fe.get("tie_margin") is not None:
-        judge_kwargs["tie_margin"] = float(fe["tie_margin"])
-    if str(fe["judge"]).startswith("llm:"):
-        judge_kwargs.update({k[len("judge_"):]: int(fe[k]) for k in ("judge_max_new_tokens", "judge_batch_size")
-                             if fe.get(k)})
-    judge = make_judge(str(fe["judge"]), **judge_kwargs)
-    result = evaluate_models(policy, baseline, tokenizer, prompts, judge, max_new_tokens=int(fe["max_new_tokens"]),
-                             batch_size=int(fe["batch_size"]), use_chat_template=bool(fe["use_chat_template"]),
-                             max_prompt_tokens=int(fe.get("max_prompt_tokens") or 0) or None, task=task,
-                             num_bootstrap=int(fe.get("num_bootstrap") or 1000), seed=int(fe["seed"]))
-    out = {**result.summary(), "judge": str(fe["judge"]), "prompts": str(fe["prompts"]), "baseline": baseline_name,
+    if fe.judge.startswith(("oracle:", "rule:")):
+        judge_kwargs["tie_margin"] = fe.tie_margin
+    if fe.judge.startswith("llm:"):
+        judge_kwargs.update({k[len("judge_"):]: getattr(fe, k) for k in ("judge_max_new_tokens", "judge_batch_size")
+                             if getattr(fe, k)})
+    judge = make_judge(fe.judge, **judge_kwargs)
+    result = evaluate_models(policy, baseline, tokenizer, prompts, judge, max_new_tokens=fe.max_new_tokens,
+                             batch_size=fe.batch_size, use_chat_template=fe.use_chat_template,
+                             max_prompt_tokens=fe.max_prompt_tokens or None, task=task,
+                             num_bootstrap=fe.num_bootstrap, seed=fe.seed)
+    out = {**result.summary(), "judge": fe.judge, "prompts": fe.prompts, "baseline": baseline_name,
            "examples": [{"prompt": p, "policy": a, "baseline": b}
                         for p, a, b in list(zip(result.prompts, result.candidate, result.baseline))[:5]]}
-    kind = str(fe["judge"]).partition(":")[0]
-    where = f"held-out {task.name} prompts" if task is not None and str(fe["prompts"]).startswith("task:") else \
-        f"prompts of {fe['prompts']}"
+    kind = fe.judge.partition(":")[0]
+    where = f"held-out {task.name} prompts" if task is not None and fe.prompts.startswith("task:") else \
+        f"prompts of {fe.prompts}"
     msg = (f"{kind} win rate of the trained policy vs {baseline_name}: {100 * result.win_rate:.1f}% "
            f"({result.n_cand} wins / {result.n_tie} ties / {result.n_base} losses"
            + (f" / {result.n_invalid} invalid" if result.n_invalid else "")
@@ -358,7 +362,7 @@ def pair_with_baseline(candidate: Sequence[dict], baseline: Sequence[dict], *, n
     return prompts, cand_out, base_out
 
 
-def _generator(rows: Sequence[dict], path: str) -> str:
+def _generator_name(rows: Sequence[dict], path: str) -> str:
     """The name of the model that wrote an answer file (its ``generator``; the file's name for an unnamed export)."""
     name = next(iter(rows), {}).get("generator")
     return name if name and name != "hf" else os.path.splitext(os.path.basename(path))[0]
@@ -438,13 +442,13 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, WinRate]]:
     rows, results = [], {}
     for path in candidates:
         cand = load_outputs(path)
-        name = _generator(cand, path)
+        name = _generator_name(cand, path)
         prompts, cand_out, base_out = pair_with_baseline(cand, baseline, name=path)
         result = win_rate(judge, prompts, cand_out, base_out, num_bootstrap=args.num_bootstrap, seed=args.seed)
         rows.append((name, result))
         results[name] = {**result.summary(), "file": path,
                          "per_prompt": [{"instruction": p, "verdict": v} for p, v in zip(prompts, result.verdicts)]}
-    base_name = _generator(baseline, args.baseline)
+    base_name = _generator_name(baseline, args.baseline)
     print(format_table(rows, baseline=base_name))
     if judge.stats:
         print("judge:", dict(judge.stats))

@@ -112,13 +112,21 @@ class Judgment:
 
 
 class Judge:
-    """Base class. Subclasses implement ``judge_pairs`` (batched) or ``compare`` (one pair)."""
+    """Base class. Subclasses implement ``judge_pairs`` (batched) or ``compare`` (one pair), and call
+    ``super().__init__()``. A judge that scores each answer on its own (``score_based``) also implements
+    ``scores``: its rankings are exact sorts, and answers within ``tie_margin`` of each other tie."""
 
     name = "judge"
     mode = "winner"
+    score_based = False  # implements `scores`
+    tie_margin = 0.0  # score-based: scores differing by at most this tie
 
     def __init__(self):
-        self.stats = collections.Counter()
+        self.stats = collections.Counter()  # what the judge did (calls, unparseable verdicts, ...)
+
+    def scores(self, prompts: Sequence[Any], completions: Sequence[str]) -> np.ndarray:
+        """One score per (prompt, completion), higher is better (score-based judges only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not score-based (score_based=False)")
 
     # -- pairwise ------------------------------------------------------------------------------------------
     def compare(self, prompt, a: str, b: str) -> str:
@@ -207,6 +215,8 @@ class RewardFunctionJudge(Judge):
     equal scores keep input order), which is exact, so ``mode`` only matters for pairwise judges.
     ``batch_score_fn(prompts, completions) -> scores`` may be given instead for batched scorers.
     """
+
+    score_based = True
 
     def __init__(self, score_fn: Callable[[Any, str], float] | None = None, *, tie_margin: float = 0.0,
                  batch_score_fn: Callable[[Sequence[Any], Sequence[str]], Iterable[float]] | None = None,

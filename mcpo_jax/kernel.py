@@ -22,7 +22,7 @@ included. A drawn y0 puts a copy of y0 in the loss, whose gradient is exactly ze
 (-beta r_0 + log(2 exp(beta r_0)) = log 2): the kernel skips examples the policy already ranks right, in
 proportion to w_0. The default (None) is the paper's: y0 eligible for ``"mc"``; ``"max"`` / ``"min"`` /
 ``"random"`` pick among the candidates (Fig. 2 "among all candidates"; DPO's random dispreferred). True / False
-force column 0 in / out for every strategy (False for "mc" = the pre-issue-21 default, candidates only).
+force column 0 in / out for every strategy (False for "mc": candidates only, the earlier default).
 
 Invalid columns (``valid`` False) are never selected. A prompt with fewer eligible candidates than M cannot
 be served inside a jitted step (the output has a static shape), so it must be rejected when batches are

@@ -18,6 +18,7 @@ writes nothing (`final_eval.redo=True` evaluates the final policy again).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,9 +46,6 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
     `problems`: config problems found before (the CLI's overrides of unknown keys), reported with the rest."""
     config = cfg_lib.prepare(config, problems=problems)
     check_final_eval(config)
-    if config.online.enabled and files.is_url(workdir):
-        raise ConfigError(f"--workdir {workdir}: online training writes its segment files to a local or shared "
-                          "filesystem; a URL workdir is not supported for it yet")
     run_dir = files.workdir_path(workdir)
     workdir = os.fspath(run_dir)
     primary = shd.is_primary()
@@ -111,6 +109,7 @@ def run(config, workdir: str, *, stop: StopFlag | None = None, problems: tuple[s
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if own_stop:
             stop.restore()
+        close_run_log(run_dir)  # a later run in this process (a notebook's next cell) logs to its own train.log
     return summary
 
 
@@ -175,25 +174,24 @@ def warm_start(config, workdir: str, stop: StopFlag):
 
 
 def final_evaluation(config, summary: dict, *, start_path: str) -> dict:
-    """The final policy vs the baseline (final_eval.baseline_path, else the policy training started from)."""
+    """The final policy vs the baseline (final_eval.baseline_path, else the policy training started from), both
+    loaded the same way: the policy's dtype, the run's mesh and rules."""
     from mcpo_jax import evaluate, models
 
     fe = config.final_eval
-    dtype = models.dtype_of(config.model.dtype)
-    mesh, rules = shd.mesh_and_rules(config)
     policy_path = summary.get("hf_export")
     if not policy_path:
         raise ConfigError("final_eval needs the trained policy's export: keep --config.export_hf=true")
+    spec = evaluate.FinalEvalSpec.from_block(fe)
+    mesh, rules = shd.mesh_and_rules(config)
+    load = functools.partial(models.from_pretrained, dtype=models.dtype_of(config.model.dtype), mesh=mesh,
+                             rules=rules)
     tokenizer = build.build_tokenizer(config, model_path=start_path)
-    policy = models.from_pretrained(policy_path, dtype=dtype, mesh=mesh, rules=rules)
-    baseline, name = None, None
-    if not fe.baseline_path:  # the policy training started from
-        start = summary.get("initial_policy") or start_path
-        baseline = (models.from_pretrained(start, dtype=dtype, mesh=mesh, rules=rules) if start
-                    else build.build_model(config.model, mesh, rules))
-        name = start or f"the initial {config.model.preset} model"
-    block = {k: v for k, v in fe.to_dict().items() if k != "redo"}  # redo is the pipeline's, not the evaluation's
-    return evaluate.final_evaluation(block, policy, tokenizer, baseline=baseline, baseline_name=name,
+    policy = load(policy_path)
+    start = fe.baseline_path or summary.get("initial_policy") or start_path
+    baseline = load(start) if start else build.build_model(config.model, mesh, rules)
+    name = start or f"the initial {config.model.preset} model"
+    return evaluate.final_evaluation(spec, policy, tokenizer, baseline=baseline, baseline_name=name,
                                      workdir=summary["workdir"])
 
 
@@ -332,6 +330,15 @@ class _RunLogHandler(logging.StreamHandler):
     def close(self):
         self.stream.close()
         super().close()
+
+
+def close_run_log(run_dir) -> None:
+    """Detach and close the run's train.log handler (under a URL: its last upload)."""
+    root = logging.getLogger("mcpo_jax")
+    path = os.fspath(run_dir / "train.log")
+    for h in [h for h in root.handlers if isinstance(h, _RunLogHandler) and h.baseFilename == path]:
+        root.removeHandler(h)
+        h.close()
 
 
 def setup_logging(run_dir, primary: bool) -> None:

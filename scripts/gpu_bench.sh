@@ -3,9 +3,8 @@
 #
 #   bash scripts/gpu_bench.sh            # from the repository root, on the GPU machine
 #
-# Needs .device/torch_dpo_anchor.py (a copy of ../shared/bench/torch_dpo_anchor.py in the ignored
-# .device/ folder that travels to the device machine). Without it (or with "anchor" left out of
-# STAGES) the comparison uses .device/torch_anchor_h200.json, the anchor's stored H200 numbers, when
+# The PyTorch anchor is scripts/anchor/torch_dpo_anchor.py. With "anchor" left out of
+# STAGES the comparison uses scripts/anchor/torch_anchor_h200.json, the anchor's stored H200 numbers, when
 # that file is there.
 #
 # Environment:
@@ -14,7 +13,7 @@
 #             jax-1b-f32 for a second run).
 #   STEPS     timed steps per variant (default 5; the median is reported), WARMUP (default 2).
 #   PYTHON    interpreter (default python3).
-#   ANCHOR_SCRIPT  the anchor's path (default .device/torch_dpo_anchor.py).
+#   ANCHOR_SCRIPT  the anchor's path (default scripts/anchor/torch_dpo_anchor.py).
 #   DRY=1     a CPU rehearsal of this script: tiny model, short sequences, the anchor with TINY=1.
 # A bf16 bench row whose compiled program has no cuDNN attention call is reported as an error (attention
 # fell back to XLA; the reason is in the log: models.decoder.attention_fallbacks()).
@@ -42,7 +41,7 @@ stamp() { echo "[gpu_bench +$(( $(date +%s) - T0 ))s] $*"; }
 # The shapes: 256 prompt + 768 completion tokens, L = 5 candidates, M = 1 negative, bf16.
 SHAPES="--candidates 5 --negatives 1 --prompt-len 256 --completion-len 768 --dtype bf16 --steps $STEPS --warmup $WARMUP"
 M1B=llama-1b; M8B=llama-8b; GEN="--gen-batch 48 --gen-new-tokens 128"
-ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-.device/torch_dpo_anchor.py}
+ANCHOR_SCRIPT=${ANCHOR_SCRIPT:-scripts/anchor/torch_dpo_anchor.py}
 if [ "${DRY:-0}" = 1 ]; then
   export TINY=1 JAX_PLATFORMS=cpu
   SHAPES="--candidates 5 --negatives 1 --prompt-len 8 --completion-len 24 --dtype f32 --steps 2 --warmup 0"
@@ -103,7 +102,7 @@ done
 
 ANCHOR_JSON="$OUT/torch_anchor.json"
 if [ ! -s "$ANCHOR_JSON" ]; then
-  ANCHOR_JSON=.device/torch_anchor_h200.json
+  ANCHOR_JSON=scripts/anchor/torch_anchor_h200.json
   [ -s "$ANCHOR_JSON" ] && stamp "using the stored anchor numbers $ANCHOR_JSON (not measured in this run)"
 fi
 BENCHES=()

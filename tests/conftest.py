@@ -29,3 +29,36 @@ def module_compilation_cache(tmp_path_factory):
     yield path
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://... paths served from tmp_path/gcs through etils' backend mock (no network)."""
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    def local(path):
+        path = os.fspath(path)
+        return str(root / path[len("gs://"):]) if path.startswith("gs://") else path
+
+    def remap(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def open_(fn, path, mode, *args, **kwargs):  # an object store has no folders to create first
+        if any(c in mode for c in "wax"):
+            os.makedirs(os.path.dirname(local(path)), exist_ok=True)
+        return fn(local(path), mode, *args, **kwargs)
+
+    def remap2(fn, src, dst, *args, **kwargs):
+        return fn(local(src), local(dst), *args, **kwargs)
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a resolved URL would show up here as cwd/gs:/...
+    from etils.epath import testing as epath_testing
+
+    with epath_testing.mock_epath(open=open_, exists=remap, isdir=remap, makedirs=remap, mkdir=remap,
+                                  listdir=remap, glob=remap, remove=remap, rmtree=remap, stat=remap,
+                                  copy=remap2, rename=remap2, replace=remap2):
+        yield root
+    assert not list(work.iterdir()), f"a URL was resolved against the cwd: {list(work.rglob('*'))}"

@@ -13,7 +13,7 @@ import pytest
 from mcpo_jax import bench
 from mcpo_jax.models import preset_config
 
-# The anchor's measured rows (../shared/bench/torch_anchor_h200.json): model_tflops * median_s is the
+# The anchor's measured rows (scripts/anchor/torch_anchor_h200.json): model_tflops * median_s is the
 # FLOP count the anchor script assigned to each step; ours must be the same number.
 ANCHOR_ROWS = [
     # model, step, median_s, model_tflops, pairs

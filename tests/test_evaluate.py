@@ -168,9 +168,31 @@ def sorting_models():
 
 
 def _block(**overrides):
-    block = {"judge": "oracle:sorting", "prompts": "task:sorting", "num_prompts": 6, "seed": 1, "max_new_tokens": 6,
-             "batch_size": 4, "baseline_path": "", "use_chat_template": True}
+    """A final_eval block: the config's defaults (its one schema) with the test's values."""
+    from mcpo_jax.training.config import base_config
+
+    block = {**base_config().final_eval.to_dict(), "judge": "oracle:sorting", "prompts": "task:sorting",
+             "num_prompts": 6, "seed": 1, "max_new_tokens": 6, "batch_size": 4}
     return {**block, **overrides}
+
+
+def _spec(**overrides):
+    return E.FinalEvalSpec.from_block(_block(**overrides))
+
+
+def test_final_eval_spec_is_the_config_block_less_the_pipeline_keys():
+    """One schema: the config's final_eval block is the spec's fields and the pipeline's two keys; a key either
+    lacks, or a misspelt one, is an error naming it."""
+    import dataclasses
+
+    from mcpo_jax.training.config import base_config
+
+    block = base_config().final_eval.to_dict()
+    assert set(block) == {f.name for f in dataclasses.fields(E.FinalEvalSpec)} | {"baseline_path", "redo"}
+    spec = _spec(num_prompts="7", tie_margin=1)
+    assert spec.num_prompts == 7 and spec.tie_margin == 1.0 and isinstance(spec.tie_margin, float)
+    with pytest.raises(E.EvalConfigError, match=r"final_eval: missing seed; unknown typo"):
+        E.FinalEvalSpec.from_block({k: v for k, v in _block(typo=1).items() if k != "seed"})
 
 
 def test_evaluate_models_judges_greedy_answers(sorting_models):
@@ -198,7 +220,8 @@ def test_final_evaluation_of_a_task_writes_its_verdicts(sorting_models, tmp_path
     from mcpo_jax.data import synthetic
 
     tok, policy, baseline = sorting_models
-    out = E.final_evaluation(_block(), policy, tok, baseline=baseline, workdir=str(tmp_path))
+    out = E.final_evaluation(_spec(), policy, tok, baseline=baseline, baseline_name="the starting policy",
+                             workdir=str(tmp_path))
     assert out["num_prompts"] == 6 and out["n_cand"] + out["n_base"] + out["n_tie"] + out["n_invalid"] == 6
     assert 0.0 <= out["win_rate"] <= 1.0 and {"policy_exact", "baseline_score"} <= set(out)
     printed = capsys.readouterr().out
@@ -210,7 +233,8 @@ def test_final_evaluation_of_a_task_writes_its_verdicts(sorting_models, tmp_path
     # the user's own file of sorting prompts (a text file) is the sorting task's: accepted, duplicates kept
     mine = tmp_path / "mine.txt"
     mine.write_text("sort 312\nsort 312\nsort 9081\n")
-    again = E.final_evaluation(_block(prompts=str(mine), num_prompts=0), policy, tok, baseline=policy)
+    again = E.final_evaluation(_spec(prompts=str(mine), num_prompts=0), policy, tok, baseline=policy,
+                               baseline_name="itself")
     assert again["num_prompts"] == 3 and again["n_tie"] == 3
 
 
@@ -220,21 +244,18 @@ def test_final_evaluation_refuses_what_it_cannot_score(sorting_models, tmp_path)
     mine = tmp_path / "reverse.jsonl"
     mine.write_text("".join(json.dumps({"instruction": f"reverse {w}"}) + "\n" for w in ["abc", "hello", "xy"]))
     cases = [
-        (_block(prompts=str(mine)), r"judge 'oracle:sorting' scores task 'sorting', but 3 of 3 prompts in .*"
-                                    r"reverse.jsonl are not 'sorting' prompts \(e.g. 'reverse abc'\)"),
-        (_block(prompts="task:reverse"), r"unknown task 'reverse'; registered tasks: .*sorting"),
-        (_block(judge="oracle:reverse", prompts=str(mine)), r"final_eval.judge='oracle:reverse': unknown task"),
-        (_block(judge="oracle"), r"names no task"),
-        (_block(prompts="synthetic"), r"neither 'task:NAME' .* nor an existing prompt file"),
-        (_block(prompts=str(tmp_path / "nope.jsonl")), r"nor an existing prompt file"),
-        ({k: v for k, v in _block(typo=1).items() if k != "seed"}, r"missing seed; unknown typo"),
+        (_spec(prompts=str(mine)), r"judge 'oracle:sorting' scores task 'sorting', but 3 of 3 prompts in .*"
+                                   r"reverse.jsonl are not 'sorting' prompts \(e.g. 'reverse abc'\)"),
+        (_spec(prompts="task:reverse"), r"unknown task 'reverse'; registered tasks: .*sorting"),
+        (_spec(judge="oracle:reverse", prompts=str(mine)), r"final_eval.judge='oracle:reverse': unknown task"),
+        (_spec(judge="oracle"), r"names no task"),
+        (_spec(prompts="synthetic"), r"neither 'task:NAME' .* nor an existing prompt file"),
+        (_spec(prompts=str(tmp_path / "nope.jsonl")), r"nor an existing prompt file"),
     ]
-    for block, match in cases:
+    for spec, match in cases:
         with pytest.raises(E.EvalConfigError, match=match):
-            E.final_evaluation(block, policy, tok, baseline=baseline)
-    with pytest.raises(E.EvalConfigError, match="baseline_path is empty and no baseline model"):
-        E.final_evaluation(_block(), policy, tok)
+            E.final_evaluation(spec, policy, tok, baseline=baseline, baseline_name="b")
     # a prompt file with a judge that scores any prompt (a reward function) is fine
-    out = E.final_evaluation(_block(prompts=str(mine), judge="reward:tests.test_evaluate:_length"), policy, tok,
-                             baseline=policy)
+    out = E.final_evaluation(_spec(prompts=str(mine), judge="reward:tests.test_evaluate:_length"), policy, tok,
+                             baseline=policy, baseline_name="itself")
     assert out["n_tie"] == 3 and "policy_score" not in out

@@ -1,4 +1,4 @@
-"""The import graph of mcpo_jax: no cycle, and no import that runs up a floor (DESIGN.md, issue 12).
+"""The import graph of mcpo_jax: no cycle, and no import that runs up a floor (the layering of the README's layout).
 
 Every import counts, the ones inside functions too (a lazy import is still a dependency). Floors, bottom up; a
 module may import its own floor and the floors below. The table is the truth: a new module must be placed in it.

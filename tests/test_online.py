@@ -3,6 +3,7 @@ then resume without regenerating; plus the segment helpers."""
 
 import json
 import os
+import shutil
 
 import ml_collections
 import pytest
@@ -231,3 +232,43 @@ def test_online_initial_model_uses_the_runs_sharding_rules(monkeypatch, tmp_path
         onmcpo.train_online(c, str(tmp_path), start_path="", stop=None)
     assert seen == [dict(shd.mesh_and_rules(c)[1])] and seen[0]["mlp"] is None
     assert dict(shd.DEFAULT_RULES)["mlp"] is not None  # the override is what made the difference
+
+
+def test_online_run_in_a_url_workdir_trains_as_in_a_local_one(online_run, fake_gcs, compilation_cache, tmp_path,
+                                                                monkeypatch):
+    """gs://... workdir (etils' mock backend): the run trains the same steps as in a local folder; its segment
+    files and model folders are under the URL, from where another machine's rerun fetches them, and a stale
+    local copy that the URL's record lacks is not taken for this run's."""
+    from mcpo_jax import pipeline
+    from mcpo_jax.training import checkpoint, files
+
+    # orbax writes its checkpoints under a URL through tensorstore's own GCS driver, which etils' mock does not
+    # reach: here they go to the mock bucket's local folder (what is tested is the online run's own files)
+    real_init = checkpoint.Checkpointer.__init__
+    monkeypatch.setattr(checkpoint.Checkpointer, "__init__", lambda self, workdir, **kw: real_init(
+        self, str(fake_gcs / os.fspath(workdir)[len("gs://"):]), **kw))
+    local_dir, local_summary = online_run
+    url = f"gs://bucket/{tmp_path.name}"
+    staged = files.Staged(url, "online")
+    stale = staged.path("segment_0", "data.jsonl")
+    os.makedirs(os.path.dirname(stale), exist_ok=True)
+    with open(stale, "w") as f:
+        f.write('{"prompt": "stale", "chosen": "x", "rejected": ["y"]}\n')
+    summary = pipeline.run(_config(), url)
+    assert summary["status"] == local_summary["status"] == "completed"
+    local_rows, url_rows = _rows(local_dir), _rows(url)
+    assert sorted(url_rows) == sorted(local_rows) and len(url_rows) == 9
+    for step in local_rows:
+        assert url_rows[step]["loss"] == pytest.approx(local_rows[step]["loss"], rel=1e-6), step
+    remote = fake_gcs / "bucket" / tmp_path.name / "online"
+    for s in range(3):
+        with open(os.path.join(onmcpo.segment_dir(local_dir, s), "data.jsonl")) as f:
+            assert (remote / f"segment_{s}" / "data.jsonl").read_text() == f.read()
+        assert (remote / f"segment_{s}" / "stats.json").exists()
+    assert (remote / "initial" / "config.json").exists()
+    shutil.rmtree(staged.local)  # another machine: nothing local
+    assert files.Staged(url, "online").fetch("segment_1", "data.jsonl")
+    with open(os.path.join(onmcpo.segment_dir(local_dir, 1), "data.jsonl")) as f:
+        assert open(staged.path("segment_1", "data.jsonl")).read() == f.read()
+    assert not files.Staged(url, "online").fetch("segment_7", "data.jsonl")
+    shutil.rmtree(staged.local)

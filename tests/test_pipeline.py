@@ -234,6 +234,9 @@ def test_a_run_that_failed_before_its_first_step_does_not_lock_its_workdir(tmp_p
     with pytest.raises(DataError, match="no rows"):
         pipeline.run(tiny_config(**{"data.source": str(empty)}), workdir)
     assert "no rows" in open(os.path.join(workdir, "train.log")).read()
+    import logging  # the run's train.log is detached when it ends: a next run in this process does not write to it
+
+    assert not [h for h in logging.getLogger("mcpo_jax").handlers if isinstance(h, pipeline._RunLogHandler)]
     out = pipeline.run(tiny_config(**{"debug.stop_after_steps": 1}), workdir)
     assert out["status"] == "stopped" and out["step"] == 1
     assert len(os.listdir(os.path.join(workdir, "previous"))) == 1  # the failed attempt's files, kept aside

@@ -47,7 +47,9 @@ def test_full_run_logs_everything(full_run):
                 "kernel/entropy", "kernel/rank_hist", "grad_norm", "lr", "tokens_per_sec", "step_time"):
         assert key in r, key
     assert sum(r["kernel/rank_hist"]) == 8 * 2  # B x M negatives, by dataset rank
-    assert r["kernel/rank_hist"][1] == 0 and r["kernel/rank_hist"][2] == 0  # y0 = rank 1, rank 2 dropped
+    # rank 2 is dropped from the data; bin 1 is y0, drawn by Algorithm 1's kernel (selected_is_y0 of 16 picks)
+    assert r["kernel/rank_hist"][2] == 0
+    assert r["kernel/rank_hist"][1] == pytest.approx(16 * r["kernel/selected_is_y0"])
     assert rows[7]["loss"] < rows[1]["loss"]
     evals = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"), split="eval")
     assert [e["step"] for e in evals] == [3, 6, 7] and "rewards/accuracies" in evals[0]
@@ -122,7 +124,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"num_negatives": 6}, "num_negatives (M) = 6 must be between 1 and num_candidates (L) = 5"),
+    ({"num_negatives": 7}, "num_negatives (M) = 7 must be between 1 and num_candidates (L) = 5 + 1 (y0 included)"),
     ({"objective": "dpx"}, "objective='dpx' is unknown"),
     ({"sampler": "greedy"}, "sampler='greedy' is unknown"),
     ({"objective": "dpo"}, "pairwise: it needs num_negatives=1"),

@@ -9,7 +9,6 @@ import types
 
 import jax
 import pytest
-from etils.epath import testing as epath_testing
 
 from mcpo_jax import sharding
 from mcpo_jax import pipeline
@@ -38,6 +37,7 @@ def test_error_on_one_process_of_many_exits_at_once(monkeypatch, capsys):
     for name in ("_COORDINATOR", "_NUM_PROCESSES", "_PROCESS_ID"):
         monkeypatch.setattr(cli, name, types.SimpleNamespace(value=None))  # as if the flags were parsed
     monkeypatch.setattr(cli, "_HELPCONFIG", types.SimpleNamespace(value=False))
+    monkeypatch.setattr(cli, "_COMPILE_ONLY", types.SimpleNamespace(value=False))
     monkeypatch.setattr(cli, "_CONFIG", types.SimpleNamespace(value=object()))
     monkeypatch.setattr(cli, "_WORKDIR", types.SimpleNamespace(value="/tmp/unused"))
     monkeypatch.setattr(pipeline, "run", boom)
@@ -95,37 +95,6 @@ def test_heartbeat_timeout_from_argument_or_environment(monkeypatch):
 
 
 # ------------------------------------------------------------------------- URL workdirs
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-    """gs://... paths served from tmp_path/gcs through etils' backend mock (no network)."""
-    root = tmp_path / "gcs"
-    root.mkdir()
-
-    def local(path):
-        path = os.fspath(path)
-        return str(root / path[len("gs://"):]) if path.startswith("gs://") else path
-
-    def remap(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def open_(fn, path, mode, *args, **kwargs):  # an object store has no folders to create first
-        if any(c in mode for c in "wax"):
-            os.makedirs(os.path.dirname(local(path)), exist_ok=True)
-        return fn(local(path), mode, *args, **kwargs)
-
-    def remap2(fn, src, dst, *args, **kwargs):
-        return fn(local(src), local(dst), *args, **kwargs)
-
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)  # a resolved URL would show up here as cwd/gs:/...
-    with epath_testing.mock_epath(open=open_, exists=remap, isdir=remap, makedirs=remap, mkdir=remap,
-                                  listdir=remap, glob=remap, remove=remap, rmtree=remap, stat=remap,
-                                  copy=remap2, rename=remap2, replace=remap2):
-        yield root
-    assert not list(work.iterdir()), f"a URL was resolved against the cwd: {list(work.rglob('*'))}"
 
 
 def test_url_workdir_is_never_resolved(tmp_path, monkeypatch):

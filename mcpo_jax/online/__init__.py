@@ -1,6 +1,6 @@
 """Online parts: KV-cache sampling (`generate`) and batched-online training (`onmcpo`).
 
-`mcpo_jax.online.generate` is the function (DESIGN.md contract); reach the module's other names with
+`mcpo_jax.online.generate` is the function (the package's public contract); reach the module's other names with
 `from mcpo_jax.online.generate import ...`. Judges live one floor down, in `mcpo_jax.judges`.
 """
 

@@ -20,6 +20,7 @@ with the same data (files are written to a temporary name and renamed, so a cras
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,31 +46,18 @@ def sample_completions(model, tokenizer, prompts: Sequence[Any], *, temperatures
     The K copies of a prompt go into the same batches with per-row temperatures, so one compiled program
     serves all temperatures. Batches hold ``batch_size`` rows (prompt x temperature), prompts sorted by length.
     """
-    import jax
+    from mcpo_jax.data.text import encode_prompts
+    from mcpo_jax.online.generate import generate_texts
 
-    from mcpo_jax.data.text import decode_completion, encode_prompts, left_pad
-    from mcpo_jax.online.generate import generate, stop_ids, to_host
-
-    eos_ids = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     encoded = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
                              max_prompt_tokens=max_prompt_tokens)
     k = len(temperatures)
-    jobs = [(i, j) for i in sorted(range(len(prompts)), key=lambda i: len(encoded[i])) for j in range(k)]
-    out = [[""] * k for _ in prompts]
-    width = max(len(r) for r in encoded)  # one prompt width for the segment: one compiled program
-    key = jax.random.key(seed)
-    for b, start in enumerate(range(0, len(jobs), batch_size)):
-        chunk = jobs[start:start + batch_size]
-        # fixed batch shape (last batch padded by repeating rows) so every call reuses one compiled program
-        rows = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(jobs) > batch_size else chunk
-        ids, mask = left_pad([encoded[i] for i, _ in rows], pad, width=width)
-        temps = np.array([temperatures[j] for _, j in rows], np.float32)
-        new = to_host(generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temps, top_p=top_p,
-                                  key=jax.random.fold_in(key, b), eos_id=eos_ids, gather_weights=gather_weights))
-        for (i, j), row in zip(chunk, new):
-            out[i][j] = decode_completion(tokenizer, row, eos_ids)
-    return out
+    texts = generate_texts(model, tokenizer, [r for r in encoded for _ in range(k)], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, temperature=np.tile(np.asarray(temperatures, np.float32),
+                                                                      len(encoded)),
+                           top_p=top_p, seed=seed, width=max(len(r) for r in encoded),  # one program a segment
+                           gather_weights=gather_weights)
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 # -- judging -----------------------------------------------------------------------------------------------------
@@ -81,7 +69,7 @@ def judge_completions(judge: Judge, prompts: Sequence[Any], completions: Sequenc
     if ranking == "winner":
         orders = iterative_pairwise_ranking(judge, prompts, completions, log=judgments, seed=seed)
     elif ranking == "full":
-        if hasattr(judge, "scores"):  # a score-based judge ranks exactly by sorting, no pairwise round robin
+        if judge.score_based:  # ranks exactly by sorting, no pairwise round robin
             orders = judge.rank_many(prompts, completions)
         else:
             orders = round_robin_ranking(judge, prompts, completions, log=judgments)
@@ -124,12 +112,6 @@ def training_row(prompt, completions: Sequence[str], result: dict,
 
 
 # -- files -------------------------------------------------------------------------------------------------------
-def _primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 def _barrier(name: str) -> None:
     """Multi-host: every process waits until process 0 has written the segment's files (shared filesystem)."""
     import jax
@@ -143,7 +125,9 @@ def _barrier(name: str) -> None:
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """Atomic JSONL write (temporary name, then rename). Multi-host: every process samples the same rows in
     SPMD, process 0 writes them."""
-    if not _primary():
+    from mcpo_jax.sharding import is_primary
+
+    if not is_primary():
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -171,10 +155,12 @@ def segment_bounds(total_steps: int, num_segments: int) -> list[tuple[int, int]]
 
 
 def segment_dir(workdir: str, segment: int) -> str:
+    """Segment `segment`'s folder in a local workdir (under a URL workdir: `files.Staged(workdir, "online")`)."""
     return os.path.join(workdir, "online", f"segment_{segment}")
 
 
-def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: str, *,
+def make_segment_data(load_model: Callable[[], Any], tokenizer, load_judge: Callable[[], Judge],
+                      prompts: Sequence[Any], out_dir: str, *,
                       temperatures=PAPER_TEMPERATURES, max_new_tokens: int, top_p: float = 1.0,
                       batch_size: int = 64, seed: int = 0, ranking: str = "winner", use_chat_template: bool = True,
                       max_prompt_tokens: int | None = None,
@@ -182,8 +168,8 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
                       gather_weights: bool = True) -> dict:
     """Sample, judge and write one segment's files; returns its stats. Skips the work if data.jsonl exists.
 
-    ``model`` and ``judge`` may be zero-argument loaders: the policy is then dropped before the judge is
-    loaded, so an 8B policy and a 70B judge never share the accelerators' memory.
+    ``load_model`` and ``load_judge`` are zero-argument loaders, called in turn: the policy is dropped before
+    the judge is loaded, so an 8B policy and a 70B judge never share the accelerators' memory.
     """
     data_path = os.path.join(out_dir, "data.jsonl")
     stats_path = os.path.join(out_dir, "stats.json")
@@ -193,17 +179,15 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
             return json.load(f)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    if callable(model) and not hasattr(model, "decode"):
-        model = model()
+    model = load_model()
     completions = sample_completions(model, tokenizer, prompts, temperatures=temperatures,
                                      max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, seed=seed,
                                      use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens,
                                      gather_weights=gather_weights)
     del model
     t1 = time.perf_counter()
-    if not isinstance(judge, Judge):
-        judge = judge()
-    before = dict(getattr(judge, "stats", {}))
+    judge = load_judge()
+    before = dict(judge.stats)
     results = judge_completions(judge, prompts, completions, ranking=ranking, seed=seed)
     t2 = time.perf_counter()
     samples, data, skipped = [], [], {}
@@ -211,9 +195,9 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
     # row would train y0 against negatives that are just as good (noise); it is skipped as "no_preference".
     for i, (p, c, r) in enumerate(zip(prompts, completions, results)):
         row, reason = training_row(p, c, r, drop_ranks)
-        if row is not None and hasattr(judge, "scores"):
+        if row is not None and judge.score_based:
             s_ = np.asarray(judge.scores([p] * len(c), list(c)), np.float64)
-            if float(s_.max() - s_.min()) <= float(getattr(judge, "tie_margin", 0.0)):
+            if float(s_.max() - s_.min()) <= float(judge.tie_margin):
                 row, reason = None, "no_preference"
         samples.append({"prompt": p, "completions": list(c), "temperatures": list(temperatures), **r,
                         "skipped": reason})
@@ -226,14 +210,16 @@ def make_segment_data(model, tokenizer, judge, prompts: Sequence[Any], out_dir: 
              "distinct_per_prompt": float(np.mean([len(set(c)) for c in completions])) if completions else 0.0,
              "mean_completion_chars": float(np.mean([len(x) for c in completions for x in c])) if completions else 0.0,
              "sample_seconds": t1 - t0, "judge_seconds": t2 - t1,
-             "judge_stats": {k: v - before.get(k, 0) for k, v in getattr(judge, "stats", {}).items()}}
+             "judge_stats": {k: v - before.get(k, 0) for k, v in judge.stats.items()}}
     if score_fn is not None and completions:
         all_scores = [[score_fn(p, x) for x in c] for p, c in zip(prompts, completions)]
         stats["mean_score"] = float(np.mean(all_scores))
         stats["mean_winner_score"] = float(np.mean([s[r["winner"]] for s, r in zip(all_scores, results)]))
         stats["best_possible_winner_score"] = float(np.mean([max(s) for s in all_scores]))
     write_jsonl(os.path.join(out_dir, "samples.jsonl"), samples)
-    if _primary():
+    from mcpo_jax.sharding import is_primary
+
+    if is_primary():
         with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=1)
         os.replace(stats_path + ".tmp", stats_path)
@@ -293,19 +279,34 @@ def segment_steps(config, num_prompts: int) -> int:
 
 def segment_config(config, data_path: str):
     """The trainer config of a segment's data: the generated rows, ``ranked`` (a full ranking) or ``pairs``."""
-    from mcpo_jax.training.config import prepare
+    from mcpo_jax.training.config import prepare, with_overrides
 
     with open(data_path, encoding="utf-8") as f:
         first = f.readline()
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        c.data.source = data_path
-        c.data.format = "ranked" if first.strip() and "completions" in json.loads(first) else "pairs"
-        c.data.options = type(c.data.options)()
-        c.data.min_candidates = 1  # a prompt may keep fewer than K - 1 distinct candidates
-        c.data.eval_source = ""
-        c.data.eval_fraction = 0.0
-    return prepare(c)
+    return prepare(with_overrides(config, [
+        ("data.source", data_path),
+        ("data.format", "ranked" if first.strip() and "completions" in json.loads(first) else "pairs"),
+        ("data.options", {}),
+        ("data.min_candidates", 1),  # a prompt may keep fewer than K - 1 distinct candidates
+        ("data.eval_source", ""),
+        ("data.eval_fraction", 0.0),
+    ]))
+
+
+@dataclasses.dataclass
+class _Run:
+    """An online run once set up: what the segment loop reads."""
+
+    trainer: Any
+    tokenizer: Any
+    staged: Any  # files.Staged: the online folder, local (and under a URL workdir, its record there)
+    parts: list  # each segment's prompts
+    bounds: list  # each segment's [begin, end) steps
+    total: int
+    initial: str  # the initial policy's folder
+    load_judge: Callable[[], Judge]
+    score_fn: Callable[[Any, str], float] | None
+    cache_dir: str
 
 
 def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
@@ -313,81 +314,107 @@ def train_online(config, workdir: str, *, start_path: str, stop) -> dict:
     trajectory: the run's steps (``max_steps``, else what the prompts give) are cut into
     ``online.num_segments`` equal segments; each starts by sampling from the current policy and judging, then
     trains its steps. AdamW state, step counter and lr schedule carry across segments; a rerun resumes from
-    the last checkpoint (mid-segment included) with the segment's saved data.
+    the last checkpoint (mid-segment included) with the segment's saved data. The workdir may be a URL
+    (gs://...): the segment files and model folders are then written on the local disk, where their readers
+    need them, and copied under the URL, from which a rerun on another machine fetches them.
     """
+    run = _set_up(config, workdir, start_path=start_path, stop=stop)
+    try:
+        return _train_segments(config, run, stop)
+    finally:
+        run.trainer.close()
+
+
+def _set_up(config, workdir: str, *, start_path: str, stop) -> _Run:
+    """The initial policy (a random preset is saved once, so pi_ref and the final evaluation can load it), the
+    tokenizer, each segment's prompts and steps, the trainer and the judge's loader."""
     from mcpo_jax import models
     from mcpo_jax import sharding as shd
     from mcpo_jax.judges import make_judge
     from mcpo_jax.training import build, files, loop
 
     o = config.online
-    workdir = os.path.abspath(workdir)
-    os.makedirs(os.path.join(workdir, "online"), exist_ok=True)
-    temperatures = tuple(float(t) for t in o.temperatures)
+    staged = files.Staged(workdir, "online")
     initial = start_path
-    if not initial:  # a random preset: saved once, so pi_ref and the final evaluation can load it
-        initial = os.path.join(workdir, "online", "initial")
-        if not os.path.exists(os.path.join(initial, "config.json")):
-            mesh = shd.mesh_from_config(config.mesh)
+    if not initial:
+        initial = staged.path("initial")
+        if not staged.fetch("initial", "config.json"):
+            mesh, rules = shd.mesh_and_rules(config)
             if shd.is_primary():
-                models.save_pretrained(build.build_model(config.model, mesh, shd.rules_from_config(None)), initial,
+                models.save_pretrained(build.build_model(config.model, mesh, rules), initial,
                                        tokenizer=build.build_tokenizer(config))
-        _barrier("onmcpo:initial")
+                staged.publish("initial", "config.json")
+            _barrier("onmcpo:initial")
+            staged.fetch("initial", "config.json")  # the other hosts of a URL workdir
     tokenizer = build.build_tokenizer(config, model_path=initial)
     parts = segment_prompts(load_online_prompts(o), int(o.num_segments), int(o.seed))
     planned = [segment_steps(config, len(p)) for p in parts]
     total = int(config.max_steps) if int(config.max_steps) > 0 else sum(planned)
-    bounds = segment_bounds(total, int(o.num_segments))
     trainer = loop.Trainer(config, workdir, total_steps=total, stop=stop, model_path=initial)
-    cache_dir = config.data.cache_dir or files.local_cache_dir(workdir)
     judge_kwargs = {}
     if o.judge.startswith("llm:"):
         judge_kwargs = dict(max_new_tokens=int(o.judge_max_new_tokens), batch_size=int(o.judge_batch_size),
-                            dtype=build.DTYPES[o.judge_dtype], mode=o.ranking, mesh=trainer.mesh)
-    max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
+                            dtype=models.dtype_of(o.judge_dtype), mode=o.ranking, mesh=trainer.mesh)
     score_fn = None  # a task's own score of every sample, in each segment's stats.json
     if o.prompts.startswith("task:") or o.prompts == "synthetic":
         from mcpo_jax.data import tasks
 
         score_fn = tasks.get("sorting" if o.prompts == "synthetic" else o.prompts[len("task:"):]).score
+    return _Run(trainer, tokenizer, staged, parts, segment_bounds(total, int(o.num_segments)), total, initial,
+                lambda: make_judge(o.judge, **judge_kwargs), score_fn,
+                config.data.cache_dir or files.local_cache_dir(workdir))
+
+
+def _train_segments(config, run: _Run, stop) -> dict:
+    """Each segment not done yet: its reference, its data (sampled and judged, or the saved copy), its steps."""
+    from mcpo_jax.training import build
+
+    o, trainer, staged = config.online, run.trainer, run.staged
+    max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
     segments, result = [], {"status": "completed", "start_step": trainer.step}
-    try:
-        for s, ((begin, end), part) in enumerate(zip(bounds, parts)):
-            if trainer.step >= end:
-                segments.append({"segment": s, "steps": [begin, end], "resumed": "done"})
-                continue
-            sdir = segment_dir(workdir, s)
-            if o.reference == "segment_start" and trainer.step_cfg.needs_reference:
-                ref_dir = os.path.join(sdir, "reference")  # the policy at the segment's start (resume reloads it)
-                if not os.path.exists(os.path.join(ref_dir, "config.json")):
-                    trainer.export(ref_dir, tokenizer)
-                    _barrier(f"onmcpo:reference:{s}")
-                trainer.set_reference(ref_dir)
-            log.info("online: segment %d, steps [%d, %d) of %d", s, begin, end, total)
-            stats = make_segment_data(trainer.policy(), tokenizer, lambda: make_judge(o.judge, **judge_kwargs),
-                                      part, sdir, temperatures=temperatures, max_new_tokens=int(o.max_new_tokens),
-                                      top_p=float(o.top_p), batch_size=int(o.generation_batch_size),
-                                      seed=int(o.seed) * 1000 + s, ranking=o.ranking,
-                                      use_chat_template=bool(config.data.use_chat_template),
-                                      max_prompt_tokens=max_prompt_tokens, score_fn=score_fn,
-                                      drop_ranks=tuple(o.drop_ranks), gather_weights=bool(o.gather_weights))
-            if stop.should_stop():
-                result.update(status="interrupted", signal=stop.signal or "a signal on another process",
-                              step=trainer.step)
-                break
-            seg_cfg = segment_config(config, os.path.join(sdir, "data.jsonl"))
-            train_ds, _ = build.build_datasets(seg_cfg, tokenizer, cache_dir)
-            trainer.precompute_reference({f"segment_{s}": train_ds}, cache_dir)
-            out = trainer.train(train_ds, None, start_step=begin, end_step=end)
-            segments.append({"segment": s, "steps": [begin, end], "data": stats, "final_metrics": out["final_metrics"]})
-            result.update({k: v for k, v in out.items() if k != "final_metrics"},
-                          final_metrics=out["final_metrics"])
-            if out["status"] != "completed":
-                break
-        result.update(total_steps=total, segments=segments, initial_policy=initial, compile=trainer.compile_info)
-        if result["status"] == "completed" and config.export_hf:
-            result["hf_export"] = trainer.export(os.path.join(workdir, "hf"), tokenizer)
-            result["final_policy"] = result["hf_export"]
-    finally:
-        trainer.close()
+    for s, ((begin, end), part) in enumerate(zip(run.bounds, run.parts)):
+        if trainer.step >= end:
+            segments.append({"segment": s, "steps": [begin, end], "resumed": "done"})
+            continue
+        name = f"segment_{s}"
+        if o.reference == "segment_start" and trainer.step_cfg.needs_reference:
+            ref = f"{name}/reference"  # the policy at the segment's start (resume reloads it)
+            if not staged.fetch(ref, "config.json"):
+                trainer.export(staged.path(ref), run.tokenizer)
+                if trainer.primary:
+                    staged.publish(ref, "config.json")
+                _barrier(f"onmcpo:reference:{s}")
+                staged.fetch(ref, "config.json")
+            trainer.set_reference(staged.path(ref))
+        log.info("online: segment %d, steps [%d, %d) of %d", s, begin, end, run.total)
+        fetched = staged.fetch(name, "data.jsonl")
+        stats = make_segment_data(trainer.policy, run.tokenizer, run.load_judge, part, staged.path(name),
+                                  temperatures=tuple(float(t) for t in o.temperatures),
+                                  max_new_tokens=int(o.max_new_tokens), top_p=float(o.top_p),
+                                  batch_size=int(o.generation_batch_size), seed=int(o.seed) * 1000 + s,
+                                  ranking=o.ranking, use_chat_template=bool(config.data.use_chat_template),
+                                  max_prompt_tokens=max_prompt_tokens, score_fn=run.score_fn,
+                                  drop_ranks=tuple(o.drop_ranks), gather_weights=bool(o.gather_weights))
+        if not fetched:
+            if trainer.primary:
+                staged.publish(name, "data.jsonl")
+            _barrier(f"onmcpo:{name}:published")
+        if stop.should_stop():
+            result.update(status="interrupted", signal=stop.signal or "a signal on another process",
+                          step=trainer.step)
+            break
+        staged.fetch(name, "data.jsonl")  # the other hosts of a URL workdir
+        seg_cfg = segment_config(config, staged.path(name, "data.jsonl"))
+        train_ds, _ = build.build_datasets(seg_cfg, run.tokenizer, run.cache_dir)
+        trainer.precompute_reference({name: train_ds}, run.cache_dir)
+        out = trainer.train(train_ds, None, start_step=begin, end_step=end)
+        segments.append({"segment": s, "steps": [begin, end], "data": stats, "final_metrics": out["final_metrics"]})
+        result.update({k: v for k, v in out.items() if k != "final_metrics"}, final_metrics=out["final_metrics"])
+        if out["status"] != "completed":
+            break
+    result.update(total_steps=run.total, segments=segments, initial_policy=run.initial,
+                  compile=trainer.compile_info)
+    if result["status"] == "completed" and config.export_hf:
+        result["hf_export"] = trainer.export(os.fspath(trainer.run_dir / "hf"), run.tokenizer)
+        result["final_policy"] = result["hf_export"]
     return result

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.use_chat_template = True
     c.data.cache_dir = ""  # "" = workdir/cache
     c.data.worker_count = 0
-    # issue 15: length-aware batches. Each global batch is padded to the smallest of these token lengths that
+    # Length-aware batches: each global batch is padded to the smallest of these token lengths that
     # holds its longest row: "pow2" = 64, 128, 256, ... below max_length, then max_length (one compiled step
     # per length seen); "none" = always max_length; or explicit lengths "128,384,768".
     c.data.bucket_lengths = "pow2"
@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_negatives = 1  # M
     c.beta = 0.01  # App. B.2
     # Algorithm 1: the MC kernel samples z over w_0..w_L, y0 included (a drawn y0 is a zero-gradient step, which
-    # down-weights examples the policy already ranks right). False: candidates only (the pre-issue-21 default).
+    # down-weights examples the policy already ranks right). False: candidates only (the earlier default).
     # Only the "mc" sampler reads it: max / min / random pick among the candidates (Fig. 2, App. B.1).
     c.include_preferred = True
     # sampler="random" with M = 1 (DPO and the other baselines, RNCE): "per_prompt" draws each prompt's negative
@@ -199,6 +199,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.final_eval.batch_size = 64
     c.final_eval.baseline_path = ""  # "" = the policy this run's preference training started from
     c.final_eval.use_chat_template = True
+    c.final_eval.max_prompt_tokens = 0  # 0 = the prompts as they are
+    c.final_eval.num_bootstrap = 1000  # resamples of the win rate's confidence interval
+    c.final_eval.tie_margin = 0.0  # oracle / rule judges: answers whose scores differ by at most this tie
+    c.final_eval.judge_max_new_tokens = 0  # llm judges: 0 = the judge's default
+    c.final_eval.judge_batch_size = 0  # llm judges: 0 = the judge's default
     c.final_eval.redo = False  # a rerun of a finished run evaluates again (else it prints the result it has)
 
     c.debug = ml_collections.ConfigDict()
@@ -339,12 +344,12 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         if M < 1 or M > eligible:
             errors.append(f"num_negatives (M) = {M} must be between 1 and num_candidates (L) = {columns}"
                           f"{' + 1 (y0 included)' if y0 else ''}")
-    if config.negative_draw not in NEGATIVE_DRAWS:
-        errors.append(f"negative_draw={config.negative_draw!r}: {' or '.join(NEGATIVE_DRAWS)}")
         if losses.is_pairwise(objective) and M != 1:
             errors.append(f"objective={objective!r} is pairwise: it needs num_negatives=1, got {M}")
         if sampler == "fixed" and M != 1:
             errors.append(f"sampler='fixed' (the dataset's own rejected) gives one negative; num_negatives={M}")
+    if config.negative_draw not in NEGATIVE_DRAWS:
+        errors.append(f"negative_draw={config.negative_draw!r}: {' or '.join(NEGATIVE_DRAWS)}")
     if config.reference not in ("online", "precomputed"):
         errors.append(f"reference={config.reference!r}: use 'online' or 'precomputed'")
     if float(config.beta) <= 0:

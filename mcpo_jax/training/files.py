@@ -8,6 +8,7 @@ copy and uploads the whole file at most every `upload_every` seconds and on clos
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 
@@ -75,3 +76,59 @@ class AppendFile:
         if self._url:
             self._upload()
             os.unlink(self._staging)
+
+
+def copy_tree(src, dst, *, last: str | None = None) -> None:
+    """Every file under the folder `src` to the same place under `dst` (either may be a URL); `last`: a file
+    name copied after all others (a marker whose presence says the rest is complete)."""
+    src, dst = epath.Path(src), epath.Path(dst)
+
+    def files_under(folder: epath.Path, rel: tuple[str, ...] = ()):  # no recursive glob on an object store
+        for path in folder.iterdir():
+            if path.is_dir():
+                yield from files_under(path, (*rel, path.name))
+            else:
+                yield path, (*rel, path.name)
+
+    for path, rel in sorted(files_under(src), key=lambda x: (x[1][-1] == last, x[1])):
+        target = dst.joinpath(*rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.copy(target, overwrite=True)
+
+
+class Staged:
+    """Files a run writes on a local disk because their readers need local files (model folders, an online
+    segment's data): the folder `local`, and for a URL workdir, `remote`, the run's record under the URL, from
+    which a rerun on another machine fetches what its local disk lacks. For a local workdir both are one."""
+
+    def __init__(self, workdir, name: str):
+        workdir = os.fspath(workdir)
+        if is_url(workdir):
+            self.remote: epath.Path | None = workdir_path(workdir) / name
+            self.local = os.path.join(local_cache_dir(workdir), name)
+        else:
+            self.remote, self.local = None, os.path.join(os.path.abspath(workdir), name)
+        os.makedirs(self.local, exist_ok=True)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.local, *parts)
+
+    def fetch(self, folder: str, marker: str) -> bool:
+        """Whether `folder` is complete (holds its `marker`). Under a URL the record there decides: a complete
+        remote copy is fetched where the local disk lacks it, and a local copy the record lacks (an earlier run
+        of the same URL on this machine) is removed."""
+        local = self.path(folder)
+        if self.remote is None:
+            return os.path.exists(os.path.join(local, marker))
+        src = self.remote / folder
+        if not (src / marker).exists():
+            shutil.rmtree(local, ignore_errors=True)
+            return False
+        if not os.path.exists(os.path.join(local, marker)):
+            copy_tree(src, local, last=marker)
+        return True
+
+    def publish(self, folder: str, marker: str) -> None:
+        """The local `folder` to the remote record, its completion `marker` copied last."""
+        if self.remote is not None:
+            copy_tree(self.path(folder), self.remote / folder, last=marker)

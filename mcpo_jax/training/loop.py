@@ -349,16 +349,10 @@ class Trainer:
             return hf_dir
         import tempfile
 
-        from etils import epath
-
         with tempfile.TemporaryDirectory(prefix="mcpo_hf_") as local:
             models.save_pretrained(policy, local, tokenizer=tokenizer)
             if self.primary:
-                for path in sorted(epath.Path(local).rglob("*")):
-                    if path.is_file():
-                        target = epath.Path(hf_dir) / os.path.relpath(path, local)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        path.copy(target, overwrite=True)
+                files.copy_tree(local, hf_dir, last="config.json")
         return hf_dir
 
     def close(self) -> None:

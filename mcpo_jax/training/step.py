@@ -193,7 +193,7 @@ def _last_prompt_hidden(h_BPD, p_len_B):
     return jnp.take_along_axis(h_BPD, jnp.maximum(p_len_B - 1, 0)[:, None, None], axis=1)[:, 0]
 
 
-def encode_prompts(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int):
+def prompt_kv_states(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, prompt_len: int):
     """Each example's prompt encoded once (`Transformer.encode_prompt`): (the prompt's last final-norm hidden
     state [B, D], every layer's keys and values) for `shared_prompt_logps(encoded=...)`. The step encodes the
     prompt once for the policy's no-gradient pass and its gradient pass together (`jax.vjp`)."""
@@ -210,7 +210,7 @@ def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, promp
     The rows' layout is the tokenizer's (prompt, then completion, right padded; the prompt's length is the
     first loss-mask position, the same in every row of an example); `prompt_len` / `window` are the static
     prompt and completion positions kept (at least the longest prompt / completion). `encoded`: the prompts
-    already encoded by `encode_prompts` with these parameters (then only the completions run here)."""
+    already encoded by `prompt_kv_states` with these parameters (then only the completions run here)."""
     model = nnx.merge(graphdef, params, rest)
     b, k, t = ids_BKT.shape
     p_len_B = _prompt_lengths(loss_mask_BKT)
@@ -241,7 +241,7 @@ def shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, *, promp
 def _pass_logps(graphdef, params, rest, ids_BKT, mask_BKT, loss_mask_BKT, windows, *, chunk_size,
                 completion_window, encoded=None):
     """[B, K] log-probs of one pass: in the shared-prompt layout when `windows` (P, W) is given (the prompts
-    already `encoded` by `encode_prompts` or not), else every row whole."""
+    already `encoded` by `prompt_kv_states` or not), else every row whole."""
     if windows is not None:
         return shared_prompt_logps(graphdef, params, rest, ids_BKT, loss_mask_BKT, prompt_len=windows[0],
                                    window=windows[1], chunk_size=chunk_size, encoded=encoded)
@@ -331,8 +331,8 @@ class _Passes(NamedTuple):
         return _pass_logps(self.graphdef, params, self.rest, ids_BKT, mask_BKT, loss_mask_BKT, windows,
                            chunk_size=self.chunk_size, completion_window=self.completion_window, encoded=encoded)
 
-    def encode_prompts(self, params, ids_BCT, loss_mask_BCT, windows):
-        return encode_prompts(self.graphdef, params, self.rest, ids_BCT, loss_mask_BCT, prompt_len=windows[0])
+    def prompt_kv_states(self, params, ids_BCT, loss_mask_BCT, windows):
+        return prompt_kv_states(self.graphdef, params, self.rest, ids_BCT, loss_mask_BCT, prompt_len=windows[0])
 
 
 class _Selection(NamedTuple):
@@ -360,7 +360,7 @@ def _shared_prompt_encoding(plan: PassPlan, passes: _Passes, params, mb):
     (`plan.reuses_prompt_encoding`), else (None, None)."""
     if not plan.reuses_prompt_encoding:
         return None, None
-    return jax.vjp(lambda p: passes.encode_prompts(p, mb["input_ids"], mb["loss_mask"], plan.policy_windows),
+    return jax.vjp(lambda p: passes.prompt_kv_states(p, mb["input_ids"], mb["loss_mask"], plan.policy_windows),
                    params)
 
 
@@ -382,7 +382,7 @@ def _no_grad_logps(cfg: StepConfig, plan: PassPlan, passes: _Passes, params, ref
     if plan.reference_rows and plan.reuses_prompt_encoding:
         # the policy's passes' arithmetic (prompt, then completions), so that policy = reference (the first
         # step) gives rewards of rounding size only, not two different fusions of the same sums
-        ref_enc = passes.encode_prompts(ref_params, ids_BCT, loss_mask_BCT, plan.reference_windows)
+        ref_enc = passes.prompt_kv_states(ref_params, ids_BCT, loss_mask_BCT, plan.reference_windows)
         ref_BC = jax.lax.stop_gradient(passes.logps(ref_params, ids_BCT, mask_BCT, loss_mask_BCT,
                                                     plan.reference_windows, ref_enc))
     elif plan.reference_rows:
