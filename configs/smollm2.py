@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = "smollm2-instructions"
     c.seed = 0
     c.model.path = os.environ.get("MCPO_SMOLLM2_DIR") or _model_dir()
-    c.model.dtype = "float32"  # CPU: fp32 is faster than emulated bf16 and matches PyTorch to 1e-5
+    c.model.dtype = "float32"  # matches PyTorch to 1e-5 (on a CPU with bf16 units, bfloat16 may be faster)
     c.model.param_dtype = "float32"
     c.tokenizer = ""  # the model folder's: SmolLM2's BPE and ChatML template, EOS <|im_end|>
 

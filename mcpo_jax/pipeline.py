@@ -132,11 +132,7 @@ def train_offline(config, workdir: str, *, start_path: str, stop: StopFlag) -> d
     try:
         out: dict[str, Any] = {"total_steps": trainer.total_steps, "start_step": trainer.step}
         out["reference_cache"] = trainer.precompute_reference({"train": train_ds, "eval": eval_ds}, cache_dir)
-        if trainer.step_cfg.reference == "precomputed":
-            trainer.ref_params = None  # freed: the step reads the batch's ref_logps column
-        out.update(trainer.train(train_ds, eval_ds))
-        out["compile"] = trainer.compile_info or None
-        out["compiled_shapes"] = sorted(trainer.compiled_shapes) or None
+        out.update(trainer.train(train_ds, eval_ds).as_dict())
         hf_dir = run_dir / "hf"
         if out["status"] == "completed" and config.export_hf:
             if out["start_step"] < trainer.total_steps or not (hf_dir / "config.json").exists():

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny model: exact resume, precomputed == online reference, NaN stop, SIGTERM,
 config errors before compiling."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -226,3 +227,21 @@ def test_step_time_is_measured_completion_to_completion(tmp_path, monkeypatch):
     assert 0 < logged <= span, (logged, span, [round(r["step_time"], 3) for r in rows.values()])
     for r in rows.values():
         np.testing.assert_allclose(r["tokens_per_sec"] * r["step_time"], r["tokens"], rtol=1e-6)
+
+
+def test_callers_use_only_the_trainers_surface():
+    """The Trainer's public surface is what its callers use: no caller reads its state, step config, reference
+    weights or compile bookkeeping (those come back in `TrainResult`)."""
+    import re
+
+    from mcpo_jax.training import loop
+
+    surface = {"step", "total_steps", "mesh", "needs_reference", "set_reference", "precompute_reference", "train",
+               "policy", "export", "close"}
+    assert all(hasattr(loop.Trainer, name) for name in surface - {"step", "total_steps", "mesh"})
+    for path in ("mcpo_jax/pipeline.py", "mcpo_jax/online/onmcpo.py"):
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            used = set(re.findall(r"\btrainer\.(\w+)", f.read()))
+        assert used and used <= surface, (path, sorted(used - surface))
+    fields = {f.name for f in dataclasses.fields(loop.TrainResult)}
+    assert {"status", "step", "final_metrics", "compile", "compiled_shapes"} <= fields

@@ -297,7 +297,8 @@ def segment_config(config, data_path: str):
 class _Run:
     """An online run once set up: what the segment loop reads."""
 
-    trainer: Any
+    trainer: Any  # training.loop.Trainer
+    workdir: str
     tokenizer: Any
     staged: Any  # files.Staged: the online folder, local (and under a URL workdir, its record there)
     parts: list  # each segment's prompts
@@ -360,14 +361,15 @@ def _set_up(config, workdir: str, *, start_path: str, stop) -> _Run:
         from mcpo_jax.data import tasks
 
         score_fn = tasks.get("sorting" if o.prompts == "synthetic" else o.prompts[len("task:"):]).score
-    return _Run(trainer, tokenizer, staged, parts, segment_bounds(total, int(o.num_segments)), total, initial,
+    return _Run(trainer, workdir, tokenizer, staged, parts, segment_bounds(total, int(o.num_segments)), total, initial,
                 lambda: make_judge(o.judge, **judge_kwargs), score_fn,
                 config.data.cache_dir or files.local_cache_dir(workdir))
 
 
 def _train_segments(config, run: _Run, stop) -> dict:
     """Each segment not done yet: its reference, its data (sampled and judged, or the saved copy), its steps."""
-    from mcpo_jax.training import build
+    from mcpo_jax import sharding as shd
+    from mcpo_jax.training import build, files
 
     o, trainer, staged = config.online, run.trainer, run.staged
     max_prompt_tokens = int(o.max_prompt_tokens) or int(config.data.max_prompt_length)
@@ -377,11 +379,11 @@ def _train_segments(config, run: _Run, stop) -> dict:
             segments.append({"segment": s, "steps": [begin, end], "resumed": "done"})
             continue
         name = f"segment_{s}"
-        if o.reference == "segment_start" and trainer.step_cfg.needs_reference:
+        if o.reference == "segment_start" and trainer.needs_reference:
             ref = f"{name}/reference"  # the policy at the segment's start (resume reloads it)
             if not staged.fetch(ref, "config.json"):
                 trainer.export(staged.path(ref), run.tokenizer)
-                if trainer.primary:
+                if shd.is_primary():
                     staged.publish(ref, "config.json")
                 _barrier(f"onmcpo:reference:{s}")
                 staged.fetch(ref, "config.json")
@@ -396,7 +398,7 @@ def _train_segments(config, run: _Run, stop) -> dict:
                                   max_prompt_tokens=max_prompt_tokens, score_fn=run.score_fn,
                                   drop_ranks=tuple(o.drop_ranks), gather_weights=bool(o.gather_weights))
         if not fetched:
-            if trainer.primary:
+            if shd.is_primary():
                 staged.publish(name, "data.jsonl")
             _barrier(f"onmcpo:{name}:published")
         if stop.should_stop():
@@ -406,15 +408,15 @@ def _train_segments(config, run: _Run, stop) -> dict:
         staged.fetch(name, "data.jsonl")  # the other hosts of a URL workdir
         seg_cfg = segment_config(config, staged.path(name, "data.jsonl"))
         train_ds, _ = build.build_datasets(seg_cfg, run.tokenizer, run.cache_dir)
-        trainer.precompute_reference({name: train_ds}, run.cache_dir)
+        # pi_ref's weights are kept for the next segment's data when they stay the initial policy's
+        trainer.precompute_reference({name: train_ds}, run.cache_dir, keep_reference=o.reference == "initial")
         out = trainer.train(train_ds, None, start_step=begin, end_step=end)
-        segments.append({"segment": s, "steps": [begin, end], "data": stats, "final_metrics": out["final_metrics"]})
-        result.update({k: v for k, v in out.items() if k != "final_metrics"}, final_metrics=out["final_metrics"])
-        if out["status"] != "completed":
+        segments.append({"segment": s, "steps": [begin, end], "data": stats, "final_metrics": out.final_metrics})
+        result.update(out.as_dict(), final_metrics=out.final_metrics)
+        if out.status != "completed":
             break
-    result.update(total_steps=run.total, segments=segments, initial_policy=run.initial,
-                  compile=trainer.compile_info)
+    result.update(total_steps=run.total, segments=segments, initial_policy=run.initial)
     if result["status"] == "completed" and config.export_hf:
-        result["hf_export"] = trainer.export(os.fspath(trainer.run_dir / "hf"), run.tokenizer)
+        result["hf_export"] = trainer.export(os.fspath(files.workdir_path(run.workdir) / "hf"), run.tokenizer)
         result["final_policy"] = result["hf_export"]
     return result

@@ -20,6 +20,7 @@ stop request (SIGTERM on any process) travels through the step and comes back wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -66,7 +67,58 @@ def to_global(local: dict, mesh, accum: int | None):
     return shd.global_batch(out, mesh, batch_axis=0 if accum is None else 1)
 
 
+@dataclasses.dataclass
+class TrainResult:
+    """What `Trainer.train` did: `status` completed | interrupted | stopped, the step it ended at, the last
+    logged train metrics and eval metrics, the signal that interrupted it, and the step programs compiled so
+    far (their XLA memory figures, the batch shapes)."""
+
+    status: str
+    step: int
+    final_metrics: dict | None = None
+    eval: dict | None = None
+    signal: str | None = None
+    compile: dict | None = None
+    compiled_shapes: list | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that are set (a run's summary keeps what a resumed part did not redo)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+class Evaluator:
+    """Held-out loss / reward accuracy of a dataset as exact (sum, count) means over whole micro-batches
+    (`config.eval_batches` of them at most; 0 = all)."""
+
+    def __init__(self, trainer: Trainer, eval_ds):
+        self.eval_ds, self.mesh, self.stop = eval_ds, trainer.mesh, trainer.stop
+        self.fn = jax.jit(step_lib.make_eval_step(trainer.step_cfg, trainer.graphdef, trainer.rest))
+        self.rows = int(trainer.config.micro_batch_size) // jax.process_count()
+        self.limit = int(trainer.config.eval_batches)
+
+    def __call__(self, params, ref_params, rng) -> dict[str, float]:
+        from mcpo_jax import data as data_lib
+
+        eval_key = jax.random.fold_in(rng, 0x7FFFFFFF)
+        it = data_lib.make_batch_iterator(self.eval_ds, batch_size=self.rows, seed=0, num_epochs=1, shuffle=False)
+        totals: dict[str, list[float]] = {}
+        for i, local in enumerate(it):
+            if (self.limit and i >= self.limit) or (jax.process_count() == 1 and self.stop.requested):
+                break
+            sums = jax.device_get(self.fn(params, ref_params, jax.random.fold_in(eval_key, i),
+                                          to_global(local, self.mesh, None)))
+            for k, (s, n) in sums.items():
+                acc = totals.setdefault(k, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(n)
+        return {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
+
+
 class Trainer:
+    """One optimizer trajectory in a workdir: the policy, its optimizer state and checkpoints, the reference.
+    Its surface: `step`, `total_steps`, `mesh`, `needs_reference`; `set_reference`, `precompute_reference`,
+    `train` (a `TrainResult`), `policy`, `export`, `close`. Nothing outside reads its other attributes."""
+
     def __init__(self, config, workdir: str, *, total_steps: int, stop: StopFlag | None = None,
                  model_path: str | None = None):
         if total_steps < 1:
@@ -125,6 +177,11 @@ class Trainer:
         self.compile_info: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------------- reference
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective reads pi_ref (reference-free objectives do not)."""
+        return self.step_cfg.needs_reference
+
     def set_reference(self, path: str, *, like=None) -> None:
         """pi_ref = the model in `path` (same architecture as the policy)."""
         like = self.state["params"] if like is None else like
@@ -135,8 +192,11 @@ class Trainer:
         self.ref_params, self.reference_path = ref, path
         log.info("reference: %s", path)
 
-    def precompute_reference(self, datasets: dict, cache_dir: str) -> dict[str, str]:
-        """reference="precomputed": the reference's log-probs of every row, once per dataset (cached)."""
+    def precompute_reference(self, datasets: dict, cache_dir: str, *, keep_reference: bool = False
+                             ) -> dict[str, str]:
+        """reference="precomputed": the reference's log-probs of every row, once per dataset (cached); the
+        reference's weights are then freed (the step reads the batch's ref_logps column) unless
+        `keep_reference` (an online run precomputes again for each segment's data)."""
         if self.step_cfg.reference != "precomputed":
             return {}
         report = {}
@@ -157,6 +217,8 @@ class Trainer:
             ds.set_ref_logps(values)
             report[name] = "hit" if hit else "computed"
             log.info("reference log-probs (%s): %s in %.1fs", name, report[name], time.perf_counter() - t0)
+        if not keep_reference:
+            self.ref_params = None
         return report
 
     # -------------------------------------------------------------------------------------- training
@@ -169,14 +231,15 @@ class Trainer:
             self.compile_info = list(self.program.compile_info.values())[-1]
         return compiled
 
-    def train(self, train_ds, eval_ds=None, *, start_step: int = 0, end_step: int | None = None) -> dict:
-        """Steps [max(self.step, start_step), end_step) on `train_ds` (which begins at run step `start_step`).
-        Returns {"status": completed | interrupted | stopped, "step", "final_metrics", "eval"?}."""
+    def train(self, train_ds, eval_ds=None, *, start_step: int = 0, end_step: int | None = None) -> TrainResult:
+        """Steps [max(self.step, start_step), end_step) on `train_ds` (which begins at run step `start_step`),
+        evaluated on `eval_ds` every `eval_every` steps."""
         from mcpo_jax import data as data_lib
 
         c = self.config
         end_step = self.total_steps if end_step is None else int(end_step)
-        result: dict[str, Any] = {"status": "completed", "step": self.step}
+        result = TrainResult("completed", self.step, compile=self.compile_info or None,
+                             compiled_shapes=sorted(self.compiled_shapes) or None)
         if self.step >= end_step:
             return result
         accum = int(c.batch_size) // int(c.micro_batch_size)
@@ -197,7 +260,7 @@ class Trainer:
                 log.warning("eval split has %d examples, fewer than one micro-batch (%d): eval disabled",
                             len(eval_ds), int(c.micro_batch_size))
             else:
-                evaluate = self._make_evaluator(eval_ds)
+                evaluate = Evaluator(self, eval_ds)
         bar = None
         if self.primary and bool(c.progress_bar):
             from tqdm import tqdm
@@ -216,7 +279,7 @@ class Trainer:
                     last = self._drain(pending, bar) or last
                     pending = None
                     self._save(iterator)
-                    result.update(status="interrupted", signal=self.stop.signal or "a signal on another process")
+                    result.status, result.signal = "interrupted", self.stop.signal or "a signal on another process"
                     break
                 local = next(iterator)
                 if multi:
@@ -246,20 +309,21 @@ class Trainer:
                 if at_eval and not self.stop.should_stop():
                     ev = evaluate(self.state["params"], self.ref_params, self.state["rng"])
                     self.writer.write(done, ev, split="eval")
-                    result["eval"] = ev
+                    result.eval = ev
                     log.info("eval at step %d: %s", done, {k: round(v, 4) for k, v in ev.items()
                                                             if k in ("loss", "rewards/accuracies", "rewards/margins")})
                 if at_save:
                     self._save(iterator)
                 if done == int(c.debug.stop_after_steps):
-                    result["status"] = "stopped"
+                    result.status = "stopped"
                     break
             else:
                 self._save(iterator)
         finally:
             if bar is not None:
                 bar.close()
-        result.update(step=self.step, final_metrics=last)
+        result.step, result.final_metrics = self.step, last
+        result.compile, result.compiled_shapes = self.compile_info or None, sorted(self.compiled_shapes) or None
         return result
 
     def _drain(self, pending, bar):
@@ -311,31 +375,6 @@ class Trainer:
             return
         self.checkpointer.save(self.step, self.state, iterator.get_state())
         self.last_saved = self.step
-
-    def _make_evaluator(self, eval_ds):
-        """Held-out loss / reward accuracy as exact (sum, count) means over whole micro-batches."""
-        from mcpo_jax import data as data_lib
-
-        fn = jax.jit(step_lib.make_eval_step(self.step_cfg, self.graphdef, self.rest))
-        rows = int(self.config.micro_batch_size) // jax.process_count()
-        limit = int(self.config.eval_batches)
-
-        def evaluate(params, ref_params, rng):
-            eval_key = jax.random.fold_in(rng, 0x7FFFFFFF)
-            it = data_lib.make_batch_iterator(eval_ds, batch_size=rows, seed=0, num_epochs=1, shuffle=False)
-            totals: dict[str, list[float]] = {}
-            for i, local in enumerate(it):
-                if (limit and i >= limit) or (jax.process_count() == 1 and self.stop.requested):
-                    break
-                sums = jax.device_get(fn(params, ref_params, jax.random.fold_in(eval_key, i),
-                                         to_global(local, self.mesh, None)))
-                for k, (s, n) in sums.items():
-                    acc = totals.setdefault(k, [0.0, 0.0])
-                    acc[0] += float(s)
-                    acc[1] += float(n)
-            return {k: s / max(n, 1.0) for k, (s, n) in totals.items()}
-
-        return evaluate
 
     # -------------------------------------------------------------------------------------- outputs
     def policy(self):
