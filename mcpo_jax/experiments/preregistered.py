@@ -176,8 +176,7 @@ def summarize(proto, main, sel, evals, *, L: int, ablation) -> dict:
     out["primary"] = primary
     for name, a, b in (("Max vs MC (L = 5)", "max", "mc"), ("MC vs random, L = 3", "mc@L3", "random@L3"),
                        ("MC vs random, L = 2", "mc@L2", "random@L2"), ("MC vs random, L = 1", "mc@L1", "random@L1"),
-                       ("y0 included vs excluded (MC, L = 5)", "mc", "mc-y0-excluded"),
-                       ("MC vs Min (two-sided)", "mc", "min")):
+                       ("y0 included vs excluded (MC, L = 5)", "mc", "mc-y0-excluded")):
         c = cmp(a, b, "two-sided")
         if c:
             secondary.append({"name": name, "comparison": c})
