@@ -13,8 +13,8 @@ from flax import nnx
 
 from mcpo_jax.models import ModelConfig, Transformer
 
-# Parity cases named in issue 2. T = 16 > every window / original context below, so scaling and
-# sliding windows are exercised.
+# Parity cases: T = 16 > every window / original context below, so RoPE scaling and sliding windows are
+# exercised.
 HF_CONFIGS = {
     # (a) GQA (4 query heads, 2 kv heads), llama3 rope scaling, tied embeddings
     "llama_gqa_llama3_tied": dict(

@@ -239,7 +239,7 @@ def test_final_evaluation_of_a_task_writes_its_verdicts(sorting_models, tmp_path
 
 
 def test_final_evaluation_refuses_what_it_cannot_score(sorting_models, tmp_path):
-    """The issue-12 bug: a user's own task scored with the built-in sorting prompts and oracle, silently."""
+    """A user's own task must not be scored with the built-in sorting prompts and oracle, silently."""
     tok, policy, baseline = sorting_models
     mine = tmp_path / "reverse.jsonl"
     mine.write_text("".join(json.dumps({"instruction": f"reverse {w}"}) + "\n" for w in ["abc", "hello", "xy"]))

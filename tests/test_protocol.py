@@ -280,7 +280,7 @@ def _kind(prompt, text):
 
 
 def test_preregistered_design_runs_primaries_first_and_tests_them(tmp_path):
-    """The issue-21 design on a stand-in task: MC right on 6/8 prompts at L = 5 on every seed (win rate 75 % vs the start),
+    """The pre-registered design on a stand-in task: MC right on 6/8 prompts at L = 5 on every seed (win rate 75 % vs the start),
     random 4/8 (50 %), Min 2/8 (25 %); at L = 2 MC and random tie: P1, P2, P3 all positive on every seed (p = 1/64 each with 6 seeds)."""
     from mcpo_jax.experiments import preregistered
 

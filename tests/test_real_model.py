@@ -420,8 +420,9 @@ def test_smollm2_config_variants(smollm2_dir, monkeypatch):
     spec.loader.exec_module(module)
     c = module.get_config()
     assert c.model.path == smollm2_dir and c.online.num_segments == 1
-    assert tuple(c.online.temperatures) == PAPER_TEMPERATURES and tuple(c.online.drop_ranks) == (2,)
-    assert c.num_candidates == len(PAPER_TEMPERATURES) - 2  # y0 + rank 2 dropped
+    # self-generated data keeps every sample (only Nectar drops rank 2, Sec. 5.1): y0 + the other 5
+    assert tuple(c.online.temperatures) == PAPER_TEMPERATURES and tuple(c.online.drop_ranks) == ()
+    assert c.num_candidates == len(PAPER_TEMPERATURES) - 1
     assert c.data.max_prompt_length + c.data.max_completion_length <= c.data.max_length
     prompts = load_online_prompts(c.online)
     assert len(prompts) == c.online.num_prompts and all(instructions.parse_instructions(p) for p in prompts)

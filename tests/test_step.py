@@ -175,7 +175,7 @@ def test_sft_objective_uses_y0_only():
 def test_golden_one_step_tiny_transformer():
     """Pins loss and grad norm of one MC-PO step (M = 2, 2 accumulated micro-batches) of a tiny Llama with
     formula weights on a fixed batch; the same run is the 1-device side of the 1-vs-8-devices test. The default
-    kernel is Algorithm 1's (y0 among the draws: here 5 of the 8 rows draw it); the pre-issue-21 kernel
+    kernel is Algorithm 1's (y0 among the draws: here 5 of the 8 rows draw it); the earlier kernel
     (candidates only) keeps its own golden."""
     m = sharded_step_metrics(1, 1)
     np.testing.assert_allclose(m["loss"], GOLDEN_LOSS, rtol=2e-5)

@@ -37,7 +37,7 @@ more likely under the SFT model than the ``sub2``/``sub3`` near misses that rank
 is unlikely but no worse than ``desc``. The MC kernel does not weight candidates by their likelihood: its weights
 are exp(beta * r), r = log pi - log pi_ref, uniform at the start (pi = pi_ref) and then largest for the candidates
 whose likelihood training has raised (or failed to lower) the most relative to the SFT model. Whether that finds
-the harmful ``dedup`` answer more often than a uniform draw is what the experiments measure (issue 21: the tiny
+the harmful ``dedup`` answer more often than a uniform draw is what the experiments measure (the tiny
 model's SFT answers ``dedup`` on most repeat prompts only at `--scale medium`, which `common.sft_gate` checks).
 
 Held-out prompts. A fixed eighth of all digit strings (by a CRC32 hash) is reserved for evaluation:

@@ -1,4 +1,4 @@
-"""Small-scale reproductions of the paper's findings on the synthetic sorting task with an oracle judge (issue 9).
+"""Small-scale reproductions of the paper's findings on the synthetic sorting task with an oracle judge.
 
 One module per experiment, each one command (``--scale small|gpu|tiny``, ``--seeds 0,1,2``, ``--out DIR``):
 

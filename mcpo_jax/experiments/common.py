@@ -60,7 +60,7 @@ SCALES: dict[str, dict[str, Any]] = {
         model={"vocab_size": 128}, sft_rows=8000, sft_batch=32, po_rows=2048, batch=32, epochs=1,
         eval_prompts=512, online_prompts=2048, generation_batch=768, sft_lr=3e-3, lr=2e-3),
     # "medium": a 0.5M-parameter model (2 layers x 128) that learns the teacher's structure the paper's argument
-    # needs (issue 21): on repeat-digit prompts its greedy answer is the teacher's "dedup" error and the correct
+    # needs: on repeat-digit prompts its greedy answer is the teacher's "dedup" error and the correct
     # answer is its log-prob runner-up (checked by `sft_gate` before any preference run).
     "medium": dict(
         model={"vocab_size": 128, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
@@ -285,7 +285,7 @@ def oracle_win_rate(prompts: Sequence[str], policy: Sequence[str], baseline: Seq
     return wr.summary()
 
 
-GATE_DEDUP = 0.70  # issue 21: the SFT's greedy answer is the teacher's "dedup" error on >= 70% of repeat prompts
+GATE_DEDUP = 0.70  # the SFT's greedy answer is the teacher's "dedup" error on >= 70% of repeat prompts
 GATE_KINDS = ("correct", "dedup", "desc", "copy", "sub1")  # the teacher's kinds on repeat-digit inputs
 
 
@@ -326,7 +326,7 @@ def sequence_logps(model_path: str, prompts: Sequence[str], completions: Sequenc
 
 
 def sft_gate(model_path: str, prompts: Sequence[str], answers: Sequence[str], *, threshold: float = GATE_DEDUP) -> dict:
-    """Whether an SFT start has the structure the MC kernel's argument needs (issue 21), on the repeat-digit
+    """Whether an SFT start has the structure the MC kernel's argument needs, on the repeat-digit
     prompts among `prompts`: its greedy `answers` are the teacher's "dedup" error on >= `threshold` of them, and
     the correct answer is the log-prob runner-up (mean log pi over those prompts: dedup first, correct second
     among GATE_KINDS). Returns the measured numbers and `passed`."""

@@ -1,4 +1,4 @@
-"""The pre-registered experiment of issue 21: does the MC kernel's hard negative help, tested at the seed level.
+"""The pre-registered experiment (docs/results.md): does the MC kernel's hard negative help, tested at the seed level.
 
 Design (written into docs/results.md before it ran; `DESIGN` below is that text's summary):
 

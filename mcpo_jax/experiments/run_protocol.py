@@ -12,7 +12,7 @@ A real model (every seed starts from MODEL_DIR; prompts from a JSON/JSONL file; 
 
 `--set key=value` (repeatable) overrides every run's config (Python literals; e.g. data.synthetic_rows=64).
 
-The pre-registered experiment of issue 21 (mcpo_jax/experiments/preregistered.py; docs/results.md):
+The pre-registered experiment (mcpo_jax/experiments/preregistered.py; docs/results.md):
 
     python -m mcpo_jax.experiments.run_protocol --experiments prereg --scale medium \
         --selection-seeds 100,101 --seeds 0,1,2,3,4,5 --max-extensions 2 --out runs/prereg --doc docs/results.md
@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-validation", type=int, default=256)
     p.add_argument("--num-test", type=int, default=512)
     p.add_argument("--experiments", default="table1,fig2,table3", help="comma list of table1, fig2, table3, online; "
-                   "or prereg (issue 21's pre-registered design, alone)")
+                   "or prereg (the pre-registered design, alone)")
     p.add_argument("--baselines", default="winning", help="'winning' (those that beat SFT in docs/results.md), "
                    "'none', or a comma list of NAME=objective")
     p.add_argument("--fig2", default="5,3,1", help="numbers of candidates L for Fig. 2")

@@ -1,4 +1,4 @@
-"""Tests for comparisons of trained policies, with the seed as the unit of inference (issue 21).
+"""Tests for comparisons of trained policies, with the seed as the unit of inference.
 
 A run's randomness is its seed (SFT start, data, order, kernel draws): prompts judged for one seed are not
 independent replications of the method, so every primary test works on per-seed numbers.
