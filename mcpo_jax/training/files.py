@@ -8,7 +8,6 @@ copy and uploads the whole file at most every `upload_every` seconds and on clos
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 
@@ -116,13 +115,15 @@ class Staged:
     def fetch(self, folder: str, marker: str) -> bool:
         """Whether `folder` is complete (holds its `marker`). Under a URL the record there decides: a complete
         remote copy is fetched where the local disk lacks it, and a local copy the record lacks (an earlier run
-        of the same URL on this machine) is removed."""
+        of the same URL on this machine) loses its marker, so that it is written again, not taken for this
+        run's (the folder's other files are overwritten then; a subfolder this run wrote is kept)."""
         local = self.path(folder)
         if self.remote is None:
             return os.path.exists(os.path.join(local, marker))
         src = self.remote / folder
         if not (src / marker).exists():
-            shutil.rmtree(local, ignore_errors=True)
+            if os.path.exists(os.path.join(local, marker)):
+                os.remove(os.path.join(local, marker))
             return False
         if not os.path.exists(os.path.join(local, marker)):
             copy_tree(src, local, last=marker)
