@@ -132,6 +132,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     ({"batch_size": 10}, "must be a positive multiple of micro_batch_size=4"),
     ({"model.preset": "", "model.path": "/nonexistent/model"}, "model.path='/nonexistent/model': no such folder"),
     ({"data.max_length": 12}, "data.max_length=12 must exceed data.max_prompt_length=16"),  # before data is read
+    ({"export_hf": True, "final_eval.judge": "oracle:sorting", "final_eval.prompts": "task:sorting",
+      "final_eval.tie_margin": -1.0}, "final_eval.tie_margin must be >= 0"),
 ])
 def test_config_errors_before_anything_compiles(overrides, message, tmp_path, monkeypatch):
     def boom(*a, **k):

@@ -428,6 +428,12 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
         if int(config.final_eval.num_prompts) < 1:
             errors.append(f"final_eval.num_prompts must be >= 1, got {config.final_eval.num_prompts}")
         _check_model_path("final_eval.baseline_path", config.final_eval.baseline_path, errors)
+        fe = config.final_eval
+        if int(fe.num_bootstrap) < 1:
+            errors.append(f"final_eval.num_bootstrap must be >= 1, got {fe.num_bootstrap}")
+        for key in ("max_prompt_tokens", "judge_max_new_tokens", "judge_batch_size", "tie_margin"):
+            if float(fe[key]) < 0:
+                errors.append(f"final_eval.{key} must be >= 0 (0 = the default), got {fe[key]}")
         if not config.export_hf:
             errors.append("final_eval evaluates the trained policy's Hugging Face export: keep export_hf=true "
                           "(or set final_eval.judge='')")
